@@ -1,0 +1,104 @@
+"""FITS reading and writing of raw and processed images.
+
+Reads return arrays in native byte order. Writes are atomic and never leave a
+partial file behind.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from astropy.io import fits
+
+from workflow_lib.io.atomic import atomic_output
+
+FITS_SUFFIXES = (".fits", ".fits.gz", ".fits.fz", ".fit", ".fz")
+
+
+def to_native(array: np.ndarray) -> np.ndarray:
+    """Return ``array`` in native byte order (a no-op view if it already is)."""
+    array = np.asarray(array)
+    if array.dtype.byteorder not in ("=", "|") and array.dtype.byteorder != _native_order():
+        return array.astype(array.dtype.newbyteorder("="))
+    return array
+
+
+def _native_order() -> str:
+    return "<" if np.little_endian else ">"
+
+
+def is_fits_name(path: str | os.PathLike[str]) -> bool:
+    """True if the file name has one of the FITS suffixes the workflow reads."""
+    return str(path).lower().endswith(FITS_SUFFIXES)
+
+
+def read_header(path: str | os.PathLike[str], ext: int | str = 0) -> fits.Header:
+    """Read one header without touching pixel data."""
+    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+        return hdul[ext].header.copy()
+
+
+def read_image_hdus(
+    path: str | os.PathLike[str],
+) -> tuple[fits.Header, list[tuple[np.ndarray, fits.Header]]]:
+    """Read a multi-extension image file.
+
+    Returns the primary header and, for every image extension that holds data,
+    ``(data, header)`` with data in native byte order. For tile-compressed
+    files the primary header of the compressed container is returned, which
+    fpack keeps identical to the original.
+    """
+    images: list[tuple[np.ndarray, fits.Header]] = []
+    with fits.open(path, memmap=False) as hdul:
+        primary = hdul[0].header.copy()
+        for hdu in hdul[1:]:
+            if isinstance(hdu, (fits.ImageHDU, fits.CompImageHDU)) and hdu.data is not None:
+                images.append((to_native(hdu.data), hdu.header.copy()))
+        if not images and hdul[0].data is not None:
+            images.append((to_native(hdul[0].data), primary))
+    return primary, images
+
+
+def write_raw_file(
+    path: str | os.PathLike[str],
+    primary_header: fits.Header,
+    amplifiers: Sequence[tuple[np.ndarray, fits.Header]],
+) -> None:
+    """Write a raw exposure: a data-less primary HDU and one HDU per amplifier."""
+    hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [fits.PrimaryHDU(header=primary_header)]
+    for data, header in amplifiers:
+        hdus.append(fits.ImageHDU(data=data, header=header))
+    _write_hdulist(path, fits.HDUList(hdus))
+
+
+def write_image_file(
+    path: str | os.PathLike[str],
+    primary_header: fits.Header,
+    extensions: Sequence[tuple[str, np.ndarray, fits.Header]],
+    *,
+    primary_data: np.ndarray | None = None,
+) -> None:
+    """Write a primary HDU followed by named image extensions ``(name, data, header)``."""
+    hdus: list[fits.PrimaryHDU | fits.ImageHDU] = [
+        fits.PrimaryHDU(data=primary_data, header=primary_header)
+    ]
+    for name, data, header in extensions:
+        hdus.append(fits.ImageHDU(data=data, header=header, name=name))
+    _write_hdulist(path, fits.HDUList(hdus))
+
+
+def _write_hdulist(path: str | os.PathLike[str], hdul: fits.HDUList) -> None:
+    target = Path(path)
+    with atomic_output(target) as tmp:
+        if target.name.lower().endswith(".fz"):
+            # Tile-compress every image extension, as fpack would.
+            packed = [fits.PrimaryHDU(header=hdul[0].header)]
+            packed += [
+                fits.CompImageHDU(data=h.data, header=h.header, name=h.name) for h in hdul[1:]
+            ]
+            fits.HDUList(packed).writeto(tmp, checksum=True)
+        else:
+            hdul.writeto(tmp, checksum=True)

@@ -1,0 +1,1 @@
+"""Steps: read inputs, call numerics, write products."""
