@@ -54,6 +54,7 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     # Ingest.
     DatasetType("registry", "registry/exposures.parquet", "table"),
     DatasetType("ingest_problems", "registry/ingest_problems.csv", "csv"),
+    DatasetType("scan_cache", "registry/scan_cache.json", "json"),
     # Run summary.
     DatasetType("run_summary", "summary/run_summary.json", "json"),
     # Single-frame processing (written by the stage issues).

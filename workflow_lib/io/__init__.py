@@ -9,6 +9,7 @@ job never leaves a product that looks complete.
 from workflow_lib.io.atomic import atomic_output
 from workflow_lib.io.fits import (
     read_header,
+    read_headers,
     read_image_hdus,
     to_native,
     write_image_file,
@@ -19,6 +20,7 @@ from workflow_lib.io.tables import read_table, write_csv, write_table
 __all__ = [
     "atomic_output",
     "read_header",
+    "read_headers",
     "read_image_hdus",
     "read_table",
     "to_native",

@@ -102,3 +102,19 @@ def _write_hdulist(path: str | os.PathLike[str], hdul: fits.HDUList) -> None:
             fits.HDUList(packed).writeto(tmp, checksum=True)
         else:
             hdul.writeto(tmp, checksum=True)
+
+
+def read_headers(path: str | os.PathLike[str]) -> tuple[fits.Header, list[fits.Header]]:
+    """Primary header and the header of every image extension, without pixel data.
+
+    For tile-compressed extensions astropy presents the uncompressed image
+    header, so NAXISn describe the image either way.
+    """
+    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+        primary = hdul[0].header.copy()
+        extensions = [
+            hdu.header.copy()
+            for hdu in hdul[1:]
+            if isinstance(hdu, (fits.ImageHDU, fits.CompImageHDU))
+        ]
+    return primary, extensions

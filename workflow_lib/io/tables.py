@@ -44,7 +44,9 @@ def read_provenance(path: str | os.PathLike[str]) -> dict[str, Any]:
     return json.loads(raw) if raw else {}
 
 
-def write_csv(table: pd.DataFrame, path: str | os.PathLike[str], *, header_prefix: str = "") -> None:
+def write_csv(
+    table: pd.DataFrame, path: str | os.PathLike[str], *, header_prefix: str = ""
+) -> None:
     """Write a CSV atomically; ``header_prefix`` (e.g. ``'#'``) prefixes the header line."""
     with atomic_output(path) as tmp:
         with open(tmp, "w", encoding="utf-8", newline="") as fh:

@@ -1,0 +1,33 @@
+# DC2-style Data Release Processing, emulated with Snakemake.
+# The DAG is built from the exposure registry (workflow_lib.workflow); every
+# rule runs one step of workflow_lib through scripts/run_step.py.
+import os
+
+from snakemake.utils import min_version
+
+from workflow_lib.paths import wildcard_constraints as dimension_constraints
+from workflow_lib.workflow import WorkflowPlan
+
+min_version("9.0")
+
+
+configfile: os.path.join(workflow.basedir, "config.yaml")
+
+
+plan = WorkflowPlan(config)
+paths = plan.paths
+
+
+wildcard_constraints:
+    **dimension_constraints(),
+
+
+include: "rules/simulate.smk"
+include: "rules/ingest.smk"
+include: "rules/summary.smk"
+
+
+rule all:
+    input:
+        plan.final_targets(),
+    default_target: True

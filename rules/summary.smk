@@ -1,0 +1,17 @@
+# The run summary: inputs, skipped inputs (and, as stages land, skipped CCDs).
+
+
+rule run_summary:
+    input:
+        registry_path=paths.path("registry"),
+        problems_path=paths.path("ingest_problems"),
+    output:
+        summary_path=paths.path("run_summary"),
+    params:
+        step="summary:write_run_summary",
+    log:
+        paths.root / "logs/run_summary.log",
+    conda:
+        "../envs/drp.yaml"
+    script:
+        "../scripts/run_step.py"

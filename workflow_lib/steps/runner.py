@@ -1,0 +1,84 @@
+"""The one adapter between a Snakemake job and a step function.
+
+A rule names its step in ``params: step="module:function"`` (module relative
+to ``workflow_lib.steps``). Named inputs, named outputs, the other params and
+the wildcards the function asks for become keyword arguments; unnamed inputs
+and outputs exist for the DAG only. Logging goes to the rule's log file.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+import resource
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def resolve_step(spec: str) -> Callable[..., Any]:
+    """``'ingest:ingest_raw'`` -> workflow_lib.steps.ingest.ingest_raw."""
+    module_name, _, func_name = spec.partition(":")
+    module = importlib.import_module(f"workflow_lib.steps.{module_name}")
+    return getattr(module, func_name)
+
+
+def step_kwargs(
+    func: Callable[..., Any],
+    *,
+    named_inputs: Mapping[str, Any],
+    named_outputs: Mapping[str, Any],
+    params: Mapping[str, Any],
+    wildcards: Mapping[str, str],
+) -> dict[str, Any]:
+    """Keyword arguments for ``func``; a named item it does not take is an error."""
+    accepted = inspect.signature(func).parameters
+    kwargs: dict[str, Any] = {}
+    for source in (named_inputs, named_outputs, params):
+        for key, value in source.items():
+            if key not in accepted:
+                raise TypeError(f"{func.__name__} takes no argument {key!r} (from the rule)")
+            kwargs[key] = value
+    for key, value in wildcards.items():
+        if key in accepted and key not in kwargs:
+            kwargs[key] = int(value) if str(value).isdigit() else value
+    return kwargs
+
+
+def configure_logging(log_path: str | None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_path:
+        handlers.append(logging.FileHandler(log_path, mode="w"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+    logging.captureWarnings(True)
+
+
+def run_snakemake_job(smk: Any) -> Any:
+    """Run the step of a Snakemake job (``smk`` is the ``snakemake`` object of a script)."""
+    configure_logging(smk.log[0] if len(smk.log) else None)
+    params = dict(smk.params.items())
+    spec = params.pop("step")
+    func = resolve_step(spec)
+    kwargs = step_kwargs(
+        func,
+        named_inputs=dict(smk.input.items()),
+        named_outputs=dict(smk.output.items()),
+        params=params,
+        wildcards=dict(smk.wildcards.items()),
+    )
+    log = logging.getLogger("workflow_lib.steps")
+    log.info("rule %s: step %s", smk.rule, spec)
+    start = time.perf_counter()
+    result = func(**kwargs)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    log.info(
+        "step %s done in %.2f s, peak memory %.0f MB", spec, time.perf_counter() - start, peak_mb
+    )
+    return result

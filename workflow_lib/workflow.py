@@ -1,0 +1,124 @@
+"""What the Snakefile needs at parse time: the validated config and the registry.
+
+The DAG is driven by the exposure registry, built *before* the DAG so that
+``snakemake -n`` lists every job:
+
+* ``simulated``: the survey plan of the built-in simulator (no pixels needed);
+* ``raw`` / ``eimage``: a header scan of ``input.raw_dir``, cached per file, or
+  a registry written beforehand by ``dc2-drp ingest`` (``input.registry``).
+
+Path and data-id logic lives here, where pytest reaches it, not in ``rules/``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from functools import cached_property
+from typing import Any
+
+import pandas as pd
+
+from workflow_lib.config import ConfigError, WorkflowConfig, validate_config
+from workflow_lib.paths import ProductPaths
+from workflow_lib.registry import as_registry, select_calibrations, select_science
+
+
+class WorkflowPlan:
+    """The validated configuration, the registry and the products to make."""
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        self.config: dict[str, Any] = validate_config(config)
+        self.cfg = WorkflowConfig.from_dict(self.config)
+        self.paths = ProductPaths(self.cfg.output_dir)
+        self.registry = self._build_registry()
+        self.science = select_science(self.registry, self.cfg.select)
+        if self.science.empty:
+            raise ConfigError(
+                "config: select: keeps no science exposure "
+                f"(the registry has {int((self.registry['obstype'] == 'science').sum())})"
+            )
+        self.calibrations = select_calibrations(self.registry, self.science)
+
+    # -- registry ---------------------------------------------------------------
+    @property
+    def simulated(self) -> bool:
+        return self.cfg.input.source == "simulated"
+
+    @property
+    def image_format(self) -> str:
+        return self.cfg.image_format
+
+    @property
+    def raw_dir(self) -> str:
+        """Directory holding the input files."""
+        if self.simulated:
+            name = "sim_raw" if self.image_format == "raw" else "sim_eimage"
+            template = self.paths.pattern(name)
+            return template[: template.index("{")].rstrip("/")
+        return str(self.cfg.input.raw_dir)
+
+    @cached_property
+    def _survey_plan(self) -> Any:
+        from workflow_lib.sim.presets import get_preset
+        from workflow_lib.sim.survey import plan_survey
+
+        return plan_survey(get_preset(self.cfg.sim.preset), self.cfg.sim.seed)
+
+    def _build_registry(self) -> pd.DataFrame:
+        if self.simulated:
+            planned = self._survey_plan.registry(self.image_format).copy()
+            name = "sim_raw" if self.image_format == "raw" else "sim_eimage"
+            planned["n_amplifiers"] = 0
+            planned["path"] = [
+                str(self.paths.path(name, exposure=e, detector=d))
+                for e, d in zip(planned["exposure"], planned["detector"], strict=True)
+            ]
+            return as_registry(planned)
+        from workflow_lib.steps.ingest import read_registry, scan_raw_directory
+
+        if self.cfg.input.registry is not None:
+            return read_registry(self.cfg.input.registry)
+        result = scan_raw_directory(
+            self.raw_dir,
+            image_format=self.image_format,
+            cache_path=self.paths.path("scan_cache"),
+        )
+        result.raise_if_problems(on_bad_file=self.cfg.input.on_bad_file)
+        return result.registry
+
+    # -- what rules need ----------------------------------------------------------
+    def section(self, name: str) -> dict[str, Any]:
+        """A config section, for a rule's ``params:`` (so reruns track it)."""
+        return dict(self.config[name])
+
+    @property
+    def input_files(self) -> list[str]:
+        """Every input file the selected data needs (science and calibrations)."""
+        return sorted(set(self.science["path"]) | set(self.calibrations["path"]))
+
+    @property
+    def sim_exposures(self) -> list[int]:
+        return sorted(set(self.registry["exposure"]))
+
+    @property
+    def sim_detectors(self) -> list[int]:
+        return sorted(set(self.registry["detector"]))
+
+    def sim_exposure_outputs(self) -> list[str]:
+        """Output patterns of one simulated exposure ({exposure} left as wildcard)."""
+        name = "sim_raw" if self.image_format == "raw" else "sim_eimage"
+        pattern = self.paths.pattern(name)
+        return [pattern.replace("{detector}", str(d)) for d in self.sim_detectors]
+
+    def sim_output_paths(self, wildcards: Mapping[str, str]) -> dict[int, str]:
+        """Detector -> file of the simulated exposure named by ``wildcards``."""
+        exposure = int(wildcards["exposure"])
+        rows = self.registry[self.registry["exposure"] == exposure]
+        return {int(d): str(p) for d, p in zip(rows["detector"], rows["path"], strict=True)}
+
+    def final_targets(self) -> list[str]:
+        """Products of ``rule all`` (grows as the stages land)."""
+        targets = [self.paths.path("registry"), self.paths.path("run_summary")]
+        if self.simulated:
+            targets += [self.paths.path("truth_object"), self.paths.path("sim_refcat")]
+        return [str(t) for t in targets]
