@@ -1,0 +1,69 @@
+"""Shared test helpers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from astropy.io import fits
+
+from workflow_lib.io import write_image_file, write_raw_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def fake_primary(**overrides: object) -> fits.Header:
+    """A CONTRACT-complete primary header of a science exposure; None removes a key."""
+    cards: dict[str, object] = {
+        "OBSTYPE": "science", "EXPID": 159400, "DETECTOR": 3, "FILTER": "r",
+        "MJD-OBS": 60600.1, "EXPTIME": 30.0, "RA": 56.0, "DEC": -30.0,
+        "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 56.0, "CRVAL2": -30.0,
+        "CRPIX1": 16.5, "CRPIX2": 8.5, "CD1_1": -5.5e-5, "CD1_2": 0.0, "CD2_1": 0.0,
+        "CD2_2": 5.5e-5,
+    }  # fmt: skip
+    cards.update(overrides)
+    header = fits.Header()
+    for key, value in cards.items():
+        if value is not None:
+            header[key] = value
+    return header
+
+
+def fake_amplifiers(**overrides: object) -> list[tuple[np.ndarray, fits.Header]]:
+    """Two 16x8 amplifiers (prescan 2, overscan 4 columns), the second flipped in x."""
+    amps = []
+    for index, detsec in enumerate(["[1:16,1:8]", "[32:17,1:8]"]):
+        header = fits.Header()
+        header.update(
+            EXTNAME=f"Segment{index}", DATASEC="[3:18,1:8]", BIASSEC="[19:22,1:8]",
+            DETSEC=detsec, GAIN=1.5, RDNOISE=5.0, SATURATE=60000.0,
+        )  # fmt: skip
+        for key, value in overrides.items():
+            if value is None:
+                del header[key]
+            else:
+                header[key] = value
+        amps.append((np.full((8, 22), 1000 + index, dtype=np.int32), header))
+    return amps
+
+
+@pytest.fixture
+def write_fake_raw():
+    """Factory writing a small raw file; keyword overrides go to the primary header."""
+
+    def write(path: Path, *, amp_overrides: dict | None = None, **primary: object) -> Path:
+        write_raw_file(path, fake_primary(**primary), fake_amplifiers(**(amp_overrides or {})))
+        return path
+
+    return write
+
+
+@pytest.fixture
+def write_fake_eimage():
+    def write(path: Path, **primary: object) -> Path:
+        header = fake_primary(**{"GAIN": 1.0, **primary})
+        write_image_file(path, header, [], primary_data=np.ones((8, 32), dtype=np.float32))
+        return path
+
+    return write

@@ -1,0 +1,172 @@
+"""The real workflow: dry runs, config errors, lint, and runs of the tiny survey."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_lib.butler import Butler
+from workflow_lib.sim.presets import get_preset
+from workflow_lib.sim.survey import plan_survey
+from workflow_lib.workflow import WorkflowPlan
+
+REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+TINY = {"sim": {"preset": "tiny", "seed": 7}}
+
+pytestmark = pytest.mark.workflow
+
+
+def snakemake(run_dir: Path, config: dict, *args: str, check: bool = True):
+    """Run the repository's workflow in ``run_dir`` with ``config`` as override file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configfile = run_dir / "override.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
+               "--configfile", str(configfile), *args]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+def job_counts(dry_run_output: str) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    in_table = False
+    for line in dry_run_output.splitlines():
+        parts = line.split()
+        if parts[:2] == ["job", "count"]:
+            in_table = True
+        elif in_table and len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+            if parts[0] == "total":
+                break
+    return counts
+
+
+def test_dry_run_lists_the_whole_dag(tmp_path):
+    result = snakemake(tmp_path, {}, "-n")
+    counts = job_counts(result.stdout)
+    plan = plan_survey(get_preset("default"), 20261121)
+    assert counts["simulate_exposure"] == plan.registry("raw")["exposure"].nunique()
+    assert counts["simulate_scene"] == counts["ingest_raw"] == counts["run_summary"] == 1
+    assert not (tmp_path / "results").exists()  # a dry run writes no product
+
+
+def test_bad_config_fails_before_any_job_with_one_clear_line(tmp_path):
+    result = snakemake(tmp_path, {"input": {"sourse": "raw"}}, "--cores", "1", check=False)
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert "config: input.sourse: unknown key (allowed:" in output
+    assert not (tmp_path / "results").exists()
+
+
+def test_rulegraph_renders(tmp_path):
+    result = snakemake(tmp_path, TINY, "--rulegraph")
+    assert result.stdout.lstrip().startswith("digraph")
+    assert "simulate_exposure" in result.stdout and "ingest_raw" in result.stdout
+
+
+def test_lint_has_only_the_explained_warning(tmp_path):
+    result = snakemake(tmp_path, TINY, "--lint", check=False)
+    output = result.stdout + result.stderr
+    lints = [line.strip() for line in output.splitlines() if line.strip().startswith("* ")]
+    # Ingest scans its directory for files Snakemake knows nothing about (the
+    # bad ones), so the directory is a parameter by design (README, "Linting").
+    assert lints == ["* Param raw_dir is a prefix of input or output file but hardcoded:"]
+
+
+def test_selection_narrows_the_inputs():
+    plan = WorkflowPlan(
+        {"sim": {"preset": "tiny", "seed": 7}, "select": {"band": "r", "detector": [0]}}
+    )
+    assert set(plan.science["band"]) == {"r"}
+    assert set(plan.science["detector"]) == {0}
+    assert set(plan.calibrations["detector"]) <= {0}
+    assert set(plan.calibrations.loc[plan.calibrations["obstype"] == "flat", "band"]) == {"r"}
+    with pytest.raises(ValueError, match="keeps no science exposure"):
+        WorkflowPlan({"sim": {"preset": "tiny"}, "select": {"visit": 1}})
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """The tiny survey simulated and ingested by a real snakemake run."""
+    run_dir = tmp_path_factory.mktemp("tiny")
+    snakemake(run_dir, TINY, "--cores", "2")
+    return run_dir
+
+
+def test_tiny_run_produces_registry_summary_and_truth(tiny_run):
+    butler = Butler(tiny_run / "results")
+    registry = butler.get("registry")
+    planned = plan_survey(get_preset("tiny"), 7).registry("raw")
+    assert len(registry) == len(planned)
+    def ids(table: pd.DataFrame) -> list[tuple[int, int]]:
+        return sorted(zip(table["exposure"], table["detector"], strict=True))
+
+    assert ids(registry) == ids(planned)
+    assert (registry["n_amplifiers"] > 1).all()
+    summary = butler.get("run_summary")
+    assert summary["inputs"]["n_files"] == len(planned)
+    assert summary["skipped_inputs"] == []
+    assert len(butler.get("truth_object")) > 0
+    assert butler.list("sim_raw").shape[0] == len(planned)
+    leftovers = [p for p in (tiny_run / "results").rglob(".*") if p.is_file()]
+    assert leftovers == []  # no temporary files left behind
+    assert (tiny_run / "results/logs/ingest_raw.log").read_text().count("registry:") == 1
+
+
+def test_rerun_has_nothing_to_do(tiny_run):
+    result = snakemake(tiny_run, TINY, "-n")
+    assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def _raw_mode_config(sim_root: Path, raw_dir: Path, **input_extra) -> dict:
+    return {
+        "output_dir": "processed",
+        "input": {
+            "source": "raw",
+            "raw_dir": str(raw_dir),
+            "refcat": str(sim_root / "sim/refcat/refcat_phosim.csv"),
+            "refcat_columns": {
+                "id": "uniqueId",
+                "ra": "raJ2000",
+                "dec": "decJ2000",
+                "is_star": "starnotgal",
+                "is_variable": "isvariable",
+                "mags": {"g": "lsst_g", "r": "lsst_r", "i": "lsst_i"},
+            },
+            **input_extra,
+        },
+    }
+
+
+def test_raw_mode_on_files_from_elsewhere(tiny_run, tmp_path):
+    """Point the workflow at raw files by directory, as a user with their own survey."""
+    sim_root = tiny_run / "results"
+    raw_dir = tmp_path / "survey"
+    shutil.copytree(sim_root / "sim/raw", raw_dir)
+    (raw_dir / "bogus.fits").write_bytes(b"SIMPLE  = garbage")
+
+    failed = snakemake(tmp_path, _raw_mode_config(sim_root, raw_dir), "-n", check=False)
+    assert failed.returncode != 0
+    assert f"{raw_dir / 'bogus.fits'}: cannot read as FITS" in failed.stdout + failed.stderr
+
+    config = _raw_mode_config(sim_root, raw_dir, on_bad_file="skip")
+    snakemake(tmp_path, config, "--cores", "2")
+    butler = Butler(tmp_path / "processed")
+    registry = butler.get("registry")
+    original = Butler(sim_root).get("registry")
+    assert len(registry) == len(original)
+    pd.testing.assert_frame_equal(
+        registry.drop(columns="path"), original.drop(columns="path"), check_like=True
+    )
+    summary = json.loads((tmp_path / "processed/summary/run_summary.json").read_text())
+    assert len(summary["skipped_inputs"]) == 1 and "bogus.fits" in summary["skipped_inputs"][0]

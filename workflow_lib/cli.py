@@ -1,0 +1,161 @@
+"""Command line: ``dc2-drp`` (or ``python -m workflow_lib``).
+
+dc2-drp simulate --preset tiny --output sim/        # a survey in the CONTRACT formats
+dc2-drp ingest RAW_DIR --output registry.parquet    # registry for input.registry
+dc2-drp list results/ [DATASET_TYPE]                # what the reader API sees
+dc2-drp check-config my.yaml                        # validate an override file
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger("workflow_lib.cli")
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from workflow_lib.paths import ProductPaths
+    from workflow_lib.sim.presets import get_preset
+    from workflow_lib.sim.survey import plan_survey
+    from workflow_lib.steps.simulate import simulate_exposure, simulate_scene
+
+    paths = ProductPaths(args.output)
+    plan = plan_survey(get_preset(args.preset), args.seed)
+    simulate_scene(
+        preset=args.preset,
+        seed=args.seed,
+        truth_object_path=paths.path("truth_object"),
+        truth_lightcurve_path=paths.path("truth_lightcurve"),
+        truth_ccdvisit_path=paths.path("truth_ccdvisit"),
+        truth_amplifier_path=paths.path("truth_amplifier"),
+        refcat_path=paths.path("sim_refcat"),
+    )
+    name = "sim_raw" if args.format == "raw" else "sim_eimage"
+    registry = plan.registry(args.format)
+    jobs = []
+    for exposure, rows in registry.groupby("exposure"):
+        outputs = {
+            int(d): paths.path(name, exposure=exposure, detector=d) for d in rows["detector"]
+        }
+        jobs.append(
+            dict(
+                preset=args.preset,
+                seed=args.seed,
+                exposure=int(exposure),
+                truth_object_path=paths.path("truth_object"),
+                output_paths=outputs,
+                image_format=args.format,
+            )
+        )
+    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+        for future in [pool.submit(_call, simulate_exposure, job) for job in jobs]:
+            future.result()
+    log.info("simulated %d exposures (%d files) under %s", len(jobs), len(registry), args.output)
+    return 0
+
+
+def _call(func, kwargs):  # type: ignore[no-untyped-def]
+    return func(**kwargs)
+
+
+def _ingest(args: argparse.Namespace) -> int:
+    from workflow_lib.steps.ingest import ingest_raw
+
+    output = Path(args.output)
+    ingest_raw(
+        raw_dir=args.raw_dir,
+        registry_path=str(output),
+        problems_path=str(output.with_name(output.stem + "_problems.csv")),
+        image_format=args.format,
+        on_bad_file=args.on_bad_file,
+    )
+    return 0
+
+
+def _list(args: argparse.Namespace) -> int:
+    from workflow_lib.butler import Butler
+
+    butler = Butler(args.output_dir)
+    if args.dataset_type is None:
+        for name in butler.dataset_types():
+            print(f"{name}: {len(butler.list(name)) or 1}")
+    else:
+        print(butler.list(args.dataset_type).to_string(index=False))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from workflow_lib.config import load_config
+
+    repo_default = Path(__file__).resolve().parents[1] / "config.yaml"
+    merged: dict = yaml.safe_load(repo_default.read_text()) if repo_default.exists() else {}
+    for path in args.configfiles:
+        _merge(merged, yaml.safe_load(Path(path).read_text()) or {})
+    load_config(merged)
+    print("config OK")
+    return 0
+
+
+def _merge(base: dict, update: dict) -> None:
+    """Snakemake's --configfile semantics: nested dictionaries are updated key by key."""
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dc2-drp", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="write the built-in survey in the CONTRACT formats")
+    sim.add_argument("--preset", default="tiny", choices=["tiny", "default"])
+    sim.add_argument("--seed", type=int, default=20261121)
+    sim.add_argument("--format", default="raw", choices=["raw", "eimage"])
+    sim.add_argument("--output", required=True, help="directory; products follow workflow paths")
+    sim.add_argument("--jobs", type=int, default=1, help="exposures simulated in parallel")
+    sim.set_defaults(func=_simulate)
+
+    ing = sub.add_parser("ingest", help="scan a raw directory and write a registry")
+    ing.add_argument("raw_dir")
+    ing.add_argument("--output", required=True, help="registry Parquet file to write")
+    ing.add_argument("--format", default="raw", choices=["raw", "eimage"])
+    ing.add_argument("--on-bad-file", default="fail", choices=["fail", "skip"])
+    ing.set_defaults(func=_ingest)
+
+    lst = sub.add_parser("list", help="list products under an output directory")
+    lst.add_argument("output_dir")
+    lst.add_argument("dataset_type", nargs="?")
+    lst.set_defaults(func=_list)
+
+    chk = sub.add_parser("check-config", help="validate config.yaml merged with override files")
+    chk.add_argument("configfiles", nargs="*")
+    chk.set_defaults(func=_check_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except Exception as err:  # one clear line for the user; tracebacks are for --debug runs
+        from workflow_lib.config import ConfigError
+        from workflow_lib.steps.ingest import IngestError
+
+        if isinstance(err, (ConfigError, IngestError, FileNotFoundError, KeyError)):
+            print(f"dc2-drp: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
