@@ -108,6 +108,7 @@ def test_tiny_run_produces_registry_summary_and_truth(tiny_run):
     registry = butler.get("registry")
     planned = plan_survey(get_preset("tiny"), 7).registry("raw")
     assert len(registry) == len(planned)
+
     def ids(table: pd.DataFrame) -> list[tuple[int, int]]:
         return sorted(zip(table["exposure"], table["detector"], strict=True))
 
@@ -170,3 +171,16 @@ def test_raw_mode_on_files_from_elsewhere(tiny_run, tmp_path):
     )
     summary = json.loads((tmp_path / "processed/summary/run_summary.json").read_text())
     assert len(summary["skipped_inputs"]) == 1 and "bogus.fits" in summary["skipped_inputs"][0]
+
+
+def test_eimage_survey_runs_for_a_selected_visit(tmp_path):
+    """The eimage switch: only the selected visit is simulated and ingested."""
+    plan = plan_survey(get_preset("tiny"), 7)
+    visit = int(plan.registry("eimage")["visit"].iloc[0])
+    config = {"sim": {"preset": "tiny", "seed": 7, "format": "eimage"}, "select": {"visit": visit}}
+    snakemake(tmp_path, config, "--cores", "2")
+    registry = Butler(tmp_path / "results").get("registry")
+    assert set(registry["visit"]) == {visit}
+    assert set(registry["obstype"]) == {"science"}
+    assert (registry["n_amplifiers"] == 0).all()
+    assert len(registry) == len(plan.detectors)

@@ -48,13 +48,15 @@ def step_kwargs(
 
 
 def configure_logging(log_path: str | None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_path:
-        handlers.append(logging.FileHandler(log_path, mode="w"))
+    # The job's log file is where Snakemake points users; the console keeps
+    # Snakemake's own progress. Without a log file, log to stderr.
+    handler: logging.Handler = (
+        logging.FileHandler(log_path, mode="w") if log_path else logging.StreamHandler(sys.stderr)
+    )
     logging.basicConfig(
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        handlers=handlers,
+        handlers=[handler],
         force=True,
     )
     logging.captureWarnings(True)
