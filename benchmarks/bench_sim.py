@@ -23,7 +23,7 @@ def bench(preset: str, *, seed: int = 1, image_format: str = "raw", out: Path) -
     """Simulate ``preset`` into ``out``; return seconds and peak RSS per phase."""
     from workflow_lib.sim.presets import get_preset
     from workflow_lib.sim.survey import plan_survey
-    from workflow_lib.steps.simulate import simulate_exposure, simulate_scene
+    from workflow_lib.steps.simulate import simulate_exposures, simulate_scene
 
     result: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -51,9 +51,9 @@ def bench(preset: str, *, seed: int = 1, image_format: str = "raw", out: Path) -
                 d: out / image_format / f"{image_format}_{exposure}_{d}.fits"
                 for d in plan.detectors
             }
-            simulate_exposure(
-                preset=preset, seed=seed, exposure=int(exposure), truth_object_path=truth,
-                output_paths=paths, image_format=image_format,
+            simulate_exposures(
+                preset=preset, seed=seed, output_paths={int(exposure): paths},
+                truth_object_path=truth, image_format=image_format,
             )  # fmt: skip
         dt = time.perf_counter() - t0
         result[f"{obstype}_s"] = dt

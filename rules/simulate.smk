@@ -1,5 +1,6 @@
-# The built-in simulated survey (input.source: simulated): truth, reference
-# catalog, and one job per exposure writing every detector's file.
+# The built-in simulated survey (input.source: simulated): truth and reference
+# catalog, one job per science exposure writing every detector's file, and one
+# job for all calibration exposures (cheap frames, not worth a job each).
 if plan.simulated:
 
     rule simulate_scene:
@@ -28,7 +29,7 @@ if plan.simulated:
         output:
             plan.sim_exposure_outputs(),
         params:
-            step="simulate:simulate_exposure",
+            step="simulate:simulate_exposures",
             preset=plan.config["sim"]["preset"],
             seed=plan.config["sim"]["seed"],
             image_format=plan.image_format,
@@ -41,3 +42,26 @@ if plan.simulated:
             "../envs/drp.yaml"
         script:
             "../scripts/run_step.py"
+
+    if plan.sim_calibration_outputs:
+
+        # Calibration files match simulate_exposure's pattern too.
+        ruleorder: simulate_calibrations > simulate_exposure
+
+        rule simulate_calibrations:
+            output:
+                plan.sim_calibration_outputs,
+            params:
+                step="simulate:simulate_exposures",
+                preset=plan.config["sim"]["preset"],
+                seed=plan.config["sim"]["seed"],
+                image_format=plan.image_format,
+                output_paths=plan.sim_calibration_paths,
+            log:
+                paths.root / "logs/simulate_calibrations.log",
+            benchmark:
+                paths.root / "benchmarks/simulate_calibrations.tsv"
+            conda:
+                "../envs/drp.yaml"
+            script:
+                "../scripts/run_step.py"

@@ -37,7 +37,7 @@ AMP_KEYS = ("EXTNAME", "DATASEC", "BIASSEC", "DETSEC", "GAIN", "RDNOISE", "SATUR
 @pytest.fixture(scope="session")
 def sim(tmp_path_factory):
     """Simulate the tiny preset: truth, refcat, every raw exposure and every eimage."""
-    from workflow_lib.steps.simulate import simulate_exposure, simulate_scene
+    from workflow_lib.steps.simulate import simulate_exposures, simulate_scene
 
     root = tmp_path_factory.mktemp("sim")
     paths = {
@@ -54,10 +54,9 @@ def sim(tmp_path_factory):
         reg = plan.registry(fmt)
         for exposure in reg["exposure"].unique():
             out = {d: root / fmt / f"{fmt}_{exposure}_{d}.fits" for d in plan.detectors}
-            simulate_exposure(
-                preset=PRESET, seed=SEED, exposure=int(exposure),
-                truth_object_path=paths["truth_object_path"], output_paths=out,
-                image_format=fmt,
+            simulate_exposures(
+                preset=PRESET, seed=SEED, output_paths={int(exposure): out},
+                truth_object_path=paths["truth_object_path"], image_format=fmt,
             )  # fmt: skip
             files.update({(fmt, int(exposure), d): p for d, p in out.items()})
     return {
@@ -229,7 +228,7 @@ def test_every_raw_file_has_the_contract_keywords(sim):
 
 
 def test_determinism(sim, tmp_path):
-    from workflow_lib.steps.simulate import simulate_exposure
+    from workflow_lib.steps.simulate import simulate_exposures
 
     plan = sim["plan"]
     cases = [
@@ -239,10 +238,9 @@ def test_determinism(sim, tmp_path):
     ]
     for fmt, exposure in cases:
         out = {d: tmp_path / f"{fmt}_{exposure}_{d}.fits" for d in plan.detectors}
-        simulate_exposure(
-            preset=PRESET, seed=SEED, exposure=exposure,
-            truth_object_path=sim["root"] / "truth_object.parquet", output_paths=out,
-            image_format=fmt,
+        simulate_exposures(
+            preset=PRESET, seed=SEED, output_paths={exposure: out},
+            truth_object_path=sim["root"] / "truth_object.parquet", image_format=fmt,
         )  # fmt: skip
         for d in plan.detectors:
             _, a = read_image_hdus(out[d])

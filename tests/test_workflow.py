@@ -55,7 +55,12 @@ def test_dry_run_lists_the_whole_dag(tmp_path):
     result = snakemake(tmp_path, {}, "-n")
     counts = job_counts(result.stdout)
     plan = plan_survey(get_preset("default"), 20261121)
-    assert counts["simulate_exposure"] == plan.registry("raw")["exposure"].nunique()
+    registry = plan.registry("raw")
+    assert (
+        counts["simulate_exposure"]
+        == registry.loc[registry["obstype"] == "science", "exposure"].nunique()
+    )
+    assert counts["simulate_calibrations"] == 1
     assert counts["simulate_scene"] == counts["ingest_raw"] == counts["run_summary"] == 1
     assert not (tmp_path / "results").exists()  # a dry run writes no product
 

@@ -24,7 +24,7 @@ def _simulate(args: argparse.Namespace) -> int:
     from workflow_lib.paths import ProductPaths
     from workflow_lib.sim.presets import get_preset
     from workflow_lib.sim.survey import plan_survey
-    from workflow_lib.steps.simulate import simulate_exposure, simulate_scene
+    from workflow_lib.steps.simulate import simulate_exposures, simulate_scene
 
     paths = ProductPaths(args.output)
     plan = plan_survey(get_preset(args.preset), args.seed)
@@ -39,25 +39,29 @@ def _simulate(args: argparse.Namespace) -> int:
     )
     name = "sim_raw" if args.format == "raw" else "sim_eimage"
     registry = plan.registry(args.format)
-    jobs = []
+    groups: list[dict[int, dict[int, Path]]] = [{}]  # all calibrations in one task
     for exposure, rows in registry.groupby("exposure"):
-        outputs = {
-            int(d): paths.path(name, exposure=exposure, detector=d) for d in rows["detector"]
-        }
-        jobs.append(
-            dict(
-                preset=args.preset,
-                seed=args.seed,
-                exposure=int(exposure),
-                truth_object_path=paths.path("truth_object"),
-                output_paths=outputs,
-                image_format=args.format,
-            )
-        )
+        files = {int(d): paths.path(name, exposure=exposure, detector=d) for d in rows["detector"]}
+        if rows["obstype"].iloc[0] == "science":
+            groups.append({int(exposure): files})
+        else:
+            groups[0][int(exposure)] = files
+    common = dict(
+        preset=args.preset,
+        seed=args.seed,
+        truth_object_path=paths.path("truth_object"),
+        image_format=args.format,
+    )
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for future in [pool.submit(_call, simulate_exposure, job) for job in jobs]:
+        futures = [
+            pool.submit(_call, simulate_exposures, {**common, "output_paths": g})
+            for g in groups
+            if g
+        ]
+        for future in futures:
             future.result()
-    log.info("simulated %d exposures (%d files) under %s", len(jobs), len(registry), args.output)
+    n_exposures = registry["exposure"].nunique()
+    log.info("simulated %d exposures (%d files) under %s", n_exposures, len(registry), args.output)
     return 0
 
 

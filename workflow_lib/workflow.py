@@ -97,24 +97,40 @@ class WorkflowPlan:
         return sorted(set(self.science["path"]) | set(self.calibrations["path"]))
 
     @property
-    def sim_exposures(self) -> list[int]:
-        return sorted(set(self.registry["exposure"]))
-
-    @property
     def sim_detectors(self) -> list[int]:
         return sorted(set(self.registry["detector"]))
 
+    @property
+    def _sim_name(self) -> str:
+        return "sim_raw" if self.image_format == "raw" else "sim_eimage"
+
     def sim_exposure_outputs(self) -> list[str]:
-        """Output patterns of one simulated exposure ({exposure} left as wildcard)."""
-        name = "sim_raw" if self.image_format == "raw" else "sim_eimage"
-        pattern = self.paths.pattern(name)
+        """Output patterns of one simulated science exposure ({exposure} left as wildcard)."""
+        pattern = self.paths.pattern(self._sim_name)
         return [pattern.replace("{detector}", str(d)) for d in self.sim_detectors]
 
-    def sim_output_paths(self, wildcards: Mapping[str, str]) -> dict[int, str]:
-        """Detector -> file of the simulated exposure named by ``wildcards``."""
+    def sim_output_paths(self, wildcards: Mapping[str, str]) -> dict[int, dict[int, str]]:
+        """{exposure: {detector: file}} of the science exposure named by ``wildcards``."""
         exposure = int(wildcards["exposure"])
-        rows = self.registry[self.registry["exposure"] == exposure]
-        return {int(d): str(p) for d, p in zip(rows["detector"], rows["path"], strict=True)}
+        return self._sim_files(self.registry[self.registry["exposure"] == exposure])
+
+    @property
+    def sim_calibration_paths(self) -> dict[int, dict[int, str]]:
+        """{exposure: {detector: file}} of every simulated calibration exposure."""
+        return self._sim_files(self.registry[self.registry["obstype"] != "science"])
+
+    @property
+    def sim_calibration_outputs(self) -> list[str]:
+        return sorted(p for files in self.sim_calibration_paths.values() for p in files.values())
+
+    @staticmethod
+    def _sim_files(rows: pd.DataFrame) -> dict[int, dict[int, str]]:
+        files: dict[int, dict[int, str]] = {}
+        for exposure, detector, path in zip(
+            rows["exposure"], rows["detector"], rows["path"], strict=True
+        ):
+            files.setdefault(int(exposure), {})[int(detector)] = str(path)
+        return files
 
     def final_targets(self) -> list[str]:
         """Products of ``rule all`` (grows as the stages land)."""

@@ -72,43 +72,51 @@ def _header(cards: Mapping[str, object]) -> fits.Header:
     return header
 
 
-def simulate_exposure(
+def simulate_exposures(
     *,
     preset: str,
     seed: int,
-    exposure: int,
-    truth_object_path: PathLike,
-    output_paths: Mapping[int, PathLike],
+    output_paths: Mapping[int, Mapping[int, PathLike]],
+    truth_object_path: PathLike | None = None,
     image_format: str = "raw",
 ) -> None:
-    """Render every detector of ``exposure`` and write one file per detector.
+    """Render every detector of each exposure and write one file per detector.
 
-    ``output_paths`` maps detector id -> file; every detector of the plan must
-    be present. Raw files hold a data-less primary HDU and one HDU per
-    amplifier; eimages hold float32 electrons in the primary HDU.
+    ``output_paths`` maps exposure id -> {detector id -> file}; every detector
+    of the plan must be present. Science exposures need ``truth_object_path``
+    (the scene). Raw files hold a data-less primary HDU and one HDU per
+    amplifier; eimages hold float32 electrons in the primary HDU. Calibration
+    frames are cheap, so a workflow renders all of them in one job.
     """
     from workflow_lib.sim.render import render_exposure_detector
 
     plan = plan_survey(get_preset(preset), seed)
-    output_paths = {int(d): path for d, path in output_paths.items()}
-    missing = set(plan.detectors) - set(output_paths)
-    if missing:
-        raise ValueError(f"output_paths lacks detectors {sorted(missing)}")
-    info = plan.exposure_info(exposure)
-    scene = read_table(truth_object_path) if info["obstype"] == "science" else None
-    for detector in plan.detectors:
-        out = Path(output_paths[detector])
-        rendered = render_exposure_detector(
-            plan, scene, exposure, detector, image_format=image_format
-        )
-        header = _header(rendered.header)
-        if image_format == "eimage":
-            assert rendered.eimage is not None
-            write_image_file(out, header, [], primary_data=np.asarray(rendered.eimage, np.float32))
-        else:
-            amps = [(data, _header(cards)) for data, cards in rendered.amplifiers]
-            write_raw_file(out, header, amps)
-        log.info(
-            "wrote %s (%s exposure %d detector %d, %d objects)",
-            out, info["obstype"], exposure, detector, rendered.n_objects,
-        )  # fmt: skip
+    scene = None
+    for exposure, per_detector in output_paths.items():
+        exposure = int(exposure)
+        paths = {int(d): path for d, path in per_detector.items()}
+        missing = set(plan.detectors) - set(paths)
+        if missing:
+            raise ValueError(f"exposure {exposure}: output_paths lacks detectors {sorted(missing)}")
+        info = plan.exposure_info(exposure)
+        if info["obstype"] == "science" and scene is None:
+            if truth_object_path is None:
+                raise ValueError(f"science exposure {exposure} needs truth_object_path")
+            scene = read_table(truth_object_path)
+        for detector in plan.detectors:
+            out = Path(paths[detector])
+            rendered = render_exposure_detector(
+                plan, scene, exposure, detector, image_format=image_format
+            )
+            header = _header(rendered.header)
+            if image_format == "eimage":
+                assert rendered.eimage is not None
+                data = np.asarray(rendered.eimage, np.float32)
+                write_image_file(out, header, [], primary_data=data)
+            else:
+                amps = [(data, _header(cards)) for data, cards in rendered.amplifiers]
+                write_raw_file(out, header, amps)
+            log.info(
+                "wrote %s (%s exposure %d detector %d, %d objects)",
+                out, info["obstype"], exposure, detector, rendered.n_objects,
+            )  # fmt: skip
