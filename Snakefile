@@ -24,6 +24,9 @@ wildcard_constraints:
 
 include: "rules/simulate.smk"
 include: "rules/ingest.smk"
+include: "rules/refcat.smk"
+include: "rules/calibs.smk"
+include: "rules/process_ccd.smk"
 include: "rules/summary.smk"
 
 

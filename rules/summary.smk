@@ -5,6 +5,7 @@ rule run_summary:
     input:
         registry_path=paths.path("registry"),
         problems_path=paths.path("ingest_problems"),
+        ccdvisit_table_path=paths.path("CcdVisit"),
     output:
         summary_path=paths.path("run_summary"),
     params:

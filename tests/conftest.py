@@ -2,15 +2,41 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from astropy.io import fits
 
 from workflow_lib.io import write_image_file, write_raw_file
 
 REPO = Path(__file__).resolve().parents[1]
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+TINY = {"sim": {"preset": "tiny", "seed": 7}}
+
+
+def snakemake(run_dir: Path, config: dict, *args: str, check: bool = True):
+    """Run the repository's workflow in ``run_dir`` with ``config`` as override file."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    configfile = run_dir / "override.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
+               "--configfile", str(configfile), *args]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The tiny survey simulated and ingested by a real snakemake run."""
+    run_dir = tmp_path_factory.mktemp("tiny")
+    snakemake(run_dir, TINY, "--cores", "2")
+    return run_dir
 
 
 def fake_primary(**overrides: object) -> fits.Header:

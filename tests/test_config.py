@@ -112,3 +112,12 @@ def test_id_syntax_matches_python_ranges(pieces):
     assert list(parse_id_selection(text)) == expected
     # The schema accepts exactly what the parser accepts.
     validate_config({"select": {"visit": text}})
+
+
+def test_calibrate_cross_field_checks():
+    with pytest.raises(ConfigError, match="psf_kernel_size: must be odd"):
+        validate_config({"calibrate": {"psf_kernel_size": 40}})
+    with pytest.raises(ConfigError, match="calib_aperture_radius_arcsec: must be at least"):
+        validate_config(
+            {"calibrate": {"ap_flux_radius_arcsec": 3.0, "calib_aperture_radius_arcsec": 2.0}}
+        )

@@ -95,6 +95,24 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _metrics(args: argparse.Namespace) -> int:
+    import json
+
+    from workflow_lib.butler import Butler
+    from workflow_lib.metrics import single_frame_metrics
+
+    butler = Butler(args.output_dir)
+    metrics = single_frame_metrics(
+        butler.get("Source"),
+        butler.get("CcdVisit"),
+        butler.get("truth_object"),
+        butler.get("truth_ccdvisit"),
+        snr_min=args.snr_min,
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from workflow_lib.config import load_config
 
@@ -139,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("output_dir")
     lst.add_argument("dataset_type", nargs="?")
     lst.set_defaults(func=_list)
+
+    met = sub.add_parser("metrics", help="quality of a simulated run's products against its truth")
+    met.add_argument("output_dir")
+    met.add_argument("--snr-min", type=float, default=50.0, help="bright-star S/N threshold")
+    met.set_defaults(func=_metrics)
 
     chk = sub.add_parser("check-config", help="validate config.yaml merged with override files")
     chk.add_argument("configfiles", nargs="*")

@@ -237,6 +237,44 @@ class TemplateConfig:
 
 
 @dataclass(frozen=True)
+class IsrConfig:
+    detect_cosmic_rays: bool
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> IsrConfig:
+        return cls(detect_cosmic_rays=bool(section["detect_cosmic_rays"]))
+
+
+@dataclass(frozen=True)
+class CalibrateConfig:
+    """Characterize + calibrate of one CCD."""
+
+    detection_threshold: float
+    psf_kernel_size: int
+    psf_order: int
+    ap_flux_radius_arcsec: float
+    calib_aperture_radius_arcsec: float
+    sip_order: int
+    astrometry_max_offset_arcsec: float
+    astrometry_max_rotation_deg: float
+    photocal_min_snr: float
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> CalibrateConfig:
+        cfg = cls(**{name: section[name] for name in cls.__dataclass_fields__})
+        if cfg.psf_kernel_size % 2 == 0:
+            raise ConfigError(
+                f"config: calibrate.psf_kernel_size: must be odd, got {cfg.psf_kernel_size}"
+            )
+        if cfg.calib_aperture_radius_arcsec < cfg.ap_flux_radius_arcsec:
+            raise ConfigError(
+                "config: calibrate.calib_aperture_radius_arcsec: must be at least "
+                f"ap_flux_radius_arcsec ({cfg.ap_flux_radius_arcsec})"
+            )
+        return cfg
+
+
+@dataclass(frozen=True)
 class WorkflowConfig:
     """The whole validated configuration, as frozen per-section views."""
 
@@ -245,6 +283,8 @@ class WorkflowConfig:
     sim: SimConfig
     select: Selection
     template: TemplateConfig
+    isr: IsrConfig
+    calibrate: CalibrateConfig
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> WorkflowConfig:
@@ -254,6 +294,8 @@ class WorkflowConfig:
             sim=SimConfig.from_dict(config["sim"]),
             select=Selection.from_dict(config["select"]),
             template=TemplateConfig.from_dict(config["template"]),
+            isr=IsrConfig.from_dict(config["isr"]),
+            calibrate=CalibrateConfig.from_dict(config["calibrate"]),
         )
 
     @property

@@ -57,9 +57,17 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     DatasetType("scan_cache", "registry/scan_cache.json", "json"),
     # Run summary.
     DatasetType("run_summary", "summary/run_summary.json", "json"),
-    # Single-frame processing (written by the stage issues).
+    # Reference catalog, sharded on the sky (HEALPix); the manifest is written last.
+    DatasetType("refcat_manifest", "refcat/shards/manifest.json", "json"),
+    # Master calibrations, per detector (flats per band).
+    DatasetType("bias", "calib/bias/bias_{detector}.fits", "exposure"),
+    DatasetType("dark", "calib/dark/dark_{detector}.fits", "exposure"),
+    DatasetType("flat", "calib/flat/{band}/flat_{band}_{detector}.fits", "exposure"),
+    DatasetType("defects", "calib/defects/defects_{detector}.fits", "exposure"),
+    # Single-frame processing.
     DatasetType("calexp", "calexp/{visit}/calexp_{visit}_{detector}.fits", "exposure"),
     DatasetType("src", "src/{visit}/src_{visit}_{detector}.parquet", "table"),
+    DatasetType("ccdVisit", "ccdVisit/{visit}/ccdVisit_{visit}_{detector}.parquet", "table"),
     # Consolidated CONTRACT tables.
     DatasetType("CcdVisit", "tables/CcdVisit.parquet", "table"),
     DatasetType("Source", "tables/Source.parquet", "table"),

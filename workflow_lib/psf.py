@@ -12,9 +12,16 @@ PSFORDER, PSFXC, PSFYC, PSFXS, PSFYS, so it can be evaluated from astropy alone.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+log = logging.getLogger(__name__)
 
 
 def monomial_exponents(order: int) -> list[tuple[int, int]]:
@@ -116,3 +123,456 @@ def fwhm_of_image(kernel: np.ndarray, *, oversample: int = 16) -> float:
     fine = map_coordinates(kernel, [yy, xx], order=3, mode="nearest")
     area = np.count_nonzero(fine >= 0.5 * fine.max()) * step**2
     return float(2.0 * np.sqrt(area / np.pi))
+
+
+# --------------------------------------------------------------------------
+# Fitting a PsfModel to stars (PSFEx-like)
+# --------------------------------------------------------------------------
+
+LANCZOS_ORDER = 3
+# Fewest stars for each polynomial order (order 0 needs MIN_PSF_STARS).
+MIN_STARS_FOR_ORDER: dict[int, int] = {0: 5, 1: 8, 2: 20, 3: 35, 4: 55}
+MIN_PSF_STARS = 5
+
+
+class PsfFitError(ValueError):
+    """Too few usable stars to fit a PSF model."""
+
+
+@dataclass(frozen=True)
+class PsfFitResult:
+    """A fitted PSF model and how each input star was used.
+
+    ``used``: stars that entered the final fit; ``chi2``: reduced chi^2 of
+    each star's stamp against the final model (NaN where it could not be
+    cut out); ``amplitude``: fitted flux in kernel units (sum of the kernel).
+    """
+
+    psf: PsfModel
+    used: np.ndarray
+    chi2: np.ndarray
+    amplitude: np.ndarray
+    n_used: int
+    order: int
+    residual_rms: float
+    fwhm: float
+
+
+def lanczos_weights(shift: np.ndarray, *, a: int = LANCZOS_ORDER) -> np.ndarray:
+    """Interpolation weights (n, 2a+1) for sampling at offset ``shift`` (|shift| <= 0.5).
+
+    Weight ``k`` (offsets -a..a) multiplies the sample at integer offset k;
+    rows are normalised to unit sum so flux is conserved.
+    """
+    shift = np.atleast_1d(np.asarray(shift, dtype=np.float64))
+    t = shift[:, None] - np.arange(-a, a + 1)[None, :]
+    w = np.sinc(t) * np.sinc(t / a)
+    w[np.abs(t) >= a] = 0.0
+    return w / w.sum(axis=1, keepdims=True)
+
+
+def shift_stamps(
+    stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, *, a: int = LANCZOS_ORDER
+) -> np.ndarray:
+    """Resample stamps (n, H, W) at a sub-pixel offset, losing ``a`` pixels per side.
+
+    ``out[n, i, j] = stamps[n](i + a + dy[n], j + a + dx[n])`` by separable
+    Lanczos-``a`` interpolation (close to sinc for well-sampled images).
+    """
+    stamps = np.asarray(stamps, dtype=np.float64)
+    n, h, w = stamps.shape
+    wx = lanczos_weights(dx, a=a)
+    wy = lanczos_weights(dy, a=a)
+    tmp = np.zeros((n, h, w - 2 * a))
+    for k in range(2 * a + 1):
+        tmp += stamps[:, :, k : k + w - 2 * a] * wx[:, k, None, None]
+    out = np.zeros((n, h - 2 * a, w - 2 * a))
+    for k in range(2 * a + 1):
+        out += tmp[:, k : k + h - 2 * a, :] * wy[:, k, None, None]
+    return out
+
+
+def cut_stamps(
+    array: np.ndarray, ix: np.ndarray, iy: np.ndarray, half: int, *, fill: float = 0.0
+) -> np.ndarray:
+    """Square cut-outs (n, 2 half + 1, 2 half + 1) centred on integer pixels; ``fill`` outside."""
+    ny, nx = array.shape
+    off = np.arange(-half, half + 1)
+    rows = np.asarray(iy, dtype=np.int64)[:, None] + off[None, :]
+    cols = np.asarray(ix, dtype=np.int64)[:, None] + off[None, :]
+    inside = ((rows >= 0) & (rows < ny))[:, :, None] & ((cols >= 0) & (cols < nx))[:, None, :]
+    out = array[np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]]
+    if not inside.all():
+        out = np.where(inside, out, fill)
+    return out
+
+
+def polynomial_terms(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
+    """Monomials (n, n_terms) of PsfModel's ordering at normalised (u, v)."""
+    u = np.atleast_1d(np.asarray(u, dtype=np.float64))
+    v = np.atleast_1d(np.asarray(v, dtype=np.float64))
+    return np.stack([u**i * v**j for i, j in monomial_exponents(order)], axis=1)
+
+
+def evaluate_kernels(psf: PsfModel, x: np.ndarray, y: np.ndarray, *, half: int | None = None):
+    """Kernels at many positions (n, s, s), each normalised by its full-kernel sum.
+
+    ``half`` crops to the central (2 half + 1)^2 pixels *after* normalising,
+    so a cropped kernel still carries the full model's flux scale.
+    """
+    u = (np.asarray(x, dtype=np.float64) - psf.x_center) / psf.x_scale
+    v = (np.asarray(y, dtype=np.float64) - psf.y_center) / psf.y_scale
+    terms = polynomial_terms(u, v, psf.order)
+    totals = terms @ psf.basis.sum(axis=(1, 2))
+    c = psf.size // 2
+    h = c if half is None else min(int(half), c)
+    basis = psf.basis[:, c - h : c + h + 1, c - h : c + h + 1]
+    kernels = np.tensordot(terms, basis, axes=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kernels /= totals[:, None, None]
+    return kernels
+
+
+def kernel_centroid(kernel: np.ndarray, *, sigma: float | None = None) -> tuple[float, float]:
+    """Gaussian-windowed centroid (dx, dy) of a kernel relative to its central pixel.
+
+    The window (iterated as in ``sep.winpos``) ignores noisy wings, so this is
+    the centroid that windowed source positions are consistent with.
+    """
+    k = np.asarray(kernel, dtype=np.float64)
+    c = k.shape[0] // 2
+    yy, xx = np.mgrid[: k.shape[0], : k.shape[1]] - c
+    if sigma is None:
+        sigma = max(fwhm_of_image(k) / 2.3548, 0.5)
+    cx = cy = 0.0
+    for _ in range(20):
+        w = np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * sigma**2)) * k
+        nx_, ny_ = (w * xx).sum() / w.sum(), (w * yy).sum() / w.sum()
+        # winpos update: x += 2 * (windowed mean - x)
+        ncx, ncy = cx + 2 * (nx_ - cx), cy + 2 * (ny_ - cy)
+        if abs(ncx - cx) < 1e-6 and abs(ncy - cy) < 1e-6:
+            cx, cy = ncx, ncy
+            break
+        cx, cy = ncx, ncy
+    return float(cx), float(cy)
+
+
+def _order_for(n_stars: int, requested: int) -> int:
+    if n_stars < MIN_PSF_STARS:
+        raise PsfFitError(f"only {n_stars} usable PSF stars (need >= {MIN_PSF_STARS})")
+    order = int(requested)
+    while order > 0 and n_stars < MIN_STARS_FOR_ORDER.get(order, 10 * (order + 1) ** 2):
+        order -= 1
+    return order
+
+
+def fit_psf_model(
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray | None,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    kernel_size: int = 41,
+    order: int = 2,
+    clip_sigma: float = 3.0,
+    max_iter: int = 3,
+    segmentation: np.ndarray | None = None,
+    source_ids: np.ndarray | None = None,
+    model_error: float = 0.03,
+) -> PsfFitResult:
+    """Fit a pixelised, polynomially varying PSF to stars at (x, y) (0-based).
+
+    ``image`` is background-subtracted. Each star is cut out, resampled
+    (Lanczos-3) so its centre lands on the stamp's central pixel, and scaled
+    by its fitted amplitude; every kernel pixel is then a weighted
+    least-squares polynomial in (u, v) = position normalised to the image
+    centre and half-size. Stars whose chi^2 is an outlier (binaries,
+    galaxies, cosmic rays) are rejected iteratively. ``mask`` (bool) and
+    pixels of *other* sources (``segmentation`` with ``source_ids`` the label
+    of each star) get zero weight. The polynomial order drops when stars are
+    few; below ``MIN_PSF_STARS`` this raises :class:`PsfFitError`.
+    ``model_error`` is a fractional floor added to each pixel's noise, so
+    very bright stars are not rejected for tiny interpolation residuals.
+    """
+    if kernel_size % 2 == 0 or kernel_size < 5:
+        raise ValueError(f"kernel_size must be odd and >= 5, got {kernel_size}")
+    image = np.asarray(image, dtype=np.float64)
+    variance = np.asarray(variance, dtype=np.float64)
+    ny, nx = image.shape
+    x = np.asarray(x, dtype=np.float64).ravel()
+    y = np.asarray(y, dtype=np.float64).ravel()
+    n_in = x.size
+    a = LANCZOS_ORDER
+    half = kernel_size // 2
+    big = half + a
+    ix = np.floor(x + 0.5).astype(np.int64)
+    iy = np.floor(y + 0.5).astype(np.int64)
+    inside = (ix - big >= 0) & (ix + big < nx) & (iy - big >= 0) & (iy + big < ny)
+    inside &= np.isfinite(x) & np.isfinite(y)
+    idx = np.flatnonzero(inside)
+    chi2_all = np.full(n_in, np.nan)
+    amp_all = np.full(n_in, np.nan)
+    used_all = np.zeros(n_in, dtype=bool)
+    _order_for(idx.size, order)  # fail early
+
+    bad_img = ~np.isfinite(image) | ~np.isfinite(variance) | (variance <= 0)
+    if mask is not None:
+        bad_img |= np.asarray(mask, dtype=bool)
+    data = cut_stamps(np.where(bad_img, 0.0, image), ix[idx], iy[idx], big)
+    bad = cut_stamps(bad_img, ix[idx], iy[idx], big)
+    if segmentation is not None and source_ids is not None:
+        seg = cut_stamps(np.asarray(segmentation), ix[idx], iy[idx], big)
+        own = np.asarray(source_ids)[idx][:, None, None]
+        bad |= (seg != 0) & (seg != own)
+    # A resampled pixel is bad if any input pixel of its Lanczos footprint is.
+    from scipy.ndimage import maximum_filter
+
+    bad = maximum_filter(bad, size=(1, 2 * a + 1, 2 * a + 1), mode="constant", cval=0)
+    good = ~bad[:, a:-a, a:-a]
+    stamps = shift_stamps(data, x[idx] - ix[idx], y[idx] - iy[idx])
+    var = cut_stamps(variance, ix[idx], iy[idx], half)
+    var_bg = np.array(
+        [np.median(v[g]) if g.any() else np.inf for v, g in zip(var, good, strict=True)]
+    )
+    # Effective gain (variance per unit signal) from bright pixels, for the
+    # predicted (noise-free) variance used as weights.
+    bright = good & (stamps > 30.0 * np.sqrt(var_bg)[:, None, None])
+    gain_var = 0.0
+    if bright.any():
+        ratio = (var - var_bg[:, None, None])[bright] / stamps[bright]
+        gain_var = float(max(np.median(ratio), 0.0))
+
+    # Initial amplitude: flux in a central box, then a median stack as model 0.
+    c = half
+    core = stamps[:, c - 2 : c + 3, c - 2 : c + 3].sum(axis=(1, 2))
+    ok = good.all(axis=(1, 2)) | (good.mean(axis=(1, 2)) > 0.5)
+    ok &= core > 0
+    if ok.sum() < MIN_PSF_STARS:
+        raise PsfFitError(f"only {int(ok.sum())} PSF stars with clean stamps")
+    stack = np.nanmedian(np.where(good[ok], stamps[ok] / core[ok, None, None], np.nan), axis=0)
+    stack = np.nan_to_num(stack)
+    # Amplitudes as full-kernel flux of model 0.
+    amp = core / max(stack[c - 2 : c + 3, c - 2 : c + 3].sum() / stack.sum(), 1e-12)
+    u = (x[idx] - (nx - 1) / 2.0) / (nx / 2.0)
+    v = (y[idx] - (ny - 1) / 2.0) / (ny / 2.0)
+    models = np.broadcast_to(stack / stack.sum(), stamps.shape)
+    use = ok.copy()
+    fit_order = 0
+    basis = (stack / stack.sum())[None]
+    chi2 = np.full(idx.size, np.nan)
+    for iteration in range(max(1, int(max_iter)) + 1):
+        # Amplitudes against the current model, with predicted-variance weights.
+        vp = var_bg[:, None, None] + gain_var * np.maximum(amp[:, None, None] * models, 0.0)
+        vp = vp + (model_error * np.maximum(amp[:, None, None] * models, 0.0)) ** 2
+        w = np.where(good, 1.0 / vp, 0.0)
+        num = (w * models * stamps).sum(axis=(1, 2))
+        den = (w * models * models).sum(axis=(1, 2))
+        amp = np.where(den > 0, num / np.where(den > 0, den, 1.0), np.nan)
+        use &= np.isfinite(amp) & (amp > 0)
+        fit_order = _order_for(int(use.sum()), order)
+        terms = polynomial_terms(u, v, fit_order)
+        norm = stamps / np.where(use, amp, 1.0)[:, None, None]
+        wn = np.where(use[:, None, None], w * (amp**2)[:, None, None], 0.0)
+        wn = np.nan_to_num(wn)
+        ws = wn.reshape(idx.size, -1)
+        ds = np.nan_to_num(norm.reshape(idx.size, -1))
+        lhs = np.einsum("sp,sk,sl->pkl", ws, terms, terms)
+        rhs = np.einsum("sp,sp,sk->pk", ws, ds, terms)
+        nt = terms.shape[1]
+        ridge = 1e-10 * np.maximum(np.trace(lhs, axis1=1, axis2=2), 1e-30)
+        lhs = lhs + ridge[:, None, None] * np.eye(nt)[None]
+        coef = np.linalg.solve(lhs, rhs[..., None])[..., 0]  # (p, nt)
+        basis = coef.T.reshape(nt, kernel_size, kernel_size)
+        total = basis[0].sum()
+        basis = basis / total
+        amp = amp * total
+        models = np.tensordot(terms, basis, axes=1)
+        models /= np.tensordot(terms, basis.sum(axis=(1, 2)), axes=1)[:, None, None]
+        resid = stamps - amp[:, None, None] * models
+        vp = var_bg[:, None, None] + gain_var * np.maximum(amp[:, None, None] * models, 0.0)
+        vp = vp + (model_error * np.maximum(amp[:, None, None] * models, 0.0)) ** 2
+        ngood = good.sum(axis=(1, 2))
+        chi2 = np.where(good, resid**2 / vp, 0.0).sum(axis=(1, 2)) / np.maximum(ngood, 1)
+        if iteration == max_iter:
+            break
+        cur = chi2[use]
+        med = np.median(cur)
+        mad = 1.4826 * np.median(np.abs(cur - med))
+        limit = max(med + clip_sigma * max(mad, 0.05 * med), 1.2 * med)
+        reject = use & (chi2 > limit)
+        # Never reject below the minimum for order 0, nor more than 30% at once.
+        n_max = max(0, min(int(0.3 * use.sum()), int(use.sum()) - MIN_PSF_STARS))
+        if reject.sum() > n_max:
+            worst = np.argsort(np.where(reject, -chi2, np.inf))[:n_max]
+            reject = np.zeros_like(reject)
+            reject[worst] = True
+        if not reject.any():
+            break
+        use &= ~reject
+
+    psf = PsfModel(
+        basis=basis,
+        order=fit_order,
+        x_center=(nx - 1) / 2.0,
+        y_center=(ny - 1) / 2.0,
+        x_scale=nx / 2.0,
+        y_scale=ny / 2.0,
+    )
+    psf = recenter_psf(psf)
+    used_all[idx] = use
+    chi2_all[idx] = chi2
+    amp_all[idx] = amp
+    fwhm = psf.fwhm_at(psf.x_center, psf.y_center)
+    log.debug(
+        "PSF: %d/%d stars, order %d, median chi2 %.2f, FWHM %.2f px",
+        int(use.sum()), n_in, fit_order, float(np.median(chi2[use])), fwhm,
+    )  # fmt: skip
+    return PsfFitResult(
+        psf=psf,
+        used=used_all,
+        chi2=chi2_all,
+        amplitude=amp_all,
+        n_used=int(use.sum()),
+        order=fit_order,
+        residual_rms=float(np.sqrt(np.median(chi2[use]))),
+        fwhm=float(fwhm),
+    )
+
+
+def recenter_psf(psf: PsfModel, *, tolerance: float = 1e-3) -> PsfModel:
+    """Shift every basis plane so the kernel at the centre has its windowed centroid on the
+    central pixel (positions measured with windowed centroids then agree with PSF fits)."""
+    cx, cy = kernel_centroid(psf.kernel_at(psf.x_center, psf.y_center))
+    if abs(cx) < tolerance and abs(cy) < tolerance:
+        return psf
+    a = LANCZOS_ORDER
+    padded = np.pad(psf.basis, ((0, 0), (a, a), (a, a)))
+    n = padded.shape[0]
+    shifted = shift_stamps(padded, np.full(n, cx), np.full(n, cy))
+    return PsfModel(
+        basis=shifted,
+        order=psf.order,
+        x_center=psf.x_center,
+        y_center=psf.y_center,
+        x_scale=psf.x_scale,
+        y_scale=psf.y_scale,
+    )
+
+
+def select_psf_stars(
+    detections: pd.DataFrame,
+    image: np.ndarray,
+    variance: np.ndarray,
+    mask: np.ndarray | None = None,
+    *,
+    kernel_size: int = 41,
+    fwhm: float | None = None,
+    min_snr: float = 50.0,
+    saturation: float | None = None,
+    isolation_radius: float | None = None,
+    neighbor_flux_ratio: float = 0.01,
+    size_tolerance: float | None = None,
+    max_stars: int = 400,
+) -> np.ndarray:
+    """Boolean index (one per detection row) of stars fit for PSF modelling.
+
+    Criteria: S/N > ``min_snr`` in an aperture of radius 1.5 FWHM; no masked
+    pixel (saturated, CR, bad, ...) within 2 FWHM of the centre and under 10%
+    of the stamp masked; peak below ``saturation`` if given; stamp inside the
+    image; no neighbour brighter than ``neighbor_flux_ratio`` times the star
+    within ``isolation_radius`` (default: kernel half-size), and none at all
+    within 2 FWHM; half-light radius within ``size_tolerance`` of the mode of
+    the bright sources' radii (the stellar locus: no absolute size is
+    assumed). ``image`` is background-subtracted; positions are ``x_win``,
+    ``y_win`` when present.
+    """
+    import sep
+    from scipy.spatial import cKDTree
+
+    from workflow_lib.background import native_float
+    from workflow_lib.detection import estimate_fwhm, robust_mode
+
+    n = len(detections)
+    selected = np.zeros(n, dtype=bool)
+    if n == 0:
+        return selected
+    data = native_float(image)
+    var = native_float(variance)
+    ny, nx = data.shape
+    bad = ~np.isfinite(data) | ~np.isfinite(var) | (var <= 0)
+    if mask is not None:
+        bad |= np.asarray(mask, dtype=bool)
+    data = np.where(bad, 0.0, data).astype(np.float32)
+    err = np.sqrt(np.where(bad, np.inf, var)).astype(np.float32)
+    err[bad] = 0.0
+    xcol = "x_win" if "x_win" in detections else "x"
+    ycol = "y_win" if "y_win" in detections else "y"
+    x = detections[xcol].to_numpy(dtype=np.float64)
+    y = detections[ycol].to_numpy(dtype=np.float64)
+    if fwhm is None or not np.isfinite(fwhm):
+        fwhm = estimate_fwhm(detections)
+    fwhm = float(fwhm) if np.isfinite(fwhm) else 3.0
+    half = kernel_size // 2
+    margin = half + LANCZOS_ORDER + 1
+    cand = (x >= margin) & (x < nx - margin) & (y >= margin) & (y < ny - margin)
+    if "flags" in detections:
+        # sep flags: 1 = crowded (had neighbours), 2 = merged; 16/32 truncated/overflow.
+        cand &= (detections["flags"].to_numpy() & ~1) == 0
+    if not cand.any():
+        return selected
+    ci = np.flatnonzero(cand)
+    flux, flux_err, _ = sep.sum_circle(data, x[ci], y[ci], 1.5 * fwhm, err=err, mask=bad, subpix=5)
+    snr = np.where(flux_err > 0, flux / np.where(flux_err > 0, flux_err, 1.0), 0.0)
+    keep = snr > min_snr
+    # Masked pixels: none in the core, few in the stamp (cut-outs of the S/N-passing few).
+    core_h = max(2, int(np.ceil(2.0 * fwhm)))
+    kk = np.flatnonzero(keep)
+    if kk.size:
+        jx = np.floor(x[ci[kk]] + 0.5)
+        jy = np.floor(y[ci[kk]] + 0.5)
+        stamp_bad = cut_stamps(bad, jx, jy, half, fill=True)
+        n_core = stamp_bad[:, half - core_h : half + core_h + 1, half - core_h : half + core_h + 1]
+        keep[kk] = ~n_core.any(axis=(1, 2)) & (stamp_bad.sum(axis=(1, 2)) < 0.1 * kernel_size**2)
+    if saturation is not None and "peak" in detections:
+        keep &= detections["peak"].to_numpy()[ci] < saturation
+    # Isolation against every detection.
+    tree = cKDTree(np.column_stack([x, y]))
+    iso_r = float(half if isolation_radius is None else isolation_radius)
+    det_flux = np.maximum(detections["flux"].to_numpy(dtype=np.float64), 0.0)
+    for k in np.flatnonzero(keep):
+        j = ci[k]
+        neighbours = [m for m in tree.query_ball_point([x[j], y[j]], iso_r) if m != j]
+        if not neighbours:
+            continue
+        nb = np.asarray(neighbours)
+        dist = np.hypot(x[nb] - x[j], y[nb] - y[j])
+        if np.any(dist < 2.0 * fwhm) or np.any(
+            det_flux[nb] > neighbor_flux_ratio * max(det_flux[j], 1e-30)
+        ):
+            keep[k] = False
+    if keep.sum() < 3:
+        return selected
+    # Stellar locus: the mode of half-light radii of the bright candidates.
+    r_half, rflag = sep.flux_radius(
+        data, x[ci[keep]], y[ci[keep]], np.full(int(keep.sum()), 3.0 * fwhm), 0.5,
+        mask=bad, subpix=5,
+    )  # fmt: skip
+    ok = (rflag == 0) & np.isfinite(r_half) & (r_half > 0)
+    mode = robust_mode(r_half[ok], rel_bandwidth=0.03)
+    rel = r_half / mode - 1.0
+    if size_tolerance is None:
+        near = ok & (np.abs(rel) < 0.2)
+        spread = 1.4826 * np.median(np.abs(rel[near])) if near.sum() >= 3 else 0.05
+        size_tolerance = float(np.clip(3.0 * spread, 0.04, 0.15))
+    compact = ok & (np.abs(rel) < size_tolerance)
+    chosen = ci[np.flatnonzero(keep)[compact]]
+    if chosen.size > max_stars:
+        order = np.argsort(-snr[np.searchsorted(ci, chosen)])
+        chosen = chosen[order[:max_stars]]
+    selected[chosen] = True
+    log.debug(
+        "PSF stars: %d of %d detections (S/N > %.0f, r_half mode %.2f px, tol %.2f)",
+        int(selected.sum()), n, min_snr, mode, size_tolerance,
+    )  # fmt: skip
+    return selected

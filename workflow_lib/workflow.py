@@ -132,9 +132,106 @@ class WorkflowPlan:
             files.setdefault(int(exposure), {})[int(detector)] = str(path)
         return files
 
+    # -- reference catalog and master calibrations ------------------------------------
+    @property
+    def refcat_path(self) -> str:
+        if self.simulated:
+            return str(self.paths.path("sim_refcat"))
+        return str(self.cfg.input.refcat)
+
+    @property
+    def refcat_columns(self) -> dict[str, Any]:
+        """Column map of the reference catalog (the simulator's own layout when simulated)."""
+        if self.simulated:
+            from workflow_lib.sim.truth import phosim_refcat_columns
+
+            return phosim_refcat_columns(sorted(set(self.registry["band"]) - {""}))
+        return dict(self.config["input"]["refcat_columns"])
+
+    def _calib_rows(self, obstype: str, detector: int, band: str = "") -> pd.DataFrame:
+        rows = self.calibrations
+        keep = (rows["obstype"] == obstype) & (rows["detector"] == detector)
+        if band:
+            keep &= rows["band"] == band
+        return rows[keep]
+
+    def has_calib(self, obstype: str, detector: int, band: str = "") -> bool:
+        return len(self._calib_rows(obstype, detector, band)) > 0
+
+    def _master(self, obstype: str, detector: int, band: str = "") -> dict[str, str]:
+        """{f'{obstype}_path': master} if raw frames exist to build it, else {}."""
+        if not self.has_calib(obstype, detector, band):
+            return {}
+        data_id = {"detector": detector, **({"band": band} if band else {})}
+        return {f"{obstype}_path": str(self.paths.path(obstype, **data_id))}
+
+    def master_bias_inputs(self, wildcards: Mapping[str, str]) -> dict[str, list[str]]:
+        return {"raw_paths": list(self._calib_rows("bias", int(wildcards["detector"]))["path"])}
+
+    def master_dark_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        detector = int(wildcards["detector"])
+        return {
+            "raw_paths": list(self._calib_rows("dark", detector)["path"]),
+            **self._master("bias", detector),
+        }
+
+    def master_flat_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        detector, band = int(wildcards["detector"]), wildcards["band"]
+        return {
+            "raw_paths": list(self._calib_rows("flat", detector, band)["path"]),
+            **self._master("bias", detector),
+            **self._master("dark", detector),
+        }
+
+    def defects_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        detector = int(wildcards["detector"])
+        bands = sorted(set(self._calib_rows("flat", detector)["band"]))
+        return {
+            **self._master("dark", detector),
+            "flat_paths": [str(self.paths.path("flat", detector=detector, band=b)) for b in bands],
+        }
+
+    def _has_defects(self, detector: int) -> bool:
+        return self.has_calib("dark", detector) or self.has_calib("flat", detector)
+
+    # -- single-frame processing ---------------------------------------------------------
+    @property
+    def science_ids(self) -> list[tuple[int, int]]:
+        """(visit, detector) of every selected science CCD."""
+        return sorted(zip(self.science["visit"], self.science["detector"], strict=True))
+
+    def process_ccd_inputs(self, wildcards: Mapping[str, str]) -> dict[str, str]:
+        visit, detector = int(wildcards["visit"]), int(wildcards["detector"])
+        row = self.science[
+            (self.science["visit"] == visit) & (self.science["detector"] == detector)
+        ]
+        if len(row) != 1:
+            raise ValueError(f"visit {visit} detector {detector} is not a selected science CCD")
+        band = str(row["band"].iloc[0])
+        inputs = {
+            "raw_path": str(row["path"].iloc[0]),
+            "refcat_manifest_path": str(self.paths.path("refcat_manifest")),
+        }
+        if self.image_format == "raw":
+            inputs.update(self._master("bias", detector))
+            inputs.update(self._master("dark", detector))
+            inputs.update(self._master("flat", detector, band))
+            if self._has_defects(detector):
+                inputs["defects_path"] = str(self.paths.path("defects", detector=detector))
+        return inputs
+
+    def per_ccd_paths(self, name: str) -> list[str]:
+        """Paths of a per-(visit, detector) product for every selected science CCD."""
+        return [str(self.paths.path(name, visit=v, detector=d)) for v, d in self.science_ids]
+
     def final_targets(self) -> list[str]:
         """Products of ``rule all`` (grows as the stages land)."""
-        targets = [self.paths.path("registry"), self.paths.path("run_summary")]
+        targets = [
+            self.paths.path("registry"),
+            self.paths.path("run_summary"),
+            self.paths.path("CcdVisit"),
+            self.paths.path("Source"),
+        ]
         if self.simulated:
             targets += [self.paths.path("truth_object"), self.paths.path("sim_refcat")]
         return [str(t) for t in targets]

@@ -77,6 +77,9 @@ def write_exposure(
 def read_exposure(path: str | os.PathLike[str]) -> Exposure:
     """Read an exposure written by ``write_exposure`` (or any file of the same layout)."""
     with fits.open(path, memmap=False) as hdul:
+        if hdul[0].header.get("PROCSTAT") == "FAILED":
+            reason = hdul[0].header.get("PROCFAIL", "unknown reason")
+            raise ProcessingFailed(f"{path}: processing failed ({reason}); no image")
         names = {hdu.name.upper() for hdu in hdul}
         for required in ("IMAGE", "MASK", "VARIANCE"):
             if required not in names:
@@ -111,3 +114,26 @@ def read_exposure(path: str | os.PathLike[str]) -> Exposure:
         mask_planes=planes,
         origin=origin,
     )
+
+
+class ProcessingFailed(RuntimeError):
+    """The product is a failure record: processing of its data id did not succeed."""
+
+
+def write_failure_record(
+    path: str | os.PathLike[str], metadata: fits.Header, *, reason: str
+) -> None:
+    """Write a header-only FITS that says processing failed and why.
+
+    It has no IMAGE, MASK or VARIANCE HDU, so nothing can mistake it for an
+    image; ``read_exposure`` raises ProcessingFailed with the reason.
+    """
+    header = metadata.copy()
+    header["PROCSTAT"] = ("FAILED", "processing failed: no pixels in this file")
+    header["PROCFAIL"] = (reason[:68], "why processing failed")
+    header["PKGVERS"] = (__version__, "dc2-drp-workflow version")
+    write_image_file(path, header, [])
+
+
+def is_failure_record(path: str | os.PathLike[str]) -> bool:
+    return fits.getheader(path, 0).get("PROCSTAT") == "FAILED"

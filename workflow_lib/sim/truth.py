@@ -134,3 +134,16 @@ def reference_catalog(plan: SurveyPlan, scene: pd.DataFrame) -> pd.DataFrame:
     for k, v in sigmas.items():
         out[k] = v
     return out
+
+
+def phosim_refcat_columns(bands: list[str] | tuple[str, ...]) -> dict[str, object]:
+    """The ``input.refcat_columns`` map that reads ``reference_catalog``'s CSV layout."""
+    return {
+        "id": "uniqueId",
+        "ra": "raJ2000",
+        "dec": "decJ2000",
+        "is_star": "starnotgal",
+        "is_variable": "isvariable",
+        "mags": {b: f"lsst_{b}" for b in bands},
+        "mag_errs": {b: f"sigma_lsst_{b}" for b in bands},
+    }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+import os
 import resource
 import sys
 import time
@@ -64,6 +65,9 @@ def configure_logging(log_path: str | None) -> None:
 
 def run_snakemake_job(smk: Any) -> Any:
     """Run the step of a Snakemake job (``smk`` is the ``snakemake`` object of a script)."""
+    # OpenMP libraries (astroscrappy's among them) otherwise take every core of
+    # the node, oversubscribing it when Snakemake runs jobs side by side.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(smk.threads))))
     configure_logging(smk.log[0] if len(smk.log) else None)
     params = dict(smk.params.items())
     spec = params.pop("step")

@@ -12,6 +12,7 @@ import logging
 import pandas as pd
 
 from workflow_lib import __version__
+from workflow_lib.flags import CcdVisitFlag
 from workflow_lib.io import atomic_output, read_table
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,29 @@ def summarize_registry(registry: pd.DataFrame) -> dict:
     }
 
 
-def write_run_summary(*, registry_path: str, problems_path: str, summary_path: str) -> dict:
+def summarize_ccd_visits(ccd_visits: pd.DataFrame) -> dict:
+    """Processed and failed CCDs, with the reason of every failure."""
+    failed = ccd_visits[(ccd_visits["flags"] & int(CcdVisitFlag.FAILED)) != 0]
+    ok = ccd_visits.drop(failed.index)
+    return {
+        "n_processed": len(ok),
+        "n_failed": len(failed),
+        "failed": [
+            {"visit": int(r.visit), "detector": int(r.detector), "reason": r.failReason}
+            for r in failed.itertuples()
+        ],
+        "median_seeing_arcsec": float(ok["seeing"].median()) if len(ok) else None,
+        "median_astrom_rms_arcsec": float(ok["astromRms"].median()) if len(ok) else None,
+    }
+
+
+def write_run_summary(
+    *,
+    registry_path: str,
+    problems_path: str,
+    summary_path: str,
+    ccdvisit_table_path: str | None = None,
+) -> dict:
     """Write the JSON run summary and log it in human-readable form."""
     registry = read_table(registry_path)
     problems = read_table(problems_path) if _has_rows(problems_path) else pd.DataFrame()
@@ -43,6 +66,8 @@ def write_run_summary(*, registry_path: str, problems_path: str, summary_path: s
         "inputs": summarize_registry(registry),
         "skipped_inputs": problems["problem"].tolist() if "problem" in problems else [],
     }
+    if ccdvisit_table_path is not None:
+        summary["single_frame"] = summarize_ccd_visits(read_table(ccdvisit_table_path))
     with atomic_output(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     inputs = summary["inputs"]
@@ -56,6 +81,8 @@ def write_run_summary(*, registry_path: str, problems_path: str, summary_path: s
     )
     for line in summary["skipped_inputs"]:
         log.warning("skipped input: %s", line)
+    for ccd in summary.get("single_frame", {}).get("failed", []):
+        log.warning("CCD not calibrated: visit %(visit)d detector %(detector)d: %(reason)s", ccd)
     return summary
 
 

@@ -1,0 +1,48 @@
+"""Bit flags of the catalog ``flags`` columns (CONTRACT 2: documented bit masks).
+
+Each measurement family has its own failure bit, as meas_base plugins set their
+own ``<algo>_flag``. The README lists these tables; ``describe`` decodes a value.
+"""
+
+from __future__ import annotations
+
+from enum import IntFlag
+
+
+class CcdVisitFlag(IntFlag):
+    """Outcome of processing one (visit, detector); FAILED means no calexp."""
+
+    FAILED = 1 << 0  # no calexp was produced; see failReason
+    BAD_IMAGE = 1 << 1  # all-NaN, all-saturated or otherwise unprocessable pixels
+    PSF_FAILED = 1 << 2  # too few usable stars for a PSF model
+    NO_REFERENCE_STARS = 1 << 3  # the reference catalog has no stars on this CCD
+    ASTROMETRY_FAILED = 1 << 4  # no consistent match to the reference catalog, or a bad fit
+    PHOTOCAL_FAILED = 1 << 5  # too few calibration stars for a zero point
+    NO_BIAS = 1 << 6  # ISR ran without a master bias
+    NO_DARK = 1 << 7  # ISR ran without a master dark
+    NO_FLAT = 1 << 8  # ISR ran without a master flat
+    PSF_REDUCED_ORDER = 1 << 9  # PSF spatial order lowered for lack of stars
+    SIP_REDUCED_ORDER = 1 << 10  # WCS distortion order lowered for lack of stars
+
+
+class SourceFlag(IntFlag):
+    """Per-source measurement flags of the Source table."""
+
+    CENTROID_FAILED = 1 << 0
+    PSF_FLUX_FAILED = 1 << 1
+    AP_FLUX_FAILED = 1 << 2
+    EDGE = 1 << 3  # too close to the image edge for the PSF kernel
+    SATURATED_CENTER = 1 << 4
+    INTERPOLATED_CENTER = 1 << 5
+    CR_CENTER = 1 << 6
+    BAD_CENTER = 1 << 7
+    APCORR_FAILED = 1 << 8
+    USED_PSF = 1 << 9  # used to fit the PSF model
+    USED_ASTROMETRY = 1 << 10  # used in the WCS fit
+    USED_PHOTOCAL = 1 << 11  # used for the zero point
+    BLENDED = 1 << 12  # a deblended child
+
+
+def describe(flag_type: type[IntFlag], value: int) -> list[str]:
+    """Names of the bits set in ``value``."""
+    return [member.name for member in flag_type if member.value & int(value) and member.name]

@@ -1,0 +1,468 @@
+"""Characterize and calibrate one CCD: the chain of isr -> calexp + src + CcdVisit.
+
+Numerics only (arrays, WCS objects and tables in; a result dataclass out): the
+step ``workflow_lib.steps.process_ccd`` reads and writes. Every expected
+failure (too few stars for a PSF, no reference stars, no astrometric match, no
+photometric calibration) ends in a flagged CcdVisit row and no calexp, never
+in an exception that stops the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+import warnings
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from astropy.io import fits
+from astropy.wcs import WCS, FITSFixedWarning
+from astropy.wcs.utils import proj_plane_pixel_scales
+
+from workflow_lib.config import CalibrateConfig
+from workflow_lib.exposure import Exposure, PhotoCalib
+from workflow_lib.flags import CcdVisitFlag, SourceFlag
+
+log = logging.getLogger(__name__)
+
+# Planes whose pixels carry no usable signal for background and detection.
+UNUSABLE_PLANES = ("BAD", "SAT", "CR", "NO_DATA", "EDGE")
+HEADER_WCS_KEYS = (
+    "CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2",
+    "CD1_1", "CD1_2", "CD2_1", "CD2_2", "CUNIT1", "CUNIT2", "RADESYS", "EQUINOX",
+)  # fmt: skip
+
+SOURCE_COLUMNS = (
+    "sourceId", "visit", "detector", "band", "ra", "dec", "x", "y",
+    "psfFlux", "psfFluxErr", "apFlux", "apFluxErr", "extendedness", "flags",
+)  # fmt: skip
+
+
+class SingleFrameFailure(RuntimeError):
+    """Processing of a CCD cannot go on; ``flag`` says why (a CcdVisitFlag)."""
+
+    def __init__(self, flag: CcdVisitFlag, reason: str) -> None:
+        super().__init__(reason)
+        self.flag = flag
+        self.reason = reason
+
+
+@dataclass
+class SingleFrameResult:
+    """What one CCD yields: a calexp (None if failed), its sources and CcdVisit row."""
+
+    calexp: Exposure | None
+    sources: pd.DataFrame
+    ccd_visit: dict[str, Any]
+    qa: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed(self) -> bool:
+        return self.calexp is None
+
+
+@contextlib.contextmanager
+def timed(timings: dict[str, float], name: str) -> Iterator[None]:
+    """Add the wall time of the block to ``timings[name]`` (for QA and benchmarks)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[name] = timings.get(name, 0.0) + time.perf_counter() - start
+
+
+def approximate_wcs(header: Mapping[str, Any]) -> WCS:
+    """The header's TAN WCS (a pointing hint only; CONTRACT 1.1)."""
+    cards = fits.Header()
+    for key in HEADER_WCS_KEYS:
+        if key in header:
+            cards[key] = header[key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FITSFixedWarning)
+        return WCS(cards)
+
+
+def pixel_scale_arcsec(wcs: WCS) -> float:
+    """Mean pixel scale (arcsec) of a WCS at its reference point."""
+    return float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
+
+
+def source_ids(visit: int, detector: int, n: int) -> np.ndarray:
+    """Unique int64 ids packing (visit, detector, sequence), as LSST packs them."""
+    if detector >= 1000 or n >= 1_000_000:
+        raise ValueError(f"cannot pack detector {detector} with {n} sources into a sourceId")
+    return (np.int64(visit) * 1000 + detector) * 1_000_000 + np.arange(n, dtype=np.int64)
+
+
+def empty_sources() -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=_SOURCE_DTYPES.get(c, "f8")) for c in SOURCE_COLUMNS})
+
+
+_SOURCE_DTYPES = {
+    "sourceId": "i8", "visit": "i8", "detector": "i8", "band": "object", "flags": "i8",
+}  # fmt: skip
+
+
+def ccd_visit_row(
+    *,
+    visit: int,
+    detector: int,
+    band: str,
+    mjd: float,
+    exptime: float,
+    flags: int,
+    fail_reason: str = "",
+    **measured: Any,
+) -> dict[str, Any]:
+    """A CcdVisit row with every CONTRACT column (NaN where not measured)."""
+    row: dict[str, Any] = {
+        "visit": int(visit),
+        "detector": int(detector),
+        "band": band,
+        "midpointMjdTai": float(mjd) + 0.5 * float(exptime) / 86400.0,
+        "expTime": float(exptime),
+        "seeing": np.nan,
+        "zeroPoint": np.nan,
+        "zeroPointErr": np.nan,
+        "skyBg": np.nan,
+        "skyNoise": np.nan,
+        "astromRms": np.nan,
+        "nAstromStars": 0,
+        "nPhotStars": 0,
+        "nPsfStars": 0,
+        "nSources": 0,
+        "ra": np.nan,
+        "dec": np.nan,
+        "psfOrder": -1,
+        "apCorr": np.nan,
+        "flags": int(flags),
+        "failReason": fail_reason,
+    }
+    unknown = set(measured) - set(row)
+    if unknown:
+        raise KeyError(f"unknown CcdVisit columns {sorted(unknown)}")
+    row.update(measured)
+    return row
+
+
+def process_single_frame(
+    exposure: Exposure,
+    refcat: pd.DataFrame,
+    *,
+    visit: int,
+    detector: int,
+    band: str,
+    mjd: float,
+    exptime: float,
+    config: CalibrateConfig,
+    isr_flags: int = 0,
+) -> SingleFrameResult:
+    """Background, detection, PSF, measurement, astrometry and photometry of one CCD.
+
+    ``exposure`` is the ISR output: image and variance in electrons with the
+    sky still in, the raw primary header in ``metadata``. ``refcat`` is the
+    standardized reference catalog around the CCD (``workflow_lib.refcat``).
+    """
+    ids = dict(visit=visit, detector=detector, band=band, mjd=mjd, exptime=exptime)
+    try:
+        return _process(exposure, refcat, config=config, isr_flags=isr_flags, **ids)
+    except SingleFrameFailure as failure:
+        log.warning("visit %d detector %d not calibrated: %s", visit, detector, failure.reason)
+        flags = isr_flags | CcdVisitFlag.FAILED | failure.flag
+        row = ccd_visit_row(flags=int(flags), fail_reason=failure.reason, **ids)
+        return SingleFrameResult(calexp=None, sources=empty_sources(), ccd_visit=row)
+
+
+def _process(
+    exposure: Exposure,
+    refcat: pd.DataFrame,
+    *,
+    visit: int,
+    detector: int,
+    band: str,
+    mjd: float,
+    exptime: float,
+    config: CalibrateConfig,
+    isr_flags: int,
+) -> SingleFrameResult:
+    from workflow_lib import astrometry, photocal
+    from workflow_lib.detection import detect_with_background
+    from workflow_lib.measure import aperture_column, fit_aperture_correction, measure_sources
+    from workflow_lib.psf import PsfFitError, fit_psf_model, select_psf_stars
+    from workflow_lib.refcat import calibration_stars
+
+    ny, nx = exposure.shape
+    flags = int(isr_flags)
+    timings: dict[str, float] = {}
+    header_wcs = approximate_wcs(exposure.metadata)
+    approx_scale = pixel_scale_arcsec(header_wcs)
+    unusable = exposure.mask_of(*UNUSABLE_PLANES)
+    if unusable.all() or not np.isfinite(exposure.image[~unusable]).any():
+        raise SingleFrameFailure(CcdVisitFlag.BAD_IMAGE, "no usable pixel (all masked or NaN)")
+    variance = exposure.variance
+
+    # -- characterize: background, detection, PSF --------------------------------------
+    with timed(timings, "background+detection"):
+        # Saturated cores stay in for detection (masking them splits bright stars).
+        background, detections = detect_with_background(
+            exposure.image, variance, exposure.mask_of("BAD", "NO_DATA"),
+            threshold_sigma=config.detection_threshold,
+            fwhm=_TYPICAL_SEEING_ARCSEC / approx_scale,
+        )  # fmt: skip
+        image = (exposure.image - background.image).astype(np.float32)
+    catalog = detections.table
+    exposure.set_mask("DETECTED", detections.footprints)
+    if len(catalog) == 0:
+        raise SingleFrameFailure(CcdVisitFlag.PSF_FAILED, "no sources detected")
+    x0, y0 = catalog["x_win"].to_numpy(), catalog["y_win"].to_numpy()
+    with timed(timings, "psf"):
+        candidates = select_psf_stars(
+            catalog, image, variance, unusable, kernel_size=config.psf_kernel_size
+        )
+        try:
+            psf_fit = fit_psf_model(
+                image, variance, unusable, x0[candidates], y0[candidates],
+                kernel_size=config.psf_kernel_size, order=config.psf_order,
+                segmentation=detections.segmentation,
+                source_ids=catalog["id"].to_numpy()[candidates],
+            )  # fmt: skip
+        except PsfFitError as err:
+            raise SingleFrameFailure(CcdVisitFlag.PSF_FAILED, f"PSF model: {err}") from None
+    psf_model = psf_fit.psf
+    if psf_fit.order < config.psf_order:
+        flags |= CcdVisitFlag.PSF_REDUCED_ORDER
+    psf_used = np.zeros(len(catalog), dtype=bool)
+    psf_used[np.flatnonzero(candidates)[psf_fit.used]] = True
+
+    # -- measurement and aperture correction ---------------------------------------------
+    ap_radius = config.ap_flux_radius_arcsec / approx_scale
+    calib_radius = config.calib_aperture_radius_arcsec / approx_scale
+    ap_stem, calib_stem = aperture_column(ap_radius), aperture_column(calib_radius)
+    flag_planes = {
+        "saturated": exposure.mask_of("SAT"),
+        "interpolated": exposure.mask_of("INTRP"),
+        "cr": exposure.mask_of("CR"),
+        "bad": exposure.mask_of("BAD", "NO_DATA"),
+        "edge": exposure.mask_of("EDGE"),
+    }
+    with timed(timings, "measurement"):
+        sources = measure_sources(
+            image, variance, unusable, psf=psf_model, x=x0, y=y0,
+            aperture_radii=[ap_radius, calib_radius], flag_planes=flag_planes,
+            segmentation=detections.segmentation, source_ids=catalog["id"].to_numpy(),
+        )  # fmt: skip
+        source_flags = _source_flags(sources, catalog, ap_stem)
+        x, y = sources["x"].to_numpy(), sources["y"].to_numpy()
+        reliable = (source_flags & _UNRELIABLE) == 0
+        apcorr = fit_aperture_correction(
+            x, y, sources["psf_flux"].to_numpy(), sources["psf_flux_err"].to_numpy(),
+            sources[f"{calib_stem}_flux"].to_numpy(), sources[f"{calib_stem}_flux_err"].to_numpy(),
+            used=psf_used & reliable,
+            x_center=(nx - 1) / 2.0, y_center=(ny - 1) / 2.0, x_scale=nx / 2.0, y_scale=ny / 2.0,
+        )  # fmt: skip
+        flux_e, flux_e_err = apcorr.apply(
+            x, y, sources["psf_flux"].to_numpy(), sources["psf_flux_err"].to_numpy()
+        )
+    source_flags |= np.where(np.isfinite(flux_e), 0, int(SourceFlag.APCORR_FAILED))
+
+    # -- astrometry ---------------------------------------------------------------------------
+    stars = calibration_stars(refcat)
+    if len(stars) == 0:
+        raise SingleFrameFailure(
+            CcdVisitFlag.NO_REFERENCE_STARS, "no reference stars overlap this CCD"
+        )
+    mag_column = _reference_mag_column(stars, band)
+    good = reliable & np.isfinite(flux_e) & (flux_e > 0)
+    centroid_err = np.hypot(sources["x_err"].to_numpy(), sources["y_err"].to_numpy()) / np.sqrt(2)
+    # Centroid noise plus a 5 mas floor (reference-catalog errors, PSF model).
+    weights = 1.0 / ((np.nan_to_num(centroid_err, nan=1.0) * approx_scale) ** 2 + 0.005**2)
+    # Every detection takes part in the pattern match, ranked by its detection
+    # flux (saturated stars are the refcat's brightest); only reliable ones fit.
+    positioned = np.isfinite(x) & np.isfinite(y)
+    with timed(timings, "astrometry"):
+        try:
+            match, wcs_fit = astrometry.solve_astrometry(
+                x[positioned], y[positioned], catalog["flux"].to_numpy()[positioned],
+                stars["ra"].to_numpy(), stars["dec"].to_numpy(), stars[mag_column].to_numpy(),
+                header_wcs, image_shape=(ny, nx), sip_order=config.sip_order,
+                max_offset_arcsec=config.astrometry_max_offset_arcsec,
+                max_rotation_deg=config.astrometry_max_rotation_deg,
+                weights=weights[positioned], fit_mask=good[positioned],
+            )  # fmt: skip
+        except astrometry.AstrometryError as err:
+            raise SingleFrameFailure(CcdVisitFlag.ASTROMETRY_FAILED, f"astrometry: {err}") from None
+    wcs = wcs_fit.wcs
+    if wcs_fit.sip_order < config.sip_order:
+        flags |= CcdVisitFlag.SIP_REDUCED_ORDER
+    src_index = np.flatnonzero(positioned)[match.source_index]
+    ref_index = np.asarray(match.reference_index)
+    astrom_used = np.zeros(len(sources), dtype=bool)
+    astrom_used[src_index[wcs_fit.used]] = True
+
+    # -- photometric calibration ----------------------------------------------------------
+    if f"{band}_mag" not in stars:
+        raise SingleFrameFailure(
+            CcdVisitFlag.PHOTOCAL_FAILED, f"the reference catalog has no {band}-band magnitudes"
+        )
+    snr = flux_e / flux_e_err
+    pair_ok = (snr[src_index] >= config.photocal_min_snr) & good[src_index]
+    with timed(timings, "photocal"):
+        try:
+            zp_fit = photocal.fit_zero_point(
+                flux_e[src_index[pair_ok]] / exptime, flux_e_err[src_index[pair_ok]] / exptime,
+                stars[f"{band}_mag"].to_numpy()[ref_index[pair_ok]],
+                stars[f"{band}_mag_err"].to_numpy()[ref_index[pair_ok]],
+            )  # fmt: skip
+        except photocal.PhotoCalError as err:
+            raise SingleFrameFailure(CcdVisitFlag.PHOTOCAL_FAILED, f"photometry: {err}") from None
+    phot_used = np.zeros(len(sources), dtype=bool)
+    phot_used[src_index[pair_ok][zp_fit.used]] = True
+
+    # -- products ------------------------------------------------------------------------------
+    njy = PhotoCalib.njy_per_electron(zp_fit.zero_point, exptime)
+    calexp = Exposure(
+        image=image * njy,
+        variance=variance * njy**2,
+        mask=exposure.mask,
+        wcs=wcs,
+        psf=psf_model,
+        photo_calib=PhotoCalib(
+            1.0, zero_point=zp_fit.zero_point, zero_point_err=zp_fit.zero_point_err
+        ),
+        metadata=_calexp_metadata(exposure.metadata),
+        mask_planes=exposure.mask_planes,
+        origin=exposure.origin,
+    )
+    ra, dec = wcs.all_pix2world(x, y, 0)
+    source_flags |= np.where(psf_used, int(SourceFlag.USED_PSF), 0)
+    source_flags |= np.where(astrom_used, int(SourceFlag.USED_ASTROMETRY), 0)
+    source_flags |= np.where(phot_used, int(SourceFlag.USED_PHOTOCAL), 0)
+    table = pd.DataFrame(
+        {
+            "sourceId": source_ids(visit, detector, len(sources)),
+            "visit": np.int64(visit),
+            "detector": np.int64(detector),
+            "band": band,
+            "ra": ra,
+            "dec": dec,
+            "x": x,
+            "y": y,
+            "psfFlux": flux_e * njy,
+            "psfFluxErr": flux_e_err * njy,
+            "apFlux": sources[f"{ap_stem}_flux"].to_numpy() * njy,
+            "apFluxErr": sources[f"{ap_stem}_flux_err"].to_numpy() * njy,
+            "extendedness": sources["extendedness"].to_numpy(),
+            "flags": source_flags,
+            "xErr": sources["x_err"].to_numpy(),
+            "yErr": sources["y_err"].to_numpy(),
+            "snr": snr,
+            "ixx": sources["shape_xx"].to_numpy(),
+            "iyy": sources["shape_yy"].to_numpy(),
+            "ixy": sources["shape_xy"].to_numpy(),
+            "psfChi2": sources["psf_chi2"].to_numpy(),
+        }
+    )
+    cx, cy = (nx - 1) / 2.0, (ny - 1) / 2.0
+    center_ra, center_dec = wcs.all_pix2world([cx], [cy], 0)
+    scale = pixel_scale_arcsec(wcs)
+    row = ccd_visit_row(
+        visit=visit, detector=detector, band=band, mjd=mjd, exptime=exptime, flags=flags,
+        seeing=psf_model.fwhm_at(cx, cy) * scale,
+        zeroPoint=zp_fit.zero_point, zeroPointErr=zp_fit.zero_point_err,
+        skyBg=float(np.median(background.image)), skyNoise=float(background.global_rms),
+        astromRms=wcs_fit.rms_arcsec, nAstromStars=int(wcs_fit.n_used),
+        nPhotStars=int(zp_fit.n_used), nPsfStars=int(psf_used.sum()), nSources=len(table),
+        ra=float(center_ra[0]), dec=float(center_dec[0]), psfOrder=int(psf_fit.order),
+        apCorr=float(apcorr.ratio_at(np.array([cx]), np.array([cy]))[0][0]),
+    )  # fmt: skip
+    qa = {
+        "n_detections": len(catalog),
+        "n_psf_candidates": int(np.count_nonzero(candidates)),
+        "n_matches": len(src_index),
+        "zero_point_scatter_mag": float(zp_fit.scatter_mag),
+        "header_wcs_offset_arcsec": _offset_arcsec(header_wcs, wcs, nx, ny),
+        "timings_s": {k: round(v, 3) for k, v in timings.items()},
+    }
+    return SingleFrameResult(calexp=calexp, sources=table, ccd_visit=row, qa=qa)
+
+
+# A first detection pass needs a filter width before any PSF is known.
+_TYPICAL_SEEING_ARCSEC = 0.8
+
+
+def _source_flags(sources: pd.DataFrame, catalog: pd.DataFrame, ap_stem: str) -> np.ndarray:
+    """The Source ``flags`` bits from the measurement's per-algorithm flags."""
+    import sep
+
+    def bits(column: str, flag: SourceFlag) -> np.ndarray:
+        if column not in sources:
+            return np.zeros(len(sources), dtype=np.int64)
+        return np.where(sources[column].to_numpy().astype(bool), int(flag), 0)
+
+    flags = (
+        bits("centroid_flag", SourceFlag.CENTROID_FAILED)
+        | bits("psf_flux_flag", SourceFlag.PSF_FLUX_FAILED)
+        | bits(f"{ap_stem}_flag", SourceFlag.AP_FLUX_FAILED)
+        | bits("psf_flux_flag_edge", SourceFlag.EDGE)
+        | bits("pixel_flag_edge_center", SourceFlag.EDGE)
+        | bits("pixel_flag_saturated_center", SourceFlag.SATURATED_CENTER)
+        | bits("pixel_flag_interpolated_center", SourceFlag.INTERPOLATED_CENTER)
+        | bits("pixel_flag_cr_center", SourceFlag.CR_CENTER)
+        | bits("pixel_flag_bad_center", SourceFlag.BAD_CENTER)
+    )
+    merged = (catalog["flags"].to_numpy().astype(np.int64) & sep.OBJ_MERGED) != 0
+    return (flags | np.where(merged, int(SourceFlag.BLENDED), 0)).astype(np.int64)
+
+
+# Sources whose position or flux must not be used for calibration.
+_UNRELIABLE = int(
+    SourceFlag.CENTROID_FAILED
+    | SourceFlag.PSF_FLUX_FAILED
+    | SourceFlag.EDGE
+    | SourceFlag.SATURATED_CENTER
+    | SourceFlag.INTERPOLATED_CENTER
+    | SourceFlag.CR_CENTER
+    | SourceFlag.BAD_CENTER
+)
+
+
+def _reference_mag_column(stars: pd.DataFrame, band: str) -> str:
+    """The refcat magnitude used to rank stars for matching: this band, else any."""
+    if f"{band}_mag" in stars:
+        return f"{band}_mag"
+    available = [c for c in stars.columns if c.endswith("_mag")]
+    if not available:
+        raise SingleFrameFailure(
+            CcdVisitFlag.NO_REFERENCE_STARS, "reference catalog has no magnitudes"
+        )
+    return available[0]
+
+
+def _calexp_metadata(raw_header: Mapping[str, Any]) -> fits.Header:
+    """Raw primary cards minus the pointing-hint WCS (the fitted one is in every HDU)."""
+    header = fits.Header()
+    for key, value in raw_header.items():
+        if key in HEADER_WCS_KEYS or key in (
+            "SIMPLE",
+            "BITPIX",
+            "NAXIS",
+            "EXTEND",
+            "COMMENT",
+            "HISTORY",
+            "",
+        ):
+            continue
+        header[key] = value
+    header["BUNIT"] = "nJy"
+    return header
+
+
+def _offset_arcsec(header_wcs: WCS, wcs: WCS, nx: int, ny: int) -> float:
+    x, y = (nx - 1) / 2.0, (ny - 1) / 2.0
+    a = header_wcs.pixel_to_world(x, y)
+    b = wcs.pixel_to_world(x, y)
+    return float(a.separation(b).arcsec)
