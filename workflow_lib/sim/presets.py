@@ -148,3 +148,11 @@ def get_preset(name: str) -> SimPreset:
         raise ValueError(
             f"unknown simulation preset {name!r}; known presets: {', '.join(_PRESETS)}"
         ) from None
+
+
+def register_preset(preset: SimPreset) -> None:
+    """Make ``preset`` known to ``get_preset`` in this process (benchmarks, experiments).
+
+    The workflow's configuration accepts only the built-in presets.
+    """
+    _PRESETS[preset.name] = preset

@@ -95,6 +95,7 @@ def process_ccd(
                calexp_path, src_path, ccdvisit_path, primary, provenance)  # fmt: skip
         return
 
+    log.info("QA isr_timings_s = %s", {k: round(v, 3) for k, v in isr_result.timings.items()})
     isr_flags = 0
     for step, status in isr_result.steps.items():
         log.info("ISR %s: %s", step, status)
