@@ -43,6 +43,18 @@ class SourceFlag(IntFlag):
     BLENDED = 1 << 12  # a deblended child
 
 
+# Sources whose centroid or flux must not be used for calibration or metrics.
+UNRELIABLE_SOURCE = int(
+    SourceFlag.CENTROID_FAILED
+    | SourceFlag.PSF_FLUX_FAILED
+    | SourceFlag.EDGE
+    | SourceFlag.SATURATED_CENTER
+    | SourceFlag.INTERPOLATED_CENTER
+    | SourceFlag.CR_CENTER
+    | SourceFlag.BAD_CENTER
+)
+
+
 def describe(flag_type: type[IntFlag], value: int) -> list[str]:
     """Names of the bits set in ``value``."""
     return [member.name for member in flag_type if member.value & int(value) and member.name]

@@ -14,18 +14,10 @@ import pandas as pd
 from astropy import units as u
 from astropy.coordinates import SkyCoord
 
-from workflow_lib.flags import CcdVisitFlag, SourceFlag
+from workflow_lib.flags import UNRELIABLE_SOURCE, CcdVisitFlag, SourceFlag
 
-_BAD_SOURCE = int(
-    SourceFlag.CENTROID_FAILED
-    | SourceFlag.PSF_FLUX_FAILED
-    | SourceFlag.EDGE
-    | SourceFlag.SATURATED_CENTER
-    | SourceFlag.INTERPOLATED_CENTER
-    | SourceFlag.CR_CENTER
-    | SourceFlag.BAD_CENTER
-    | SourceFlag.APCORR_FAILED
-)
+# Unreliable sources, and those whose flux the aperture correction could not fix.
+_BAD_SOURCE = UNRELIABLE_SOURCE | int(SourceFlag.APCORR_FAILED)
 
 
 def match_to_truth_stars(

@@ -25,7 +25,7 @@ from astropy.wcs.utils import proj_plane_pixel_scales
 
 from workflow_lib.config import CalibrateConfig
 from workflow_lib.exposure import Exposure, PhotoCalib
-from workflow_lib.flags import CcdVisitFlag, SourceFlag
+from workflow_lib.flags import UNRELIABLE_SOURCE, CcdVisitFlag, SourceFlag
 
 log = logging.getLogger(__name__)
 
@@ -257,7 +257,7 @@ def _process(
         )  # fmt: skip
         source_flags = _source_flags(sources, catalog, ap_stem)
         x, y = sources["x"].to_numpy(), sources["y"].to_numpy()
-        reliable = (source_flags & _UNRELIABLE) == 0
+        reliable = (source_flags & UNRELIABLE_SOURCE) == 0
         apcorr = fit_aperture_correction(
             x, y, sources["psf_flux"].to_numpy(), sources["psf_flux_err"].to_numpy(),
             sources[f"{calib_stem}_flux"].to_numpy(), sources[f"{calib_stem}_flux_err"].to_numpy(),
@@ -416,18 +416,6 @@ def _source_flags(sources: pd.DataFrame, catalog: pd.DataFrame, ap_stem: str) ->
     )
     merged = (catalog["flags"].to_numpy().astype(np.int64) & sep.OBJ_MERGED) != 0
     return (flags | np.where(merged, int(SourceFlag.BLENDED), 0)).astype(np.int64)
-
-
-# Sources whose position or flux must not be used for calibration.
-_UNRELIABLE = int(
-    SourceFlag.CENTROID_FAILED
-    | SourceFlag.PSF_FLUX_FAILED
-    | SourceFlag.EDGE
-    | SourceFlag.SATURATED_CENTER
-    | SourceFlag.INTERPOLATED_CENTER
-    | SourceFlag.CR_CENTER
-    | SourceFlag.BAD_CENTER
-)
 
 
 def _reference_mag_column(stars: pd.DataFrame, band: str) -> str:
