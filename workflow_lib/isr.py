@@ -118,9 +118,35 @@ def assemble_amplifiers(
     """
     if not amps:
         raise ValueError("no amplifiers to assemble")
-    parsed = []
+    geometry = _amplifier_geometry(amps)
+    ny = max(g.detsec.y.stop for g in geometry)
+    nx = max(g.detsec.x.stop for g in geometry)
+    image = np.zeros((ny, nx), dtype=dtype)
+    for g in geometry:
+        pix = np.asarray(g.data[g.datasec.slices], dtype=np.float64)
+        if overscan_subtract:
+            if g.biassec is None:
+                raise KeyError(f"amplifier {g.name} lacks BIASSEC")
+            pix = pix - overscan_per_row(g.data, g.biassec, g.datasec)[:, None]
+        image[g.detsec.slices] = _place(pix, g.detsec)
+    return image
+
+
+@dataclass(frozen=True)
+class _AmpGeometry:
+    name: str
+    data: np.ndarray
+    header: Mapping[str, Any]
+    datasec: Section
+    detsec: Section
+    biassec: Section | None
+
+
+def _amplifier_geometry(amps: Sequence[tuple[np.ndarray, Mapping[str, Any]]]) -> list[_AmpGeometry]:
+    """Parsed DATASEC/DETSEC/BIASSEC of every amplifier, with consistent sizes."""
+    geometry = []
     for k, (data, header) in enumerate(amps):
-        name = header.get("EXTNAME", k)
+        name = str(header.get("EXTNAME", k))
         try:
             datasec = parse_section(header["DATASEC"])
             detsec = parse_section(header["DETSEC"])
@@ -131,23 +157,9 @@ def assemble_amplifiers(
                 f"amplifier {name}: DATASEC {header['DATASEC']} and DETSEC "
                 f"{header['DETSEC']} differ in size"
             )
-        if overscan_subtract and "BIASSEC" not in header:
-            raise KeyError(f"amplifier {name} lacks BIASSEC")
-        biassec = parse_section(header["BIASSEC"]) if overscan_subtract else None
-        parsed.append((np.asarray(data), datasec, detsec, biassec))
-    ny = max(d.y.stop for _, _, d, _ in parsed)
-    nx = max(d.x.stop for _, _, d, _ in parsed)
-    image = np.zeros((ny, nx), dtype=dtype)
-    for data, datasec, detsec, biassec in parsed:
-        pix = np.asarray(data[datasec.slices], dtype=np.float64)
-        if biassec is not None:
-            pix = pix - overscan_per_row(data, biassec, datasec)[:, None]
-        if detsec.x_flip:
-            pix = pix[:, ::-1]
-        if detsec.y_flip:
-            pix = pix[::-1, :]
-        image[detsec.slices] = pix
-    return image
+        biassec = parse_section(header["BIASSEC"]) if "BIASSEC" in header else None
+        geometry.append(_AmpGeometry(name, np.asarray(data), header, datasec, detsec, biassec))
+    return geometry
 
 
 # --------------------------------------------------------------------------
@@ -305,30 +317,25 @@ def process_amplifiers(
     """
     if not amplifiers:
         raise ValueError("no amplifiers to process")
-    geom = []
-    for k, (data, amp_header) in enumerate(amplifiers):
-        name = str(amp_header.get("EXTNAME", k))
-        try:
-            datasec = parse_section(amp_header["DATASEC"])
-            detsec = parse_section(amp_header["DETSEC"])
-        except KeyError as err:
-            raise KeyError(f"amplifier {name} lacks {err.args[0]}") from None
-        if datasec.shape != detsec.shape:
-            raise ValueError(
-                f"amplifier {name}: DATASEC {amp_header['DATASEC']} and DETSEC "
-                f"{amp_header['DETSEC']} differ in size"
-            )
-        if "GAIN" not in amp_header:
-            raise KeyError(f"amplifier {name} has no GAIN keyword")
-        biassec = parse_section(amp_header["BIASSEC"]) if "BIASSEC" in amp_header else None
-        geom.append((name, np.asarray(data), amp_header, datasec, detsec, biassec))
-    ny = max(g[4].y.stop for g in geom)
-    nx = max(g[4].x.stop for g in geom)
+    geometry = _amplifier_geometry(amplifiers)
+    for g in geometry:
+        if "GAIN" not in g.header:
+            raise KeyError(f"amplifier {g.name} has no GAIN keyword")
+    ny = max(g.detsec.y.stop for g in geometry)
+    nx = max(g.detsec.x.stop for g in geometry)
     image = np.full((ny, nx), np.nan, dtype=np.float32)
     saturated = np.zeros((ny, nx), dtype=bool)
     covered = np.zeros((ny, nx), dtype=bool)
     infos = []
-    for name, data, amp_header, datasec, detsec, biassec in geom:
+    for g in geometry:
+        name, data, amp_header, datasec, detsec, biassec = (
+            g.name,
+            g.data,
+            g.header,
+            g.datasec,
+            g.detsec,
+            g.biassec,
+        )
         if data.dtype.byteorder not in ("=", "|"):
             data = data.astype(data.dtype.newbyteorder("="))
         gain = float(amp_header["GAIN"])
