@@ -24,7 +24,25 @@ def test_empty_config_gets_every_default():
     assert cfg["input"]["source"] == "simulated"
     assert cfg["input"]["refcat_columns"]["ra"] == "ra"
     assert cfg["template"]["max_psf_fwhm"] == 0.9
-    assert cfg["select"] == {"visit": None, "detector": None, "band": None}
+    assert cfg["select"] == {"visit": None, "detector": None, "band": None, "tract": None}
+    # DC2's makeSkyMapConfig.py
+    assert cfg["skymap"]["rings"]["num_rings"] == 120
+    assert (cfg["skymap"]["patch_inner_size"], cfg["skymap"]["patch_border"]) == (4000, 100)
+
+
+def test_model_psf_defaults_to_the_template_cut_and_may_not_be_narrower():
+    assert load_config({"template": {"max_psf_fwhm": 1.1}}).coadd.model_psf_fwhm_arcsec == 1.1
+    assert load_config({"coadd": {"model_psf_fwhm_arcsec": 1.2}}).coadd.model_psf_fwhm_arcsec == 1.2
+    message = r"coadd.model_psf_fwhm_arcsec \(0.8\).*max_psf_fwhm \(0.9\)"
+    with pytest.raises(ConfigError, match=message):
+        load_config({"coadd": {"model_psf_fwhm_arcsec": 0.8}})
+
+
+def test_reference_band_priority_lists_each_band_once():
+    with pytest.raises(ConfigError, match="ref_band_priority"):
+        load_config({"objects": {"ref_band_priority": ["i", "r", "i"]}})
+    with pytest.raises(ConfigError, match="skymap"):
+        load_config({"skymap": {"kind": "healpix"}})
 
 
 def test_validation_does_not_modify_the_input():

@@ -53,6 +53,8 @@ class Butler:
             return read_image_hdus(path)
         if storage == "json":
             return json.loads(path.read_text())
+        if storage == "directory":
+            return sorted(path.iterdir())
         return path.read_text()
 
     def list(self, name: str) -> pd.DataFrame:

@@ -204,6 +204,7 @@ class Selection:
     visits: tuple[int, ...] | None
     detectors: tuple[int, ...] | None
     bands: tuple[str, ...] | None
+    tracts: tuple[int, ...] | None = None
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any]) -> Selection:
@@ -211,6 +212,7 @@ class Selection:
             visits=parse_id_selection(section["visit"]),
             detectors=parse_id_selection(section["detector"]),
             bands=parse_band_selection(section["band"]),
+            tracts=parse_id_selection(section.get("tract")),
         )
 
 
@@ -275,6 +277,86 @@ class CalibrateConfig:
 
 
 @dataclass(frozen=True)
+class SkyMapConfig:
+    """Geometry of the sky map (DC2's makeSkyMapConfig.py in the defaults)."""
+
+    kind: str
+    pixel_scale_arcsec: float
+    patch_inner_size: int
+    patch_border: int
+    projection: str
+    footprint_margin_arcsec: float
+    discrete_border_deg: float
+    discrete_tract_id: int
+    num_rings: int
+    tract_overlap_deg: float
+    ra_start_deg: float
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> SkyMapConfig:
+        return cls(
+            kind=section["kind"],
+            pixel_scale_arcsec=float(section["pixel_scale_arcsec"]),
+            patch_inner_size=int(section["patch_inner_size"]),
+            patch_border=int(section["patch_border"]),
+            projection=section["projection"],
+            footprint_margin_arcsec=float(section["footprint_margin_arcsec"]),
+            discrete_border_deg=float(section["discrete"]["border_deg"]),
+            discrete_tract_id=int(section["discrete"]["tract_id"]),
+            num_rings=int(section["rings"]["num_rings"]),
+            tract_overlap_deg=float(section["rings"]["tract_overlap_deg"]),
+            ra_start_deg=float(section["rings"]["ra_start_deg"]),
+        )
+
+
+@dataclass(frozen=True)
+class CoaddConfig:
+    """Warps and coadds; ``model_psf_fwhm_arcsec`` is resolved against the template cut."""
+
+    model_psf_fwhm_arcsec: float
+    rejection_psf_fwhm_arcsec: float
+    clip_sigma: float
+    do_interp: bool
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any], template: TemplateConfig) -> CoaddConfig:
+        fwhm = section["model_psf_fwhm_arcsec"]
+        fwhm = template.max_psf_fwhm if fwhm is None else float(fwhm)
+        # A PSF-matched warp can only widen a PSF: visits the template admits
+        # (FWHM up to max_psf_fwhm) must all fit under the model PSF.
+        if fwhm < template.max_psf_fwhm:
+            raise ConfigError(
+                f"config: coadd.model_psf_fwhm_arcsec ({fwhm}) must be at least "
+                f"template.max_psf_fwhm ({template.max_psf_fwhm}): PSF matching cannot "
+                "sharpen the visits the template admits"
+            )
+        return cls(
+            model_psf_fwhm_arcsec=fwhm,
+            rejection_psf_fwhm_arcsec=float(section["rejection_psf_fwhm_arcsec"]),
+            clip_sigma=float(section["clip_sigma"]),
+            do_interp=bool(section["do_interp"]),
+        )
+
+
+@dataclass(frozen=True)
+class ObjectsConfig:
+    detection_threshold: float
+    ref_band_priority: tuple[str, ...]
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> ObjectsConfig:
+        priority = tuple(section["ref_band_priority"])
+        if len(set(priority)) != len(priority):
+            raise ConfigError(
+                f"config: objects.ref_band_priority: lists a band twice: {list(priority)}"
+            )
+        return cls(
+            detection_threshold=float(section["detection_threshold"]),
+            ref_band_priority=priority,
+        )
+
+
+@dataclass(frozen=True)
 class WorkflowConfig:
     """The whole validated configuration, as frozen per-section views."""
 
@@ -285,17 +367,24 @@ class WorkflowConfig:
     template: TemplateConfig
     isr: IsrConfig
     calibrate: CalibrateConfig
+    skymap: SkyMapConfig
+    coadd: CoaddConfig
+    objects: ObjectsConfig
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> WorkflowConfig:
+        template = TemplateConfig.from_dict(config["template"])
         return cls(
             output_dir=config["output_dir"],
             input=InputConfig.from_dict(config["input"]),
             sim=SimConfig.from_dict(config["sim"]),
             select=Selection.from_dict(config["select"]),
-            template=TemplateConfig.from_dict(config["template"]),
+            template=template,
             isr=IsrConfig.from_dict(config["isr"]),
             calibrate=CalibrateConfig.from_dict(config["calibrate"]),
+            skymap=SkyMapConfig.from_dict(config["skymap"]),
+            coadd=CoaddConfig.from_dict(config["coadd"], template),
+            objects=ObjectsConfig.from_dict(config["objects"]),
         )
 
     @property

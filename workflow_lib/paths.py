@@ -34,7 +34,8 @@ class DatasetType:
 
     name: str
     template: str
-    storage: str  # how the reader API opens it: exposure | table | raw | csv | json | text
+    # how the reader API opens it: exposure | table | raw | csv | json | text | directory
+    storage: str
 
     @property
     def dimensions(self) -> tuple[str, ...]:
@@ -68,6 +69,43 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     DatasetType("calexp", "calexp/{visit}/calexp_{visit}_{detector}.fits", "exposure"),
     DatasetType("src", "src/{visit}/src_{visit}_{detector}.parquet", "table"),
     DatasetType("ccdVisit", "ccdVisit/{visit}/ccdVisit_{visit}_{detector}.parquet", "table"),
+    # Sky map and warps: one directory per (visit, detector) holding its warp onto
+    # every patch it overlaps, in three flavours (direct; PSF-matched to the
+    # template model PSF; PSF-matched to the wider model deep coadds use to find
+    # artifacts).
+    DatasetType("skyMap", "skymap/skyMap.json", "json"),
+    DatasetType("warpDir", "warp/{visit}/warp_{visit}_{detector}", "directory"),
+    DatasetType(
+        "directWarp",
+        "warp/{visit}/warp_{visit}_{detector}/directWarp_{visit}_{detector}_{tract}_{patch}.fits",
+        "exposure",
+    ),
+    DatasetType(
+        "psfMatchedWarp",
+        "warp/{visit}/warp_{visit}_{detector}/psfMatchedWarp_{visit}_{detector}_{tract}_{patch}.fits",
+        "exposure",
+    ),
+    DatasetType(
+        "rejectionWarp",
+        "warp/{visit}/warp_{visit}_{detector}/rejectionWarp_{visit}_{detector}_{tract}_{patch}.fits",
+        "exposure",
+    ),
+    # Coadds per (tract, patch, band) and the Objects measured on them.
+    DatasetType(
+        "deepCoadd", "coadd/{tract}/{patch}/deepCoadd_{tract}_{patch}_{band}.fits", "exposure"
+    ),
+    DatasetType(
+        "templateCoadd",
+        "coadd/{tract}/{patch}/templateCoadd_{tract}_{patch}_{band}.fits",
+        "exposure",
+    ),
+    DatasetType("objectTable", "objects/{tract}/objectTable_{tract}_{patch}.parquet", "table"),
+    # Forced photometry of a tract's Objects on one calexp (LSST's forcedPhotCcd).
+    DatasetType(
+        "forcedSource",
+        "forced/{visit}/forcedSource_{visit}_{detector}_{tract}.parquet",
+        "table",
+    ),
     # Consolidated CONTRACT tables.
     DatasetType("CcdVisit", "tables/CcdVisit.parquet", "table"),
     DatasetType("Source", "tables/Source.parquet", "table"),
