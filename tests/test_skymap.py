@@ -331,6 +331,7 @@ def test_patch_lookup_is_exact_beyond_the_polygon_bbox():
     ra, dec = tract.wcs.pixel_to_world_values(px, py)
     found = {p.index for p in tract.patches_overlapping(ra, dec)}
     assert found == {(10, 12), (9, 12), (11, 12), (10, 11), (10, 13)}
+    assert {p.index for p in tract.patches_overlapping(ra[::-1], dec[::-1])} == found
     assert {p.index for p in skymap.patches_overlapping(ra, dec)} == found
 
 
@@ -338,6 +339,8 @@ def _registry_rows(ra_centres, dec_centres, rng):
     rows = []
     for k, (ra0, dec0) in enumerate(zip(ra_centres, dec_centres, strict=True)):
         ra, dec = _square(ra0, dec0, 0.1, rot_deg=rng.uniform(0, 90))
+        if k % 2:  # either sense round the polygon
+            ra, dec = ra[::-1], dec[::-1]
         rows.append(
             {"visit": 1000 + k // 3, "detector": k % 3,
              **dict(zip(CORNER_RA_COLUMNS, ra, strict=True)),
@@ -443,3 +446,14 @@ def test_bad_configuration_is_a_clear_error():
         rings_sky_map(pixel_scale_arcsec=0.0)
     with pytest.raises(ValueError, match="ra_start_deg"):
         rings_sky_map(ra_start_deg=360.0)
+
+
+def test_crowded_candidate_search_gives_the_same_patches(monkeypatch):
+    import workflow_lib.skymap as skymap_module
+
+    skymap = rings_sky_map(**SMALL_PATCHES)
+    rng = np.random.default_rng(8)
+    rows = _registry_rows(rng.uniform(0, 360, 30), rng.uniform(-89, 89, 30), rng)
+    expected = ccd_patches(rows, skymap, margin_arcsec=20.0)
+    monkeypatch.setattr(skymap_module, "_NEAREST_TRACTS", 1)  # every polygon falls back
+    assert ccd_patches(rows, skymap, margin_arcsec=20.0) == expected

@@ -38,6 +38,12 @@ patches and their pixel grids are LSST's.
 
 Numerics only: no files. Coordinates in degrees; pixels 0-based with integer
 pixel centres; a bbox is ``(x0, y0, nx, ny)``.
+
+Cost (``benchmarks/bench_skymap.py``): the DC2 rings map builds in ~50 ms
+(tract WCS objects are made on first use); to find the patches of many CCDs
+call :func:`ccd_patches` (or ``SkyMap.polygon_patches``) once for all of
+them, ~10-20 us of CPU per CCD, rather than ``patches_overlapping`` per CCD
+(~0.3 ms each, numpy call overhead).
 """
 
 from __future__ import annotations
@@ -58,6 +64,9 @@ SKYMAP_KINDS = ("discrete", "rings")
 # Zenithal projections (pixel grid about the tract centre); LSST's default is TAN.
 PROJECTIONS = ("TAN", "SIN", "STG", "ARC", "ZEA")
 FORMAT_VERSION = 1
+# Tracts asked of the k-d tree per polygon before falling back to a radius search
+# (a CCD-sized polygon meets at most ~4 tracts of DC2's rings).
+_NEAREST_TRACTS = 8
 
 Bbox = tuple[int, int, int, int]
 
@@ -83,8 +92,15 @@ def _normalize(v: np.ndarray) -> np.ndarray:
 
 def _angle_between(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Angle (rad) between unit vectors, accurate at small and large angles."""
-    cross = np.linalg.norm(np.cross(a, b), axis=-1)
-    return np.arctan2(cross, np.sum(a * b, axis=-1))
+    a0, a1, a2 = a[..., 0], a[..., 1], a[..., 2]
+    b0, b1, b2 = b[..., 0], b[..., 1], b[..., 2]
+    cross = np.sqrt((a1 * b2 - a2 * b1) ** 2 + (a2 * b0 - a0 * b2) ** 2 + (a0 * b1 - a1 * b0) ** 2)
+    return np.arctan2(cross, a0 * b0 + a1 * b1 + a2 * b2)
+
+
+def _next_vertex(n_vertices: int) -> np.ndarray:
+    """Index of the following vertex round a polygon (faster than np.roll)."""
+    return np.roll(np.arange(n_vertices), -1)
 
 
 def _frame_axes(ra_deg: Any, dec_deg: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -693,14 +709,21 @@ class SkyMap:
             row = np.tile(np.arange(len(f.ids)), len(centre))
         else:
             search = np.minimum(f.reach.max() + radius, math.pi)
-            hits = self._tree.query_ball_point(centre, 2.0 * np.sin(search / 2.0) + 1e-12)
-            counts = np.fromiter((len(h) for h in hits), dtype=np.int64, count=len(hits))
-            poly = np.repeat(np.arange(len(centre)), counts)
-            row = (
-                np.concatenate([np.asarray(h, dtype=np.int64) for h in hits])
-                if counts.sum()
-                else np.zeros(0, dtype=np.int64)
-            )
+            chord = 2.0 * np.sin(search / 2.0) + 1e-12
+            # The k nearest tracts as arrays; the few polygons that may have more
+            # within reach are asked again for all of them.
+            k = min(_NEAREST_TRACTS, len(f.ids))
+            distance, nearest = self._tree.query(centre, k=[*range(1, k + 1)])
+            within = distance <= chord[:, None]
+            crowded = np.flatnonzero(within[:, -1]) if k < len(f.ids) else np.zeros(0, int)
+            within[crowded] = False
+            poly = np.nonzero(within)[0]
+            row = nearest[within].astype(np.int64)
+            if len(crowded):
+                hits = self._tree.query_ball_point(centre[crowded], chord[crowded])
+                counts = np.array([len(h) for h in hits], dtype=np.int64)
+                poly = np.concatenate([poly, np.repeat(crowded, counts)])
+                row = np.concatenate([row, np.concatenate(hits).astype(np.int64)])
         axes_centre = f.axes[0][row]
         near = _angle_between(centre[poly], axes_centre) <= f.reach[row] + radius[poly] + 1e-9
         return poly[near], row[near]
@@ -765,9 +788,10 @@ def _polygon_meets_boxes(
     """
     if len(x) == 0:
         return np.zeros(0, dtype=bool)
-    ex = np.roll(x, -1, axis=1) - x
-    ey = np.roll(y, -1, axis=1) - y
-    area = np.sum(x * np.roll(y, -1, axis=1) - np.roll(x, -1, axis=1) * y, axis=1)
+    following = _next_vertex(x.shape[1])
+    x_next, y_next = x[:, following], y[:, following]
+    ex, ey = x_next - x, y_next - y
+    area = np.sum(x * y_next - x_next * y, axis=1)
     sense = np.sign(area)[:, None]
     # Outward normals of a counter-clockwise polygon are (ey, -ex).
     nx, ny = sense * ey, -sense * ex
@@ -798,15 +822,18 @@ def _grow_polygons(xyz: np.ndarray, margin_rad: float) -> np.ndarray:
     c = np.einsum("nkj,nj->nk", xyz, centre)
     u = np.einsum("nkj,nj->nk", xyz, e1) / c
     v = np.einsum("nkj,nj->nk", xyz, e2) / c
-    du, dv = np.roll(u, -1, axis=1) - u, np.roll(v, -1, axis=1) - v
+    following = _next_vertex(u.shape[1])
+    u_next, v_next = u[:, following], v[:, following]
+    du, dv = u_next - u, v_next - v
     length = np.hypot(du, dv)
-    area = np.sum(u * np.roll(v, -1, axis=1) - np.roll(u, -1, axis=1) * v, axis=1)
+    area = np.sum(u * v_next - u_next * v, axis=1)
     sense = np.where(area >= 0, 1.0, -1.0)[:, None]
     with np.errstate(divide="ignore", invalid="ignore"):
         nu = np.where(length > 0, sense * dv / length, 0.0)
         nv = np.where(length > 0, -sense * du / length, 0.0)
     # Vertex k joins edge k-1 (ending there) and edge k (starting there).
-    pu, pv = np.roll(nu, 1, axis=1), np.roll(nv, 1, axis=1)
+    previous = np.argsort(following)
+    pu, pv = nu[:, previous], nv[:, previous]
     mitre = 1.0 + nu * pu + nv * pv
     mitre = np.where(mitre > 1e-3, mitre, 1e-3)
     stretch = 1.0 / np.min(c, axis=1, keepdims=True) ** 2
