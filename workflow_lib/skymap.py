@@ -23,11 +23,14 @@ tract radius plus the tract overlap), rounded up to a whole number of patches
 about its centre. Patches tile the tract with their inner bboxes; a patch's
 outer bbox is the inner one grown by the patch border and clipped to the tract.
 
-DC2 configuration (LSSTDESC/DC2_Repo Cookbook ``makeSkyMapConfig.py`` and the
-DESC ``gen3_workflow`` / ``obs_lsst`` skymap configs): ``rings`` with
-``numRings = 120``, ``projection = "TAN"``, ``tractOverlap = 1/60`` deg,
-``pixelScale = 0.2`` arcsec and LSST's default patches of 4000 x 4000 pixels
-with a 100-pixel border; these are the defaults of :func:`rings_sky_map`.
+DC2's sky map, the defaults of :func:`rings_sky_map`: ``rings`` with
+``numRings = 120``, ``projection = "TAN"`` and ``tractOverlap = 1/60`` deg (the
+DC2 Cookbook's ``makeSkyMapConfig.py``, LSSTDESC/DC2_Repo, whose CFHT example
+used ``pixelScale = 0.185``), ``pixelScale = 0.2`` arcsec (LSSTDESC/gen3_workflow
+``config/makeSkyMap*.py``) and LSST's default patches of 4000 x 4000 pixels with
+a 100-pixel border. lsst/ci_imsim ``configs/skymap.py`` quotes the centre of
+DC2 tract 3828, patch (3, 3) (7 x 7 patches); this module reproduces it to
+1e-9 deg (``tests/test_skymap.py``).
 
 One deliberate difference from LSST: where LSST's square would not hold the
 tract's own ring sector grown by the tract overlap (high |Dec|, where the
@@ -244,16 +247,16 @@ def _tract_box(
     nx = ny = dim
     if required is not None:
         xmin, ymin, xmax, ymax = required
-        while xmin < x0 - 0.5:
-            x0 -= patch_inner_size
-            nx += patch_inner_size
-        while xmax > x0 + nx - 0.5:
-            nx += patch_inner_size
-        while ymin < y0 - 0.5:
-            y0 -= patch_inner_size
-            ny += patch_inner_size
-        while ymax > y0 + ny - 0.5:
-            ny += patch_inner_size
+
+        def patches_short(beyond: float) -> int:
+            return max(math.ceil(beyond / patch_inner_size), 0)
+
+        grow = patches_short((x0 - 0.5) - xmin) * patch_inner_size
+        x0, nx = x0 - grow, nx + grow
+        nx += patches_short(xmax - (x0 + nx - 0.5)) * patch_inner_size
+        grow = patches_short((y0 - 0.5) - ymin) * patch_inner_size
+        y0, ny = y0 - grow, ny + grow
+        ny += patches_short(ymax - (y0 + ny - 0.5)) * patch_inner_size
     return _TractBox(x0=x0, y0=y0, nx=nx, ny=ny)
 
 
@@ -614,9 +617,10 @@ class SkyMap:
         """
         if self._rings is not None:
             return self._rings.find(ra, dec)
-        ra = np.atleast_1d(np.asarray(ra, dtype=float))
-        dec = np.atleast_1d(np.asarray(dec, dtype=float))
-        out = np.full(np.broadcast(ra, dec).shape, -1, dtype=np.int64)
+        ra, dec = np.broadcast_arrays(
+            np.atleast_1d(np.asarray(ra, dtype=float)), np.atleast_1d(np.asarray(dec, dtype=float))
+        )
+        out = np.full(ra.shape, -1, dtype=np.int64)
         for tract in self._frames.ids[::-1]:  # the lowest id wins where tracts overlap
             out[self.tract(int(tract)).contains(ra, dec)] = tract
         return out
