@@ -464,7 +464,7 @@ class TractInfo:
         return [self.patch(int(p)) for p in patch]
 
     def sky_to_pixel(self, ra: Any, dec: Any) -> tuple[np.ndarray, np.ndarray]:
-        """0-based tract pixel positions of sky positions (NaN beyond 90 deg)."""
+        """0-based tract pixel positions of sky positions (NaN where TAN has no image)."""
         return self.skymap._sky_to_pixel(self.tract, ra, dec)
 
     def in_inner_region(self, ra: Any, dec: Any) -> np.ndarray:
@@ -668,7 +668,7 @@ class SkyMap:
         """Every (polygon, tract, patch) whose patch outer bbox overlaps the polygon.
 
         ``ra``, ``dec``: (N, K) vertices (deg) of N small convex sky polygons
-        (CCD-sized: under ~10 deg across), in order round each polygon, either
+        (CCD-sized: radius under 10 deg), in order round each polygon, either
         sense. ``margin_arcsec`` grows every polygon by that much first.
         ``tracts`` restricts the search to those tract ids. Returns three int64
         arrays sorted by polygon, tract, patch.
