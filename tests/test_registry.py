@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import json
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
 from workflow_lib.config import Selection
-from workflow_lib.registry import select_calibrations, select_science
+from workflow_lib.io import write_table
+from workflow_lib.registry import (
+    CORNER_COLUMNS,
+    CORNER_DEC_COLUMNS,
+    CORNER_RA_COLUMNS,
+    select_calibrations,
+    select_science,
+)
 from workflow_lib.steps import ingest
-from workflow_lib.steps.ingest import IngestError, ingest_raw, scan_files, scan_raw_directory
+from workflow_lib.steps.ingest import (
+    IngestError,
+    ingest_raw,
+    read_registry,
+    scan_files,
+    scan_raw_directory,
+)
 
 
 def _scan_one(path, image_format="raw"):
@@ -185,3 +200,80 @@ def test_ingest_step_writes_registry_and_problems(tmp_path, write_fake_raw):
         ingest_raw(
             **kwargs, on_bad_file="skip", expected_files=[str(tmp_path / "raw" / "bad.fits")]
         )
+
+
+# ------------------------------------------------------------- footprint corners
+def _expected_corners(nx: int, ny: int, crpix, cd, crval):
+    """Gnomonic corners of an nx x ny detector, outer pixel edges (no astropy)."""
+    from workflow_lib.sim.optics import tan_deproject
+
+    x = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5]) + 1.0 - crpix[0]
+    y = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5]) + 1.0 - crpix[1]
+    xi = cd[0][0] * x + cd[0][1] * y
+    eta = cd[1][0] * x + cd[1][1] * y
+    return tan_deproject(xi, eta, *crval)
+
+
+def test_science_rows_carry_the_header_wcs_footprint(tmp_path, write_fake_raw, write_fake_eimage):
+    # Two 16x8 amplifiers (DETSEC) assemble a 32x8 detector; the eimage holds 32x8 pixels.
+    wcs = dict(CRVAL1=359.999, CRVAL2=-30.0, CD1_1=-5.5e-5, CD1_2=1e-6, CD2_1=1e-6, CD2_2=5.5e-5)
+    raw = write_fake_raw(tmp_path / "raw.fits", **wcs)
+    bias = write_fake_raw(
+        tmp_path / "bias.fits", OBSTYPE="BIAS", EXPID=3, EXPTIME=0.0, FILTER=None, RA=None
+    )
+    eimage = write_fake_eimage(tmp_path / "e.fits", EXPID=2, **wcs)
+    cd = ((wcs["CD1_1"], wcs["CD1_2"]), (wcs["CD2_1"], wcs["CD2_2"]))
+    ra, dec = _expected_corners(32, 8, (16.5, 8.5), cd, (wcs["CRVAL1"], wcs["CRVAL2"]))
+    assert ra.max() - ra.min() > 300  # the detector straddles RA = 0
+
+    for files, fmt in (([raw, bias], "raw"), ([eimage], "eimage")):
+        result = scan_files(files, image_format=fmt)
+        assert result.problems == []
+        science = result.registry[result.registry["obstype"] == "science"].iloc[0]
+        got_ra = science[list(CORNER_RA_COLUMNS)].to_numpy(float)
+        got_dec = science[list(CORNER_DEC_COLUMNS)].to_numpy(float)
+        np.testing.assert_allclose(got_ra, ra, rtol=0, atol=1e-10)
+        np.testing.assert_allclose(got_dec, dec, rtol=0, atol=1e-10)
+        calib = result.registry[result.registry["obstype"] != "science"]
+        assert calib[list(CORNER_COLUMNS)].isna().all().all()
+
+
+def test_unusable_header_wcs_is_one_problem_line(tmp_path, write_fake_raw):
+    path = write_fake_raw(tmp_path / "a.fits", CD1_1=0.0, CD1_2=0.0, CD2_1=0.0, CD2_2=0.0)
+    problems = _scan_one(path).problems
+    assert len(problems) == 1 and problems[0].startswith(f"{path}: header WCS")
+    assert "\n" not in problems[0]
+
+
+def test_registry_of_an_older_version_is_refused_clearly(tmp_path, write_fake_raw):
+    write_fake_raw(tmp_path / "raw" / "a.fits")
+    out = tmp_path / "registry.parquet"
+    ingest_raw(
+        raw_dir=str(tmp_path / "raw"), registry_path=str(out),
+        problems_path=str(tmp_path / "problems.csv"), image_format="raw", on_bad_file="fail",
+    )  # fmt: skip
+    current = read_registry(out)
+    assert np.isfinite(current[list(CORNER_COLUMNS)].to_numpy(float)).all()
+
+    old = tmp_path / "old_registry.parquet"
+    write_table(current.drop(columns=list(CORNER_COLUMNS)), old)
+    with pytest.raises(
+        IngestError, match=r"lacks the footprint columns corner_ra_1.*dc2-drp ingest"
+    ):
+        read_registry(old)
+
+
+def test_scan_cache_of_an_older_version_is_read_again(tmp_path, write_fake_raw):
+    write_fake_raw(tmp_path / "raw" / "a.fits")
+    cache = tmp_path / "cache.json"
+    scan_raw_directory(tmp_path / "raw", image_format="raw", cache_path=cache)
+    payload = json.loads(cache.read_text())
+    payload["version"] = 1  # as written before the footprint columns existed
+    for entry in payload["files"].values():
+        for col in CORNER_COLUMNS:
+            del entry["record"][col]
+    cache.write_text(json.dumps(payload))
+
+    again = scan_raw_directory(tmp_path / "raw", image_format="raw", cache_path=cache)
+    assert np.isfinite(again.registry[list(CORNER_COLUMNS)].to_numpy(float)).all()
+    assert json.loads(cache.read_text())["version"] > 1

@@ -118,6 +118,8 @@ def test_registry_schema():
     assert list(raw.columns) == [
         "exposure", "visit", "detector", "obstype", "band", "mjd",
         "exptime", "darktime", "ra", "dec",
+        "corner_ra_1", "corner_ra_2", "corner_ra_3", "corner_ra_4",
+        "corner_dec_1", "corner_dec_2", "corner_dec_3", "corner_dec_4",
     ]  # fmt: skip
     for col in ("exposure", "visit", "detector"):
         assert raw[col].dtype == np.int64
@@ -225,6 +227,40 @@ def test_every_raw_file_has_the_contract_keywords(sim):
         else:
             assert primary["GAIN"] == 1.0 and len(images) == 1
             assert images[0][0].dtype == np.float32
+
+
+def test_plan_footprint_corners_equal_the_header_scan(sim):
+    """The registry the DAG is built from (the plan) gives the corners the files give."""
+    from workflow_lib.registry import CORNER_COLUMNS
+    from workflow_lib.steps.ingest import scan_files
+
+    for fmt in ("raw", "eimage"):
+        files = [p for (f, _, _), p in sim["files"].items() if f == fmt]
+        scanned = scan_files(files, image_format=fmt)
+        assert scanned.problems == []
+        planned = sim["plan"].registry(fmt)
+        merged = planned.merge(
+            scanned.registry, on=["exposure", "detector"], suffixes=("", "_scan")
+        )
+        assert len(merged) == len(planned) == len(scanned.registry)
+        science = merged["obstype"] == "science"
+        assert science.any()
+        for col in CORNER_COLUMNS:
+            plan_value, scan_value = merged[col].to_numpy(), merged[col + "_scan"].to_numpy()
+            assert np.isnan(plan_value[~science]).all() and np.isnan(scan_value[~science]).all()
+            diff = plan_value[science] - scan_value[science]
+            if col.startswith("corner_ra"):
+                diff = (diff + 180.0) % 360.0 - 180.0
+            assert np.abs(diff).max() < 1e-9, col
+        # Corners 1 and 3 span the detector diagonal (outer pixel edges).
+        sci = merged[science]
+        size = np.hypot(
+            (sci["corner_ra_1"] - sci["corner_ra_3"]) * np.cos(np.deg2rad(sci["corner_dec_1"])),
+            sci["corner_dec_1"] - sci["corner_dec_3"],
+        )
+        preset = sim["plan"].preset
+        expected = np.hypot(preset.det_nx, preset.det_ny) * preset.pixel_scale / 3600
+        assert np.allclose(size, expected, rtol=1e-3)
 
 
 def test_determinism(sim, tmp_path):

@@ -7,6 +7,7 @@ open. ``workflow_lib.steps.ingest`` reads the headers and calls them.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,12 @@ import numpy as np
 import pandas as pd
 
 from workflow_lib.config import BANDS, Selection
+
+# Header-WCS footprint of a science file: the sky positions (deg) of the four
+# outer pixel corners of the assembled detector, in the order of DETECTOR_CORNERS.
+CORNER_RA_COLUMNS: tuple[str, ...] = tuple(f"corner_ra_{k}" for k in range(1, 5))
+CORNER_DEC_COLUMNS: tuple[str, ...] = tuple(f"corner_dec_{k}" for k in range(1, 5))
+CORNER_COLUMNS: tuple[str, ...] = CORNER_RA_COLUMNS + CORNER_DEC_COLUMNS
 
 # Column order of the registry table; `path` is where the file lives.
 REGISTRY_COLUMNS: tuple[str, ...] = (
@@ -27,6 +34,7 @@ REGISTRY_COLUMNS: tuple[str, ...] = (
     "darktime",
     "ra",
     "dec",
+    *CORNER_COLUMNS,
     "n_amplifiers",
     "path",
 )
@@ -55,11 +63,16 @@ def registry_record(
     *,
     path: str,
     image_format: str,
+    image_headers: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
     """Validate the headers of one input file and return its registry row.
 
     ``amplifiers`` holds the header of every image extension (raw format) and
-    is empty for eimages. Raises BadInputFile naming the keyword and problem.
+    is empty for eimages; ``image_headers`` holds the image-extension headers of
+    an eimage (empty when its pixels are in the primary HDU), for its size.
+    Science rows get the header-WCS footprint (``CORNER_COLUMNS``) of the
+    assembled detector: the raw size from the amplifiers' DETSEC extents, the
+    eimage size from NAXIS1/2. Raises BadInputFile naming the keyword and problem.
     """
 
     def need(key: str, header: Mapping[str, Any] = primary, where: str = "primary HDU") -> Any:
@@ -121,13 +134,23 @@ def registry_record(
             number(key, primary[key])
 
     if image_format == "raw":
-        _check_amplifiers(amplifiers, path)
+        detector_size = _check_amplifiers(amplifiers, path)
     else:
         gain = primary.get("GAIN", 1.0)
         if abs(number("GAIN", gain) - 1.0) > 1e-6:
             raise BadInputFile(
                 path, f"keyword GAIN={gain}: eimage pixels must be electrons (GAIN=1)"
             )
+        detector_size = _eimage_size(primary, image_headers, path)
+
+    corners = dict.fromkeys(CORNER_COLUMNS, float("nan"))
+    if obstype == "science":
+        try:
+            corner_ra, corner_dec = header_wcs_corners(primary, *detector_size)
+        except ValueError as err:
+            raise BadInputFile(path, f"header WCS: {err}") from None
+        corners.update(zip(CORNER_RA_COLUMNS, corner_ra.tolist(), strict=True))
+        corners.update(zip(CORNER_DEC_COLUMNS, corner_dec.tolist(), strict=True))
 
     return {
         "exposure": exposure,
@@ -140,6 +163,7 @@ def registry_record(
         "darktime": darktime,
         "ra": ra,
         "dec": dec,
+        **corners,
         "n_amplifiers": len(amplifiers),
         "path": path,
     }
@@ -152,7 +176,67 @@ def _band_of(value: Any, path: str) -> str:
     return band
 
 
-def _check_amplifiers(amplifiers: Sequence[Mapping[str, Any]], path: str) -> None:
+def detector_pixel_corners(nx: int, ny: int) -> tuple[np.ndarray, np.ndarray]:
+    """0-based pixel positions of the four outer corners of an ``nx`` x ``ny`` detector.
+
+    Pixel centres are integers, so the outer edges lie half a pixel beyond the
+    first and last centres. Order: (x0, y0), (x1, y0), (x1, y1), (x0, y1).
+    """
+    x = np.array([-0.5, nx - 0.5, nx - 0.5, -0.5])
+    y = np.array([-0.5, -0.5, ny - 0.5, ny - 0.5])
+    return x, y
+
+
+def header_wcs_corners(
+    header: Mapping[str, Any], nx: int, ny: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sky positions (RA, Dec in deg) of the outer detector corners from a header WCS.
+
+    The header is read by astropy, so any projection and distortion keywords it
+    holds are honoured. Raises ValueError when the header gives no finite sky
+    position for a corner (a singular or unreadable WCS).
+    """
+    from astropy.io import fits
+    from astropy.wcs import WCS, FITSFixedWarning
+
+    if not isinstance(header, fits.Header):
+        cards = fits.Header()
+        for key, value in header.items():
+            if isinstance(value, (str, int, float, bool, np.number)):
+                cards[key] = value
+        header = cards
+    x, y = detector_pixel_corners(nx, ny)
+    try:
+        with warnings.catch_warnings():
+            # Date and equinox fix-ups of unrelated keywords are no concern here.
+            warnings.simplefilter("ignore", FITSFixedWarning)
+            wcs = WCS(header, naxis=2)
+            ra, dec = wcs.all_pix2world(x, y, 0)
+    except Exception as err:  # astropy/wcslib raise their own error types
+        reason = " ".join(str(err).split())  # problem lines are one line
+        raise ValueError(f"cannot be evaluated ({reason})") from None
+    if not wcs.has_celestial:
+        raise ValueError("no celestial axes (CTYPE1/2 must be RA---xxx/DEC--xxx)")
+    ra, dec = np.asarray(ra, float), np.asarray(dec, float)
+    if not (np.isfinite(ra).all() and np.isfinite(dec).all()):
+        raise ValueError("no finite sky position for the detector corners")
+    return ra % 360.0, dec
+
+
+def _eimage_size(
+    primary: Mapping[str, Any], image_headers: Sequence[Mapping[str, Any]], path: str
+) -> tuple[int, int]:
+    """(nx, ny) of an eimage: its first image extension, else its primary HDU."""
+    for header in (*image_headers, primary):
+        if int(header.get("NAXIS", 0) or 0) >= 2:
+            nx, ny = int(header.get("NAXIS1", 0)), int(header.get("NAXIS2", 0))
+            if nx > 0 and ny > 0:
+                return nx, ny
+    raise BadInputFile(path, "no 2-d image (NAXIS1/NAXIS2) in the primary HDU or an extension")
+
+
+def _check_amplifiers(amplifiers: Sequence[Mapping[str, Any]], path: str) -> tuple[int, int]:
+    """Validate the amplifier headers; return the assembled detector size (nx, ny)."""
     from workflow_lib.isr import parse_section
 
     if not amplifiers:
@@ -202,6 +286,7 @@ def _check_amplifiers(amplifiers: Sequence[Mapping[str, Any]], path: str) -> Non
         raise BadInputFile(
             path, f"amplifier DETSECs cover {covered} pixels of a {extent_x}x{extent_y} detector"
         )
+    return extent_x, extent_y
 
 
 def find_duplicates(registry: pd.DataFrame) -> list[str]:
@@ -239,6 +324,7 @@ def as_registry(records: Sequence[Mapping[str, Any]] | pd.DataFrame) -> pd.DataF
             "darktime": np.float64,
             "ra": np.float64,
             "dec": np.float64,
+            **dict.fromkeys(CORNER_COLUMNS, np.float64),
             "n_amplifiers": np.int64,
             "path": str,
         }

@@ -14,6 +14,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_lib.registry import (
+    CORNER_DEC_COLUMNS,
+    CORNER_RA_COLUMNS,
+    detector_pixel_corners,
+)
 from workflow_lib.sim.camera import detector_origins, focal_plane_radius
 from workflow_lib.sim.optics import (
     ARCSEC,
@@ -37,7 +42,10 @@ DARK_BASE = 900_100
 FLAT_BASE = 900_200
 REGISTRY_COLUMNS = (
     "exposure", "visit", "detector", "obstype", "band", "mjd",
-    "exptime", "darktime", "ra", "dec",
+    "exptime", "darktime", "ra", "dec", *CORNER_RA_COLUMNS, *CORNER_DEC_COLUMNS,
+)  # fmt: skip
+HEADER_WCS_KEYS = (
+    "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2",
 )  # fmt: skip
 READOUT_S = 1.0  # darktime - exptime
 
@@ -90,7 +98,35 @@ class SurveyPlan:
                 "dec": rows["dec"].astype(np.float64),
             }
         )
-        return out.sort_values(["exposure", "detector"], ignore_index=True)
+        corner_ra, corner_dec = self._header_corners(out)
+        out[list(CORNER_RA_COLUMNS)] = corner_ra
+        out[list(CORNER_DEC_COLUMNS)] = corner_dec
+        return out[list(REGISTRY_COLUMNS)].sort_values(["exposure", "detector"], ignore_index=True)
+
+    def _header_corners(self, rows: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Sky corners (n, 4) of each row's detector from the header WCS it is written with.
+
+        The same plain TAN the headers carry, evaluated here without astropy;
+        calibration rows get NaN (the scan of the written files does the same).
+        """
+        n = len(rows)
+        corner_ra = np.full((n, 4), np.nan)
+        corner_dec = np.full((n, 4), np.nan)
+        science = (rows["obstype"] == "science").to_numpy()
+        if not science.any():
+            return corner_ra, corner_dec
+        table = self.header_wcs_table(
+            rows.loc[science, "exposure"].to_numpy(), rows.loc[science, "detector"].to_numpy()
+        )
+        px, py = detector_pixel_corners(self.preset.det_nx, self.preset.det_ny)
+        u = px[None, :] + 1.0 - table["CRPIX1"].to_numpy()[:, None]
+        v = py[None, :] + 1.0 - table["CRPIX2"].to_numpy()[:, None]
+        col = {key: table[key].to_numpy()[:, None] for key in HEADER_WCS_KEYS}
+        xi = col["CD1_1"] * u + col["CD1_2"] * v
+        eta = col["CD2_1"] * u + col["CD2_2"] * v
+        ra, dec = tan_deproject(xi, eta, col["CRVAL1"], col["CRVAL2"])
+        corner_ra[science], corner_dec[science] = ra, dec
+        return corner_ra, corner_dec
 
     def exposures(self) -> pd.DataFrame:
         """One row per exposure (science and calibration), registry columns less detector."""
@@ -146,30 +182,81 @@ class SurveyPlan:
         few arcsec (per exposure, plus a little per detector) and the rotation
         is wrong by ~0.1-0.3 deg; no distortion terms.
         """
-        p = self.preset
-        wcs = self.true_wcs(exposure, detector)
-        cx, cy = (p.det_nx - 1) / 2.0, (p.det_ny - 1) / 2.0
-        ra_c, dec_c = wcs.pixel_to_sky(np.array([cx]), np.array([cy]))
-        rng_e = rng_for(self.seed, "header_wcs", exposure)
-        offset = rng_e.normal(0.0, 4.0, size=2)
-        rot_err = rng_e.choice([-1.0, 1.0]) * rng_e.uniform(0.1, 0.3)
-        offset += rng_for(self.seed, "header_wcs", exposure, detector).normal(0.0, 1.0, size=2)
-        dec_h = float(dec_c[0]) + offset[1] * ARCSEC
-        ra_h = float(ra_c[0]) + offset[0] * ARCSEC / np.cos(np.deg2rad(dec_h))
-        info = self.exposure_info(exposure)
-        cd = cd_matrix(p.pixel_scale, float(info["rotation_deg"]) + rot_err)
+        row = self.header_wcs_table(np.array([exposure]), np.array([detector])).iloc[0]
         return {
             "CTYPE1": "RA---TAN",
             "CTYPE2": "DEC--TAN",
-            "CRVAL1": ra_h % 360.0,
-            "CRVAL2": dec_h,
-            "CRPIX1": cx + 1.0,
-            "CRPIX2": cy + 1.0,
-            "CD1_1": float(cd[0, 0]),
-            "CD1_2": float(cd[0, 1]),
-            "CD2_1": float(cd[1, 0]),
-            "CD2_2": float(cd[1, 1]),
+            **{key: float(row[key]) for key in HEADER_WCS_KEYS},
         }
+
+    def header_wcs_table(self, exposures: np.ndarray, detectors: np.ndarray) -> pd.DataFrame:
+        """:meth:`header_wcs` of many (exposure, detector) pairs: one row each, TAN keys.
+
+        Vectorised over the pairs (the registry needs them at DAG-build time);
+        the random pointing and rotation errors come from the same keyed
+        streams whatever the batch.
+        """
+        p = self.preset
+        exposures = np.asarray(exposures, dtype=np.int64)
+        detectors = np.asarray(detectors, dtype=np.int64)
+        ra0, dec0, rotation = self._pointings(exposures)
+        errors = {}
+        for e in np.unique(exposures).tolist():
+            rng_e = rng_for(self.seed, "header_wcs", e)
+            offset = rng_e.normal(0.0, 4.0, size=2)
+            rot_err = rng_e.choice([-1.0, 1.0]) * rng_e.uniform(0.1, 0.3)
+            errors[e] = (offset, rot_err)
+        offset = np.array([errors[int(e)][0] for e in exposures]).reshape(-1, 2)
+        offset = offset + np.array(
+            [
+                rng_for(self.seed, "header_wcs", int(e), int(d)).normal(0.0, 1.0, size=2)
+                for e, d in zip(exposures, detectors, strict=True)
+            ]
+        ).reshape(-1, 2)
+        rot_err = np.array([errors[int(e)][1] for e in exposures])
+        org = self.origins.set_index("detector").loc[detectors]
+        # Sky position of the detector centre through the true WCS (see true_wcs:
+        # CRPIX = 1 - origin, so the centre sits at origin + centre in focal-plane pixels).
+        cx, cy = (p.det_nx - 1) / 2.0, (p.det_ny - 1) / 2.0
+        u = cx + org["x0"].to_numpy(float)
+        v = cy + org["y0"].to_numpy(float)
+        f = 1.0 + self.distortion_k * (u * u + v * v)
+        cd_true = _cd_arrays(p.pixel_scale, rotation)
+        xi = cd_true[0] * u * f + cd_true[1] * v * f
+        eta = cd_true[2] * u * f + cd_true[3] * v * f
+        ra_c, dec_c = tan_deproject(xi, eta, ra0, dec0)
+        dec_h = dec_c + offset[:, 1] * ARCSEC
+        ra_h = ra_c + offset[:, 0] * ARCSEC / np.cos(np.deg2rad(dec_h))
+        cd = _cd_arrays(p.pixel_scale, rotation + rot_err)
+        return pd.DataFrame(
+            {
+                "exposure": exposures,
+                "detector": detectors,
+                "CRVAL1": ra_h % 360.0,
+                "CRVAL2": dec_h,
+                "CRPIX1": np.full(len(exposures), cx + 1.0),
+                "CRPIX2": np.full(len(exposures), cy + 1.0),
+                "CD1_1": cd[0],
+                "CD1_2": cd[1],
+                "CD2_1": cd[2],
+                "CD2_2": cd[3],
+            }
+        )
+
+    def _pointings(self, exposures: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Boresight (ra, dec) and rotation (deg) of each exposure, as in :meth:`exposure_info`."""
+        visits = self.visits.set_index("visit")
+        science = np.isin(exposures, visits.index)
+        unknown = ~science & ~np.isin(exposures, self.calibrations["exposure"])
+        if unknown.any():
+            raise KeyError(
+                f"exposure {exposures[unknown][0]} is not in the {self.preset.name!r} survey plan"
+            )
+        rows = visits.reindex(np.where(science, exposures, visits.index[0]))
+        ra = np.where(science, rows["ra"].to_numpy(float), self.preset.ra0)
+        dec = np.where(science, rows["dec"].to_numpy(float), self.preset.dec0)
+        rotation = np.where(science, rows["rotation_deg"].to_numpy(float), 0.0)
+        return ra, dec, rotation
 
     def locate(
         self, ra: np.ndarray, dec: np.ndarray, exposure: int, *, margin: float = 0.0
@@ -200,6 +287,13 @@ class SurveyPlan:
     def later_visits(self, band: str | None = None) -> pd.DataFrame:
         later = self.visits[~self.visits["template_quality"]]
         return later if band is None else later[later["band"] == band]
+
+
+def _cd_arrays(pixel_scale: float, rotation_deg: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(CD1_1, CD1_2, CD2_1, CD2_2) of :func:`cd_matrix` for an array of rotations."""
+    th = np.deg2rad(np.asarray(rotation_deg, float))
+    s = pixel_scale * ARCSEC
+    return -s * np.cos(th), s * np.sin(th), s * np.sin(th), s * np.cos(th)
 
 
 def sky_electrons(sky_mag: float, band: str, *, exptime: float, pixel_scale: float) -> float:

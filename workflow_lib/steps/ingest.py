@@ -20,11 +20,19 @@ import pandas as pd
 from workflow_lib import __version__
 from workflow_lib.io import atomic_output, read_table, write_csv, write_table
 from workflow_lib.io.fits import is_fits_name, read_headers
-from workflow_lib.registry import BadInputFile, as_registry, find_duplicates, registry_record
+from workflow_lib.registry import (
+    CORNER_COLUMNS,
+    BadInputFile,
+    as_registry,
+    find_duplicates,
+    registry_record,
+)
 
 log = logging.getLogger(__name__)
 
-_CACHE_VERSION = 1
+# Bumped whenever registry rows gain or change columns, so old caches are re-read
+# (2: header-WCS footprint corners).
+_CACHE_VERSION = 2
 
 
 class IngestError(RuntimeError):
@@ -115,7 +123,10 @@ def _scan_one(path: str, image_format: str) -> dict:
         return {"record": None, "problem": f"{path}: cannot read as FITS ({err})"}
     try:
         amps = extensions if image_format == "raw" else []
-        record = registry_record(primary, amps, path=path, image_format=image_format)
+        images = extensions if image_format == "eimage" else []
+        record = registry_record(
+            primary, amps, path=path, image_format=image_format, image_headers=images
+        )
     except BadInputFile as err:
         return {"record": None, "problem": str(err)}
     return {"record": record, "problem": None}
@@ -176,5 +187,18 @@ def ingest_raw(
 
 
 def read_registry(path: str | os.PathLike[str]) -> pd.DataFrame:
-    """Read a registry written by ``ingest_raw`` (or ``dc2-drp ingest``)."""
-    return as_registry(read_table(path))
+    """Read a registry written by ``ingest_raw`` (or ``dc2-drp ingest``).
+
+    A registry from a version without the footprint columns is refused with a
+    clear message: the sky map needs them, and NaN corners would silently drop
+    every CCD from the coadds.
+    """
+    table = read_table(path)
+    missing = [col for col in CORNER_COLUMNS if col not in table.columns]
+    if missing:
+        raise IngestError(
+            f"{path}: registry lacks the footprint columns {', '.join(missing)} "
+            "(written by an older version of the workflow); re-create it with "
+            f"`dc2-drp ingest RAW_DIR --output {path}`"
+        )
+    return as_registry(table)
