@@ -374,13 +374,16 @@ def _footprint_base(
         fx = np.floor(sx)
         fy = np.floor(sy)
         valid = (fx >= a - 1) & (fx <= nx - 1 - a) & (fy >= a - 1) & (fy <= ny - 1 - a)
-    fx = np.where(valid, fx, a - 1)
-    fy = np.where(valid, fy, a - 1)
-    qx = np.rint((np.where(valid, sx, 0.0) - fx) * _N_PHASES).astype(np.intp)
-    qy = np.rint((np.where(valid, sy, 0.0) - fy) * _N_PHASES).astype(np.intp)
-    np.clip(qx, 0, _N_PHASES, out=qx)
-    np.clip(qy, 0, _N_PHASES, out=qy)
-    floor_index = (fy.astype(np.intp) * nx + fx.astype(np.intp)).astype(np.intp)
+    dx = sx - fx
+    dy = sy - fy
+    if not valid.all():
+        invalid = ~valid
+        fx[invalid] = fy[invalid] = a - 1
+        dx[invalid] = dy[invalid] = 0.0
+    # d in [0, 1): rounding to the nearest tabulated phase (q = n_phases is d ~ 1).
+    qx = (dx * _N_PHASES + 0.5).astype(np.intp)
+    qy = (dy * _N_PHASES + 0.5).astype(np.intp)
+    floor_index = fy.astype(np.intp) * nx + fx.astype(np.intp)
     base = floor_index - (a - 1) * (nx + 1)
     return valid, base, qx, qy, floor_index
 
@@ -584,28 +587,30 @@ def warp_exposure(
         image = np.where(finite, image, 0.0)
         variance = np.where(finite, variance, 0.0)
         smask = smask | np.where(finite, 0, planes.bitmask("BAD")).astype(MASK_DTYPE)
-    pad = 2 * a * (snx + 1)  # so every tap of a (clamped) footprint stays inside
+    # Valid footprints never reach past the last source pixel, so the flat source
+    # arrays need no padding (invalid pixels read pixel 0 and are overwritten).
     # Mask bits each output pixel gets, anchored at its footprint's top-left source
     # pixel: the full-footprint planes over 2a x 2a, the others over the 2 x 2
     # bilinear footprint at floor(source position).
-    severe = _forward_or(_forward_or(smask & np.int32(severe_bits), 2 * a, 1), 2 * a, 0)
-    bilinear = _forward_or(_forward_or(smask, 2, 1), 2, 0)
+    severe = smask & np.int32(severe_bits)
+    if severe.any():
+        severe = _forward_or(_forward_or(severe, 2 * a, 1), 2 * a, 0)
     anchored = severe.copy()
+    bilinear = _forward_or(_forward_or(smask, 2, 1), 2, 0)
     anchored[: sny - (a - 1), : snx - (a - 1)] |= bilinear[a - 1 :, a - 1 :]
-    anchored_mask = np.concatenate([anchored.ravel(), np.zeros(pad, MASK_DTYPE)])
-    mask_flat = np.concatenate([smask.ravel(), np.zeros(pad, MASK_DTYPE)])
-    severe_flat = np.concatenate([severe.ravel(), np.zeros(pad, MASK_DTYPE)])
-    del severe, bilinear, anchored
+    del bilinear
+    anchored_mask = anchored.ravel()
+    mask_flat = np.ascontiguousarray(smask).ravel()
+    severe_flat = severe.ravel()
     if kernel == "spline3":
         from scipy.ndimage import spline_filter
 
         pre_image = spline_filter(image.astype(np.float64), order=3)
         pre_var = spline_filter(variance.astype(np.float64), order=3)
     else:
-        both = np.empty(snx * sny + pad, dtype=np.complex64)
-        both[: snx * sny].real = image.ravel()
-        both[: snx * sny].imag = variance.ravel()
-        both[snx * sny :] = 0
+        both = np.empty(snx * sny, dtype=np.complex64)
+        both.real = image.ravel()
+        both.imag = variance.ravel()
         table = kernel_table(kernel)
         wsq = table.astype(np.float64) ** 2
 
@@ -620,7 +625,8 @@ def warp_exposure(
         band = evaluator.rows(rows)
         for c0 in range(0, cnx, tile_size):
             cols = slice(c0, min(cnx, c0 + tile_size))
-            sx, sy, jac = (v[:, cols].ravel() for v in band)
+            sx, sy = band[0][:, cols].ravel(), band[1][:, cols].ravel()
+            jac = band[2][:, cols].ravel().astype(np.float32)
             valid, base, qx, qy, floor_index = _footprint_base(sx, sy, a, (sny, snx))
             if not valid.any():
                 continue
