@@ -353,6 +353,27 @@ def test_no_data_outside_crop_and_wcs() -> None:
     assert warp_exposure(calexp, far, (0, 0, 100, 100)) is None
 
 
+def test_warp_does_not_depend_on_the_target_bbox() -> None:
+    # A tiny target bbox inside the calexp (fewer nodes than a cubic spline needs) gives
+    # the same pixels as the big warp; an exposure without PSF gives a warp without PSF.
+    rng = np.random.default_rng(9)
+    shape = (300, 300)
+    wcs = tan_sip_wcs(shape, rotation_deg=71.0)
+    calexp, _ = make_calexp(rng, shape, wcs, n_stars=9, noise=5.0)
+    calexp.psf = None
+    target = patch_wcs((600, 600), (56.0, -30.0))
+    big = warp_exposure(calexp, target, (0, 0, 600, 600))
+    assert big.psf is None
+    for bbox in [(300, 310, 7, 3), (250, 260, 1, 1), (280, 200, 40, 64)]:
+        small = warp_exposure(calexp, target, bbox)
+        assert small.origin == bbox[:2] and small.shape == (bbox[3], bbox[2])
+        ys = slice(bbox[1] - big.origin[1], bbox[1] - big.origin[1] + bbox[3])
+        xs = slice(bbox[0] - big.origin[0], bbox[0] - big.origin[0] + bbox[2])
+        # Equal up to the kernel's phase tabulation (1/4096 px): noise sigma 5, atol 0.02.
+        np.testing.assert_allclose(small.image, big.image[ys, xs], rtol=1e-4, atol=0.02)
+        np.testing.assert_array_equal(small.mask, big.mask[ys, xs])
+
+
 def test_identity_warp_is_exact_and_keeps_masks() -> None:
     # Same WCS, big-endian input at a non-zero origin: Lanczos at integer positions is the identity.
     rng = np.random.default_rng(5)

@@ -236,8 +236,8 @@ class _BlockEvaluator:
 
 def _exact_with_jacobian(
     source_wcs: WCS, target_wcs: WCS, x: np.ndarray, y: np.ndarray, *, delta: float = 0.5
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Exact source (x, y), the 2x2 Jacobian d(source)/d(target) (central differences)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact source (x, y) and the 2x2 Jacobian d(source)/d(target) (central differences)."""
     n = x.size
     xs = np.concatenate([x.ravel(), x.ravel() + delta, x.ravel() - delta, x.ravel(), x.ravel()])
     ys = np.concatenate([y.ravel(), y.ravel(), y.ravel(), y.ravel() + delta, y.ravel() - delta])
@@ -248,7 +248,7 @@ def _exact_with_jacobian(
     jac[:, 0, 1] = (sx[3] - sx[4]) / (2 * delta)
     jac[:, 1, 0] = (sy[1] - sy[2]) / (2 * delta)
     jac[:, 1, 1] = (sy[3] - sy[4]) / (2 * delta)
-    return sx[0].reshape(x.shape), sy[0].reshape(x.shape), jac.reshape(*x.shape, 2, 2), sx
+    return sx[0].reshape(x.shape), sy[0].reshape(x.shape), jac.reshape(*x.shape, 2, 2)
 
 
 def build_pixel_mapping(
@@ -273,7 +273,7 @@ def build_pixel_mapping(
         xn = _nodes(x0, nx, step)
         yn = _nodes(y0, ny, step)
         gy, gx = np.meshgrid(yn, xn, indexing="ij")
-        sx, sy, jac, _ = _exact_with_jacobian(source_wcs, target_wcs, gx, gy)
+        sx, sy, jac = _exact_with_jacobian(source_wcs, target_wcs, gx, gy)
         det = np.abs(jac[..., 0, 0] * jac[..., 1, 1] - jac[..., 0, 1] * jac[..., 1, 0])
         if not (np.isfinite(sx).all() and np.isfinite(sy).all()):
             raise ValueError(
@@ -484,7 +484,7 @@ def warp_psf(
     ))  # fmt: skip
     ra, dec = source_wcs.all_pix2world(gsx, gsy, 0)
     tx, ty = target_wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=100, quiet=True)
-    src_x, src_y, jac, _ = _exact_with_jacobian(source_wcs, target_wcs, tx, ty)
+    src_x, src_y, jac = _exact_with_jacobian(source_wcs, target_wcs, tx, ty)
     inv = np.linalg.inv(jac)
     stretch = float(np.max(np.linalg.svd(inv, compute_uv=False)))
     h_src = psf.size // 2
