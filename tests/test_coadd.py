@@ -723,3 +723,64 @@ def test_template_selection_per_visit(ccd_visits):
     everything = select_template_ccd_visits(ccd_visits, max_images=None, **kw)
     assert sorted(set(everything["visit"])) == [1, 2, 7, 9]
     assert len(everything[everything["visit"] == 1]) == 2  # all rows of a chosen visit
+
+
+def test_coadd_psf_file_round_trip(deep, tmp_path):
+    from workflow_lib.io.coadd_psf import read_coadd_psf, write_coadd_psf
+
+    path = tmp_path / "coaddPsf.fits"
+    write_coadd_psf(deep.coadd_psf, path)
+    back = read_coadd_psf(path)
+    x = np.array([5.0, 61.2, 135.3, 262.0])
+    y = np.array([7.0, 166.8, 57.2, 220.0])
+    np.testing.assert_allclose(back.kernels_at(x, y), deep.coadd_psf.kernels_at(x, y), atol=1e-12)
+    np.testing.assert_array_equal(back.model.basis, deep.coadd_psf.model.basis)
+    assert back.block == deep.coadd_psf.block and back.shape == SHAPE
+
+
+# --------------------------------------------------------------------------
+# Pure noise, odd inputs
+# --------------------------------------------------------------------------
+
+
+class BigEndianRows(ExposureWarpInput):
+    """Rows as a FITS reader without byte swapping would return them."""
+
+    def read_rows(self, y0: int, y1: int):
+        rows = super().read_rows(y0, y1)
+        return type(rows)(*(a.astype(a.dtype.newbyteorder(">")) for a in rows.__dict__.values()))
+
+
+def test_pure_noise_is_not_clipped_and_byte_order_does_not_matter():
+    """Overlapping noise-only warps (1 to 6 epochs per pixel): (almost) nothing is clipped."""
+    rng = np.random.default_rng(21)
+    shape = (200, 220)
+    direct, matched = [], []
+    for i in range(6):
+        x0, y0 = int(rng.integers(0, 70)), int(rng.integers(0, 50))
+        sigma = rng.uniform(5.0, 9.0)
+        image = rng.normal(0.0, sigma, (150, 150))
+        meta = fits.Header({"VISIT": 50 + i, "DETECTOR": 3})
+        common = dict(metadata=meta, origin=(x0, y0))
+        direct.append(Exposure(image, np.full(image.shape, sigma**2), np.zeros(image.shape),
+                               psf=psf_model(0.8), **common))  # fmt: skip
+        kernel = galsim.Gaussian(sigma=1.5).drawImage(nx=11, ny=11, scale=1.0, method="no_pixel")
+        k = kernel.array / kernel.array.sum()
+        smooth = ndimage.convolve(image, k, mode="nearest")
+        matched.append(Exposure(smooth, np.full(image.shape, sigma**2 * (k**2).sum()),
+                                np.zeros(image.shape), psf=psf_model(1.7), **common))  # fmt: skip
+    result = assemble_coadd(
+        wrap(direct), shape=shape, wcs=None, rejection_inputs=wrap(matched), strip_rows=50
+    )
+    assert result.exposure.mask_of("CLIPPED").mean() < 1e-3
+    # The smoothed noise of the matched warps exceeds white noise's by the factor that
+    # a Gaussian (sigma_k = 1.5) correlation predicts for the smoothing Gaussian sigma_s.
+    sigma_s = result.exposure.metadata["MODLFWHM"] / 2.3548
+    predicted = 2 * np.sqrt(np.pi) * sigma_s * 1.5 / np.hypot(sigma_s, 1.5)
+    correlation = result.inputs["noise_correlation"]
+    assert (np.abs(correlation / predicted - 1.0) < 0.1).all(), (correlation, predicted)
+    swapped = assemble_coadd(
+        [BigEndianRows(e) for e in direct], shape=shape, wcs=None,
+        rejection_inputs=[BigEndianRows(e) for e in matched], strip_rows=50,
+    )  # fmt: skip
+    assert_same_coadd(result, swapped)

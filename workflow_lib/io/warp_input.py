@@ -16,7 +16,7 @@ import fitsio
 import numpy as np
 from astropy.io import fits
 
-from workflow_lib.coadd import WarpRows, warp_ids
+from workflow_lib.coadd_inputs import WarpRows, warp_ids
 from workflow_lib.exposure import MASK_DTYPE, MaskPlanes, PhotoCalib
 from workflow_lib.io.exposure import ProcessingFailed
 from workflow_lib.io.fits import to_native
@@ -24,7 +24,7 @@ from workflow_lib.psf import PsfModel
 
 
 class FitsWarpInput:
-    """A :class:`~workflow_lib.coadd.WarpInput` backed by a warp FITS file.
+    """A :class:`~workflow_lib.coadd_inputs.WarpInput` backed by a warp FITS file.
 
     The file is opened on the first read and kept open until :meth:`close`
     (or the end of a ``with`` block); ``keep_open=False`` reopens it for
