@@ -92,8 +92,8 @@ UNUSABLE_CCD_FLAGS = int(
 BAND_KEYS = ("BAND", "FILTER")
 MJD_KEYS = ("MJD", "MJD-MID", "MJD-OBS")
 # Bytes held per (layer, row, column) of a strip: stacks plus temporaries.
-_BYTES_PER_DIRECT = 48
-_BYTES_PER_REJECTION = 64
+_BYTES_PER_DIRECT = 24
+_BYTES_PER_REJECTION = 32
 
 
 # --------------------------------------------------------------------------
@@ -226,8 +226,12 @@ def _psf_fwhm(psf: PsfModel | None, shape: tuple[int, int]) -> float:
 def _auto_strip_rows(
     n_direct: int, n_rejection: int, nx: int, halo: int, memory_limit_mb: float
 ) -> int:
-    per_row = nx * (n_direct * _BYTES_PER_DIRECT + n_rejection * _BYTES_PER_REJECTION + 64)
-    rows = int(memory_limit_mb * 2**20 / max(per_row, 1)) - 2 * halo
+    """Rows per strip: the direct and the rejection stacks (with halo) are never held at once;
+    64 bytes per column and row cover the strip's accumulators."""
+    budget = memory_limit_mb * 2**20
+    rows = int(budget / (nx * (n_direct * _BYTES_PER_DIRECT + 64)))
+    if n_rejection:
+        rows = min(rows, int(budget / (nx * (n_rejection * _BYTES_PER_REJECTION + 64))) - 2 * halo)
     return max(rows, 16, 2 * halo)
 
 
@@ -281,8 +285,9 @@ def assemble_coadd(
     a bad plane), SENSOR_EDGE (by EDGE) and INEXACT_PSF (any of those: the
     coadd PSF assumes all covering inputs). Variance = sum w^2 var / (sum w)^2.
 
-    Rows are processed in strips of ``strip_rows`` (default: what fits in
-    ``memory_limit_mb``); the result does not depend on the strip size.
+    Rows are processed in strips of ``strip_rows`` (default: the most whose
+    stacks fit in ``memory_limit_mb``, besides the coadd planes themselves,
+    16 bytes per pixel); the result does not depend on the strip size.
     The coadd PSF (``coadd_psf``) knows, per ``psf_block`` x ``psf_block``
     block, the pixels each input contributed; its POLYPIX fit (``exposure.psf``,
     of ``psf_order``) uses cells of ``psf_cell_size`` pixels (default: a

@@ -183,9 +183,13 @@ def clipped_mean(values: np.ndarray, *, n_sigma: float = 3.0, n_iter: int = 3) -
 
 
 def sample_row_ranges(ny: int, sample_rows: int | None, block: int) -> list[tuple[int, int]]:
-    """Evenly spaced blocks of ``block`` rows, ``sample_rows`` in all (all rows if None)."""
-    if sample_rows is None or ny <= max(sample_rows, block):
-        return [(0, ny)]
+    """Evenly spaced blocks of ``block`` rows, ``sample_rows`` rows in all.
+
+    Every row, block after block, if ``sample_rows`` is None or ``ny`` is no
+    larger (never one block of the whole image: memory stays per block).
+    """
+    if sample_rows is None or ny <= sample_rows:
+        return [(y, min(y + block, ny)) for y in range(0, ny, block)]
     n_blocks = max(1, sample_rows // block)
     starts = np.unique(np.linspace(0, ny - block, n_blocks).astype(int))
     return [(int(s), int(s) + block) for s in starts]
