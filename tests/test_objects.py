@@ -357,3 +357,41 @@ def test_deblend_fractions_share_each_pixel_once():
     bump[8:13, 8:13], bump[10, 18] = 5.0, 9.0
     capped = monotonic_template(bump, 10, 10)
     assert capped[10, 18] == 0.0 and capped[10, 10] == 5.0 and capped[12, 12] == 5.0
+
+
+def test_errors_account_for_correlated_coadd_noise():
+    """On resampled (correlated) noise the PSF-flux errors include the measured correlation
+    factor and the pulls are unit-normal; without the correction they are too small."""
+    rng = np.random.default_rng(77)
+    shape = (520, 520)
+    gx, gy = np.meshgrid(np.arange(30, 500, 52.0), np.arange(30, 500, 52.0))
+    n = gx.size
+    x = gx.ravel() + rng.uniform(-5, 5, n)
+    y = gy.ravel() + rng.uniform(-5, 5, n)
+    flux = 10 ** rng.uniform(np.log10(800.0), np.log10(6000.0), n)
+    scene = Scene(x, y, {"r": flux}, np.array(["star"] * n), np.zeros(n))
+    profile = moffat_psf(4.0)
+    noiseless, _ = render_band(shape, scene, "r", profile, sky_sigma=0.0, rng=rng)
+    resampling = _resampling_kernel()
+    sigma = 15.0
+    noise = ndimage.convolve(rng.normal(0.0, sigma, shape), resampling, mode="wrap")
+    variance = np.full(shape, sigma**2 * (resampling**2).sum())
+    coadd = exposure_from(noiseless + noise, variance, wcs=tan_wcs(shape),
+                          psf=PsfModel.constant(psf_kernel(profile)))  # fmt: skip
+    detections = objects.detect_coadd_sources(coadd)
+    assert detections.attrs["noise_correlation_factor"] > 1.1
+    merged = objects.merge_detections({"r": detections}, coadd.wcs)
+    pulls = {}
+    for correct in (True, False):
+        table = objects.measure_objects({"r": coadd}, merged, correct_noise_correlation=correct,
+                                        aperture_correction=False)  # fmt: skip
+        dist, k = cKDTree(np.column_stack([table["x"], table["y"]])).query(np.column_stack([x, y]))
+        rows = table.iloc[k[dist < 1.0]]
+        pull = (rows["r_psfFlux"].to_numpy() - flux[dist < 1.0]) / rows["r_psfFluxErr"].to_numpy()
+        q25, q75 = np.percentile(pull, [25, 75])
+        pulls[correct] = (q75 - q25) / 1.349
+        if correct:
+            assert table.attrs["noise_correlation_factor"]["r"]["psf"] > 1.1
+            assert (dist < 1.0).sum() > 0.9 * n
+    assert 0.8 < pulls[True] < 1.2
+    assert pulls[False] > 1.15 * pulls[True]

@@ -115,43 +115,64 @@ def noise_correlation_factor(
     exclude: np.ndarray,
     weights: np.ndarray,
     *,
-    n_samples: int = 5000,
-    seed: int = 0,
-    min_samples: int = 200,
+    max_lag: int = 8,
+    tile: int = 512,
+    max_tiles: int = 16,
+    clip_sigma: float = 5.0,
+    min_pixels: int = 20_000,
 ) -> float:
-    """True / variance-plane noise of the weighted pixel sum ``sum(w d)`` on empty positions.
+    """True / variance-plane noise of a weighted pixel sum ``sum(w d)`` on this image.
 
-    Places ``weights`` (an odd square array) at random pixels whose stamp
-    has no ``exclude`` pixel and compares the scatter of ``sum(w d)`` (robust:
-    interquartile range / 1.349) with ``sqrt(sum(w^2 v))``. 1 for uncorrelated
-    noise with a correct variance plane; above 1 on resampled coadds. Returns
-    1.0 when the empty area holds fewer than ``min_samples`` disjoint stamps
-    (the estimate would be too noisy).
+    Resampling correlates neighbouring pixels, so ``var(sum(w d))`` exceeds
+    the variance plane's ``sum(w^2 v)``. From the pixels outside ``exclude``
+    (sources, bad pixels) the normalised noise ``r = d / sqrt(v)`` gives the
+    autocorrelation ``C(lag)`` (``C(0)`` also catches a mis-scaled variance
+    plane), and the factor is ``sqrt(sum_lag C(lag) A(lag) / A(0))`` with
+    ``A`` the autocorrelation of ``weights``, lags up to ``max_lag``. Only
+    pixel pairs are needed, not whole empty stamps, so crowded images work.
+    Pixels beyond ``clip_sigma`` are dropped; the ``max_tiles`` tiles of
+    ``tile`` pixels with most usable pixels are used (FFTs). Returns 1.0 with
+    fewer than ``min_pixels`` usable pixels. 1 for uncorrelated noise with a
+    correct variance plane.
     """
+    from scipy import fft
+
     w = np.asarray(weights, dtype=np.float64)
-    half = w.shape[0] // 2
-    ny, nx = image.shape
-    if ny <= 2 * half + 1 or nx <= 2 * half + 1:
+    data = native_float(image, np.float64)
+    var = native_float(variance, np.float64)
+    valid = ~np.asarray(exclude, dtype=bool) & np.isfinite(data) & np.isfinite(var) & (var > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(valid, data / np.sqrt(np.where(valid, var, 1.0)), 0.0)
+    valid &= np.abs(r) < clip_sigma
+    if valid.sum() < min_pixels:
+        log.warning("only %d noise pixels: noise correlation factor set to 1", int(valid.sum()))
         return 1.0
-    # Centres whose whole stamp is free of excluded pixels (two 1-d maximum filters).
-    blocked = np.asarray(exclude, dtype=np.uint8)
-    blocked = ndimage.maximum_filter1d(blocked, 2 * half + 1, axis=0, mode="constant", cval=1)
-    blocked = ndimage.maximum_filter1d(blocked, 2 * half + 1, axis=1, mode="constant", cval=1)
-    free = np.flatnonzero(blocked.ravel() == 0)
-    # Overlapping stamps are not independent: count how many disjoint ones fit.
-    independent = free.size / w.size
-    if independent < min_samples:
-        log.warning("room for only %d independent empty positions: noise correlation "
-                    "factor set to 1", int(independent))  # fmt: skip
-        return 1.0
-    rng = np.random.default_rng(seed)
-    pick = rng.choice(free, size=min(n_samples, free.size), replace=False)
-    iy, ix = np.divmod(pick, nx)
-    d = cut_stamps(native_float(image, np.float64), ix, iy, half)
-    v = cut_stamps(native_float(variance, np.float64), ix, iy, half)
-    ratio = (w * d).sum(axis=(1, 2)) / np.sqrt((w * w * v).sum(axis=(1, 2)))
-    q25, q75 = np.percentile(ratio[np.isfinite(ratio)], [25, 75])
-    return float((q75 - q25) / 1.349)
+    lag = int(min(max_lag, w.shape[0] - 1))
+    ny, nx = data.shape
+    starts = [(y0, x0) for y0 in range(0, ny, tile) for x0 in range(0, nx, tile)]
+    counts = [valid[y0 : y0 + tile, x0 : x0 + tile].sum() for y0, x0 in starts]
+    chosen = [starts[k] for k in np.argsort(counts)[::-1][:max_tiles] if counts[k] > 0]
+    lags = np.arange(-lag, lag + 1)
+    sums = np.zeros((lags.size, lags.size))
+    pairs = np.zeros((lags.size, lags.size))
+    for y0, x0 in chosen:
+        m = valid[y0 : y0 + tile, x0 : x0 + tile].astype(np.float64)
+        rr = r[y0 : y0 + tile, x0 : x0 + tile] * m
+        rr = (rr - rr.sum() / m.sum()) * m  # the tile's mean (residual sky) removed
+        shape = [fft.next_fast_len(n + lag, real=True) for n in m.shape]
+        spectrum_r, spectrum_m = fft.rfft2(rr, s=shape), fft.rfft2(m, s=shape)
+        auto_r = fft.irfft2(np.abs(spectrum_r) ** 2, s=shape)
+        auto_m = fft.irfft2(np.abs(spectrum_m) ** 2, s=shape)
+        index = np.ix_(lags % shape[0], lags % shape[1])
+        sums += auto_r[index]
+        pairs += auto_m[index]
+    correlation = np.where(pairs > 100, sums / np.maximum(pairs, 1.0), 0.0)
+    padded = np.pad(w, lag)
+    kernel_auto = np.array([[np.sum(w * padded[lag + dy : lag + dy + w.shape[0],
+                                                lag + dx : lag + dx + w.shape[1]])
+                             for dx in lags] for dy in lags])  # fmt: skip
+    ratio = float((correlation * kernel_auto).sum() / kernel_auto[lag, lag])
+    return float(np.sqrt(max(ratio, 0.0)))
 
 
 def fft_convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
@@ -226,7 +247,6 @@ def detect_coadd_sources(
     sharp_prominence_sigma: float = 5.0,
     max_peaks_per_footprint: int = 500,
     correct_noise_correlation: bool = True,
-    seed: int = 0,
 ) -> pd.DataFrame:
     """Peaks above ``threshold_sigma`` in the coadd filtered by its own PSF.
 
@@ -269,13 +289,10 @@ def detect_coadd_sources(
     factor = 1.0
     margin = np.zeros(data.shape, dtype=bool)
     if correct_noise_correlation:
-        # Two passes: positions away from bright pixels, then away from the footprints
-        # found with the first factor (star wings outside them would bias it high).
-        bright = np.abs(data) > 5.0 * np.sqrt(var)
-        factor = noise_correlation_factor(data, var, bad | bright, kernel, seed=seed)
-        first = snr_map >= threshold_sigma * factor
-        margin = ndimage.binary_dilation(first, structure=disk(2.0 * fwhm))
-        factor = noise_correlation_factor(data, var, bad | margin, kernel, seed=seed)
+        # Noise pixels: away (2 FWHM) from everything above the threshold before the
+        # correction, which is the larger set (the factor is >= 1 on resampled coadds).
+        margin = ndimage.binary_dilation(snr_map >= threshold_sigma, structure=disk(2.0 * fwhm))
+        factor = noise_correlation_factor(data, var, bad | margin, kernel)
     snr_map /= factor
     noise = factor * base_noise
     above = snr_map >= threshold_sigma
@@ -296,8 +313,7 @@ def detect_coadd_sources(
         sharp = fft_convolve(data, sharp_kernel)
         sharp_noise = np.sqrt(np.maximum(fft_convolve(var, sharp_kernel**2), 0.0))
         if correct_noise_correlation:
-            sharp_noise *= noise_correlation_factor(data, var, bad | margin, sharp_kernel,
-                                                    seed=seed)  # fmt: skip
+            sharp_noise *= noise_correlation_factor(data, var, bad | margin, sharp_kernel)
         sx, sy = _find_peaks(sharp, sharp_noise, labels, min_sigma=sharp_prominence_sigma,
                              max_per_footprint=max_peaks_per_footprint)  # fmt: skip
         if sx.size and px.size:
@@ -615,8 +631,8 @@ def measure_objects(
             kernel = model_stamps(images.psf, *centre, hf, offset=images.offset)[0][0]
             circle = disk(r_ap).astype(np.float64)
             factors[band] = {
-                "psf": noise_correlation_factor(images.data, images.var, empty, kernel, seed=seed),
-                "ap": noise_correlation_factor(images.data, images.var, empty, circle, seed=seed),
+                "psf": noise_correlation_factor(images.data, images.var, empty, kernel),
+                "ap": noise_correlation_factor(images.data, images.var, empty, circle),
             }
         res = measure_band(images, ents, x0, y0, centroid=True, aperture_radii=(), **common)
         with np.errstate(divide="ignore", invalid="ignore"):
