@@ -43,6 +43,44 @@ class SourceFlag(IntFlag):
     BLENDED = 1 << 12  # a deblended child
 
 
+class ObjectFlag(IntFlag):
+    """Bits of the Object table's ``{band}_flags`` (bits 0-15) and ``flags`` (all bits).
+
+    ``{band}_flags`` holds the measurement bits of that band's coadd; ``flags``
+    holds the object-level bits (16 and up) OR-ed with the reference band's
+    measurement bits, so ``flags == 0`` means a clean reference measurement.
+    """
+
+    NOT_DETECTED = 1 << 0  # no peak in this band: the measurement is forced only
+    PSF_FLUX_FAILED = 1 << 1  # no usable PSF flux (off the coadd, masked, non-finite)
+    AP_FLUX_FAILED = 1 << 2  # aperture truncated by the coadd edge or with masked pixels
+    CENTROID_FAILED = 1 << 3  # this band's own (unforced) centroid failed
+    EDGE = 1 << 4  # the PSF-fit stamp leaves the coadd
+    NO_DATA_CENTER = 1 << 5  # NO_DATA or BAD pixel in the central 3x3
+    MASKED = 1 << 6  # too much of the PSF-fit stamp is masked
+    SATURATED_CENTER = 1 << 7  # SAT pixel in the central 3x3
+    APCORR_FAILED = 1 << 8  # too few stars for this coadd's aperture correction (none applied)
+    NO_COADD = 1 << 9  # no coadd of this band in the patch
+    SHAPE_FAILED = 1 << 10  # windowed moments not positive-definite
+    EXTENDEDNESS_FAILED = 1 << 11  # extendedness could not be decided
+    DEBLEND_PARENT = 1 << 16  # a footprint with several peaks: measured undeblended
+    DEBLEND_CHILD = 1 << 17  # one peak of a deblended parent, measured on its own pixels
+    DEBLEND_SKIPPED = 1 << 18  # too many peaks or pixels: measured as one object
+    REF_BAND_FALLBACK = 1 << 19  # no band passed the S/N cut; the reference band is a fallback
+
+
+class ForcedSourceFlag(IntFlag):
+    """Bits of the ForcedSource ``flags`` column (PSF flux at a fixed position)."""
+
+    PSF_FLUX_FAILED = 1 << 0  # no usable flux (masked, off the image, non-finite)
+    EDGE = 1 << 1  # the PSF-fit stamp leaves the image
+    NO_DATA_CENTER = 1 << 2  # an unusable (BAD, SAT, CR, NO_DATA, EDGE) pixel in the central 3x3
+    MASKED = 1 << 3  # too much of the PSF-fit stamp is masked
+    APCORR_FAILED = 1 << 4  # no aperture correction could be measured (none applied)
+    BLENDED = 1 << 5  # fitted simultaneously with overlapping neighbours
+    USED_APCORR = 1 << 6  # used to measure this image's aperture correction
+
+
 # Sources whose centroid or flux must not be used for calibration or metrics.
 UNRELIABLE_SOURCE = int(
     SourceFlag.CENTROID_FAILED
