@@ -27,6 +27,8 @@ include: "rules/ingest.smk"
 include: "rules/refcat.smk"
 include: "rules/calibs.smk"
 include: "rules/process_ccd.smk"
+include: "rules/coadd.smk"
+include: "rules/objects.smk"
 include: "rules/summary.smk"
 
 

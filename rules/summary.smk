@@ -6,6 +6,8 @@ rule run_summary:
         registry_path=paths.path("registry"),
         problems_path=paths.path("ingest_problems"),
         ccdvisit_table_path=paths.path("CcdVisit"),
+        coadd_paths=plan.coadd_paths(),
+        object_table_path=paths.path("Object"),
     output:
         summary_path=paths.path("run_summary"),
     params:

@@ -25,7 +25,7 @@ def snakemake(run_dir: Path, config: dict, *args: str, check: bool = True):
     configfile.write_text(yaml.safe_dump(config))
     command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
                "--configfile", str(configfile), *args]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
     return result

@@ -126,6 +126,45 @@ def test_tiny_run_single_frame_quality_against_truth(tiny_run):
     assert calexp.metadata["ISR_BIAS"].startswith("done") or "bias" in calexp.metadata["ISR_BIAS"]
 
 
+def test_tiny_run_static_sky_products(tiny_run):
+    """Coadds, Objects and forced photometry of the tiny survey, in the CONTRACT's form."""
+    butler = Butler(tiny_run / "results")
+    plan = WorkflowPlan({**TINY, "output_dir": str(tiny_run / "results")})
+    objects = butler.get("Object")
+    contract = ["objectId", "tract", "patch", "ra", "dec", "detect_isPrimary", "refBand",
+                "refExtendedness"]  # fmt: skip
+    for band in plan.science_bands:
+        contract += [f"{band}_{c}" for c in ("psfFlux", "psfFluxErr", "apFlux", "apFluxErr")]
+    assert set(contract) <= set(objects.columns)
+    assert objects["objectId"].is_unique and objects["detect_isPrimary"].sum() > 50
+    forced = butler.get("ForcedSource")
+    forced_cols = ["objectId", "visit", "detector", "band", "midpointMjdTai", "psfFlux",
+                   "psfFluxErr"]  # fmt: skip
+    assert set(forced_cols) <= set(forced.columns)
+    primary = set(objects.loc[objects["detect_isPrimary"], "objectId"])
+    assert set(forced["objectId"]) <= primary
+    assert set(zip(forced["visit"], forced["detector"], strict=True)) <= set(plan.science_ids)
+
+    summary = butler.get("run_summary")["static_sky"]
+    assert summary["n_coadds"] == 2 * len(plan.coadd_ids) and summary["skipped_coadds"] == []
+    ids = plan.coadd_ids[0]
+    with fits.open(butler.path("deepCoadd", **ids)) as hdul:
+        assert {"IMAGE", "MASK", "VARIANCE", "PSF"} <= {h.name for h in hdul}
+        assert hdul["MASK"].header["MP_NO_DATA"] >= 0 and "MP_CLIPPED" in hdul["MASK"].header
+        assert hdul["IMAGE"].header["CTYPE1"].startswith("RA---TAN")
+    # The template holds only visits of the MJD window that pass the PSF cut.
+    ccd = butler.get("CcdVisit").set_index(["visit", "detector"])
+    for ids in plan.coadd_ids:
+        template = butler.get("templateCoadd", **ids)
+        provenance = json.loads(template.metadata["PROVENAN"])
+        assert provenance["visits"]
+        for visit in provenance["visits"]:
+            rows = ccd.loc[visit]
+            assert (rows["midpointMjdTai"] <= 60630.0).all()
+        assert template.psf is not None
+    assert butler.get("deepCoaddPsf", **ids).weights.size > 0
+
+
 def test_rerun_has_nothing_to_do(tiny_run):
     result = snakemake(tiny_run, TINY, "-n")
     assert "Nothing to be done" in result.stdout + result.stderr

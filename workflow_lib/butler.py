@@ -53,6 +53,10 @@ class Butler:
             return read_image_hdus(path)
         if storage == "json":
             return json.loads(path.read_text())
+        if storage == "coadd_psf":
+            from workflow_lib.io.coadd_psf import read_coadd_psf
+
+            return read_coadd_psf(path)
         if storage == "directory":
             return sorted(path.iterdir())
         return path.read_text()

@@ -34,7 +34,8 @@ class DatasetType:
 
     name: str
     template: str
-    # how the reader API opens it: exposure | table | raw | csv | json | text | directory
+    # how the reader API opens it: exposure | table | raw | csv | json | text |
+    # directory | coadd_psf
     storage: str
 
     @property
@@ -98,6 +99,18 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
         "templateCoadd",
         "coadd/{tract}/{patch}/templateCoadd_{tract}_{patch}_{band}.fits",
         "exposure",
+    ),
+    # The exact coadd PSF (input PSFs, weights, coverage) beside each coadd; the
+    # coadd's own PSF HDU is its smooth POLYPIX fit.
+    DatasetType(
+        "deepCoaddPsf",
+        "coadd/{tract}/{patch}/deepCoaddPsf_{tract}_{patch}_{band}.fits",
+        "coadd_psf",
+    ),
+    DatasetType(
+        "templateCoaddPsf",
+        "coadd/{tract}/{patch}/templateCoaddPsf_{tract}_{patch}_{band}.fits",
+        "coadd_psf",
     ),
     DatasetType("objectTable", "objects/{tract}/objectTable_{tract}_{patch}.parquet", "table"),
     # Forced photometry of a tract's Objects on one calexp (LSST's forcedPhotCcd).

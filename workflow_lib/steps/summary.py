@@ -51,12 +51,40 @@ def summarize_ccd_visits(ccd_visits: pd.DataFrame) -> dict:
     }
 
 
+def summarize_coadds(coadd_paths: list[str], object_table: pd.DataFrame | None) -> dict:
+    """Coadds made and skipped (with the reason), and Object counts."""
+    from astropy.io import fits
+
+    made, skipped = [], []
+    for path in coadd_paths:
+        header = fits.getheader(path, 0)
+        entry = {
+            "type": str(header.get("COADDTYP", "")),
+            "tract": int(header.get("TRACT", -1)),
+            "patch": int(header.get("PATCH", -1)),
+            "band": str(header.get("BAND", "")),
+        }
+        if header.get("PROCSTAT") == "FAILED":
+            skipped.append({**entry, "reason": str(header.get("PROCFAIL", ""))})
+        else:
+            made.append({**entry, "n_inputs": int(header.get("NINPUTS", 0))})
+    summary: dict = {"n_coadds": len(made), "coadds": made, "skipped_coadds": skipped}
+    if object_table is not None:
+        summary["n_objects"] = len(object_table)
+        summary["n_primary_objects"] = (
+            int(object_table["detect_isPrimary"].sum()) if len(object_table) else 0
+        )
+    return summary
+
+
 def write_run_summary(
     *,
     registry_path: str,
     problems_path: str,
     summary_path: str,
     ccdvisit_table_path: str | None = None,
+    coadd_paths: list[str] | None = None,
+    object_table_path: str | None = None,
 ) -> dict:
     """Write the JSON run summary and log it in human-readable form."""
     registry = read_table(registry_path)
@@ -68,6 +96,9 @@ def write_run_summary(
     }
     if ccdvisit_table_path is not None:
         summary["single_frame"] = summarize_ccd_visits(read_table(ccdvisit_table_path))
+    if coadd_paths is not None:
+        objects = read_table(object_table_path) if object_table_path else None
+        summary["static_sky"] = summarize_coadds(list(coadd_paths), objects)
     with atomic_output(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     inputs = summary["inputs"]
@@ -83,6 +114,11 @@ def write_run_summary(
         log.warning("skipped input: %s", line)
     for ccd in summary.get("single_frame", {}).get("failed", []):
         log.warning("CCD not calibrated: visit %(visit)d detector %(detector)d: %(reason)s", ccd)
+    for coadd in summary.get("static_sky", {}).get("skipped_coadds", []):
+        log.warning(
+            "%(type)s coadd not made: tract %(tract)d patch %(patch)d band %(band)s: %(reason)s",
+            coadd,
+        )
     return summary
 
 

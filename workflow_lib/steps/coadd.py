@@ -1,0 +1,346 @@
+"""Sky map, warps and coadds: read calexps/warps, call the numerics, write.
+
+* ``write_skymap``: the sky map definition computed at parse time, as JSON.
+* ``make_warps``: one CCD onto every patch it overlaps, in three flavours
+  (direct; PSF-matched to the template model; PSF-matched to the wider model
+  used to find artifacts), into one directory with a ``manifest.json``.
+* ``assemble_deep_coadd`` / ``assemble_template_coadd``: one (tract, patch, band).
+
+A product that cannot be made (a failed calexp, a patch no warp reaches, no
+visit passing the template selection) is a flagged, logged skip: the warp
+directory's manifest says why, a coadd becomes a header-only failure record.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workflow_lib import __version__
+from workflow_lib.config import CoaddConfig, TemplateConfig
+from workflow_lib.io import read_table
+from workflow_lib.io.atomic import atomic_output
+from workflow_lib.io.exposure import (
+    ProcessingFailed,
+    read_exposure,
+    write_exposure,
+    write_failure_record,
+)
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+WARP_FLAVOURS = ("directWarp", "psfMatchedWarp", "rejectionWarp")
+
+
+def write_skymap(*, skymap_path: str, skymap: dict[str, Any]) -> None:
+    """Write the sky map definition (already computed by the workflow plan)."""
+    from workflow_lib.skymap import SkyMap
+
+    sky = SkyMap.from_dict(skymap)  # validates the definition
+    with atomic_output(skymap_path) as tmp:
+        tmp.write_text(json.dumps(sky.to_dict(), indent=1, sort_keys=True))
+    log.info("sky map %s written", sky.kind)
+
+
+def read_skymap(path: str | os.PathLike[str]) -> Any:
+    from workflow_lib.skymap import SkyMap
+
+    return SkyMap.from_dict(json.loads(Path(path).read_text()))
+
+
+def _pixel_scale_arcsec(wcs: Any, x: float, y: float) -> float:
+    from astropy.wcs.utils import proj_plane_pixel_scales
+
+    del x, y  # the local scale of a TAN-SIP calexp differs from the mean by < 0.1 %
+    return float(np.sqrt(np.prod(proj_plane_pixel_scales(wcs.celestial))) * 3600.0)
+
+
+def _in_template_window(mjd: float, template: TemplateConfig) -> bool:
+    if template.mjd_min is not None and mjd < template.mjd_min:
+        return False
+    return template.mjd_max is None or mjd <= template.mjd_max
+
+
+def make_warps(
+    *,
+    calexp_path: str,
+    ccdvisit_path: str,
+    skymap_path: str,
+    warp_dir: str,
+    visit: int,
+    detector: int,
+    patches: list[list[int]],
+    coadd: dict[str, Any],
+    template: dict[str, Any],
+) -> dict[str, Any]:
+    """Warp one calexp onto each listed (tract, patch); returns the manifest."""
+    from workflow_lib.warp import model_psf, psf_match_exposure, warp_exposure
+
+    template_cfg = TemplateConfig.from_dict(template)
+    coadd_cfg = CoaddConfig.from_dict(coadd, template_cfg)
+    sky = read_skymap(skymap_path)
+    row = read_table(ccdvisit_path).iloc[0]
+    manifest: dict[str, Any] = {
+        "visit": visit,
+        "detector": detector,
+        "band": str(row["band"]),
+        "midpointMjdTai": float(row["midpointMjdTai"]),
+        "seeing": float(row["seeing"]),
+        "warps": [],
+        "notes": [],
+        "package_version": __version__,
+    }
+    out = Path(warp_dir)
+    tmp_dir = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir(parents=True)
+    try:
+        try:
+            calexp = read_exposure(calexp_path)
+        except ProcessingFailed as err:
+            manifest["notes"].append(f"no warps: {err}")
+            log.warning("visit %d detector %d: %s", visit, detector, err)
+            calexp = None
+        if calexp is not None and patches:
+            flavours = {"directWarp": calexp}
+            scale = _pixel_scale_arcsec(calexp.wcs, *np.array(calexp.shape[::-1]) / 2)
+            seeing = float(row["seeing"])
+            models = {
+                "psfMatchedWarp": coadd_cfg.model_psf_fwhm_arcsec,
+                "rejectionWarp": coadd_cfg.rejection_psf_fwhm_arcsec,
+            }
+            for flavour, fwhm_arcsec in models.items():
+                if flavour == "psfMatchedWarp":
+                    # Only template-eligible CCDs: in the MJD window and sharp enough.
+                    if not _in_template_window(float(row["midpointMjdTai"]), template_cfg):
+                        continue
+                    if not seeing <= template_cfg.max_psf_fwhm:
+                        continue
+                model = model_psf(fwhm_arcsec / scale, calexp.psf.size)
+                # Warps that only serve to find artifacts tolerate a looser match:
+                # CompareWarp allows for a 5 % model error when it compares them.
+                tolerance = {"max_residual": 0.05} if flavour == "rejectionWarp" else {}
+                try:
+                    flavours[flavour] = psf_match_exposure(calexp, model, **tolerance)
+                except ValueError as err:
+                    note = f"{flavour}: not made ({err})"
+                    manifest["notes"].append(note)
+                    log.warning("visit %d detector %d: %s", visit, detector, note)
+            for tract_id, patch_id in patches:
+                patch = sky.tract(int(tract_id)).patch(int(patch_id))
+                _, _, nx, ny = patch.outer_bbox
+                for flavour, exposure in flavours.items():
+                    warp = warp_exposure(exposure, patch.wcs, (0, 0, nx, ny))
+                    if warp is None:
+                        continue
+                    warp.metadata["TRACT"] = (int(tract_id), "tract of the patch")
+                    warp.metadata["PATCH"] = (int(patch_id), "patch this warp lies on")
+                    warp.metadata["WARPTYPE"] = (flavour, "direct or PSF-matched")
+                    name = _warp_file_name(
+                        flavour, visit=visit, detector=detector, tract=tract_id, patch=patch_id
+                    )
+                    write_exposure(warp, tmp_dir / name, provenance={"step": "make_warps"})
+                    manifest["warps"].append(
+                        {
+                            "flavour": flavour,
+                            "tract": int(tract_id),
+                            "patch": int(patch_id),
+                            "file": name,
+                            "origin": list(warp.origin),
+                            "shape": list(warp.shape),
+                        }
+                    )
+            if not any(w["flavour"] == "directWarp" for w in manifest["warps"]):
+                manifest["notes"].append("the fitted WCS overlaps none of the listed patches")
+        (tmp_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp_dir, out)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    log.info(
+        "visit %d detector %d: %d warps on %d listed patches",
+        visit, detector, len(manifest["warps"]), len(patches),
+    )  # fmt: skip
+    return manifest
+
+
+def _warp_file_name(flavour: str, **data_id: int) -> str:
+    """File name of a warp, from its dataset type (the directory is the job's output)."""
+    from workflow_lib.paths import dataset_type
+
+    return Path(dataset_type(flavour).template.format(**data_id)).name
+
+
+def _warps_for_patch(
+    warp_dirs: list[str], flavour: str, tract: int, patch: int
+) -> dict[tuple[int, int], Path]:
+    """(visit, detector) -> file of ``flavour`` on (tract, patch), from the manifests."""
+    found: dict[tuple[int, int], Path] = {}
+    for directory in warp_dirs:
+        manifest = json.loads((Path(directory) / MANIFEST).read_text())
+        for warp in manifest["warps"]:
+            if (warp["flavour"], warp["tract"], warp["patch"]) == (flavour, tract, patch):
+                found[(int(manifest["visit"]), int(manifest["detector"]))] = (
+                    Path(directory) / warp["file"]
+                )
+    return found
+
+
+def _write_coadd(
+    result: Any, coadd_path: str, coadd_psf_path: str, ids: dict[str, Any], provenance: dict
+) -> None:
+    from workflow_lib.io.coadd_psf import write_coadd_psf
+
+    exposure = result.exposure
+    for key, value in ids.items():
+        exposure.metadata[key.upper()[:8]] = value
+    exposure.metadata["NINPUTS"] = (len(result.inputs), "warps coadded")
+    inputs = result.inputs
+    visits = sorted({int(v) for v in inputs["visit"]}) if "visit" in inputs else []
+    provenance = {**provenance, "input_visits": visits}
+    if result.coadd_psf is not None:
+        write_coadd_psf(result.coadd_psf, coadd_psf_path)
+    else:
+        write_failure_record(coadd_psf_path, _failure_header(ids), reason="no coadd PSF")
+    write_exposure(exposure, coadd_path, provenance=provenance)
+
+
+def _patch_geometry(sky: Any, tract: int, patch: int) -> tuple[tuple[int, int], Any]:
+    info = sky.tract(tract).patch(patch)
+    _, _, nx, ny = info.outer_bbox
+    return (ny, nx), info.wcs
+
+
+def assemble_deep_coadd(
+    *,
+    warp_dirs: list[str],
+    ccdvisit_paths: list[str],
+    skymap_path: str,
+    coadd_path: str,
+    coadd_psf_path: str,
+    tract: int,
+    patch: int,
+    band: str,
+    coadd: dict[str, Any],
+) -> None:
+    """Deep coadd of every direct warp on the patch; artifacts found on PSF-matched warps."""
+    from workflow_lib.coadd import assemble_coadd
+    from workflow_lib.io.warp_input import FitsWarpInput
+
+    del ccdvisit_paths  # the deep coadd takes every visit; the rows drive the template
+    coadd_cfg = CoaddConfig.from_dict(coadd, TemplateConfig(None, None, 0.0, 1))
+    ids = {"tract": tract, "patch": patch, "band": band, "coaddtyp": "deep"}
+    direct = _warps_for_patch(warp_dirs, "directWarp", tract, patch)
+    rejection = _warps_for_patch(warp_dirs, "rejectionWarp", tract, patch)
+    provenance = {"step": "assemble_deep_coadd", "n_warps": len(direct), "coadd": coadd}
+    if not direct:
+        reason = f"no warp of band {band} reaches tract {tract} patch {patch}"
+        log.warning(reason)
+        write_failure_record(coadd_psf_path, _failure_header(ids), reason=reason)
+        write_failure_record(coadd_path, _failure_header(ids), reason=reason)
+        return
+    sky = read_skymap(skymap_path)
+    shape, wcs = _patch_geometry(sky, tract, patch)
+    keys = sorted(direct)
+    unprotected = [k for k in keys if k not in rejection]
+    if unprotected:
+        log.warning(
+            "%d of %d inputs have no PSF-matched warp to find artifacts with (PSF wider than "
+            "the rejection model): they are coadded without artifact rejection: %s",
+            len(unprotected), len(keys), unprotected,
+        )  # fmt: skip
+    result = assemble_coadd(
+        [FitsWarpInput(direct[k]) for k in keys],
+        shape=shape,
+        wcs=wcs,
+        rejection_inputs=[FitsWarpInput(rejection[k]) for k in keys if k in rejection],
+        clip_sigma=coadd_cfg.clip_sigma,
+        do_interp=coadd_cfg.do_interp,
+    )
+    _write_coadd(result, coadd_path, coadd_psf_path, ids, provenance)
+    log.info("deep coadd tract %d patch %d band %s: %d inputs", tract, patch, band, len(keys))
+
+
+def assemble_template_coadd(
+    *,
+    warp_dirs: list[str],
+    ccdvisit_paths: list[str],
+    skymap_path: str,
+    coadd_path: str,
+    coadd_psf_path: str,
+    tract: int,
+    patch: int,
+    band: str,
+    coadd: dict[str, Any],
+    template: dict[str, Any],
+) -> None:
+    """Template coadd of the best-seeing PSF-matched warps in the template's MJD window."""
+    from workflow_lib.coadd import assemble_coadd, select_template_ccd_visits
+    from workflow_lib.io.warp_input import FitsWarpInput
+
+    template_cfg = TemplateConfig.from_dict(template)
+    coadd_cfg = CoaddConfig.from_dict(coadd, template_cfg)
+    ids = {"tract": tract, "patch": patch, "band": band, "coaddtyp": "template"}
+    matched = _warps_for_patch(warp_dirs, "psfMatchedWarp", tract, patch)
+    rows = pd.concat([read_table(p) for p in ccdvisit_paths], ignore_index=True)
+    ccds = zip(rows["visit"], rows["detector"], strict=True)
+    rows = rows[[(int(v), int(d)) in matched for v, d in ccds]]
+    chosen = select_template_ccd_visits(
+        rows,
+        band=band,
+        mjd_min=template_cfg.mjd_min,
+        mjd_max=template_cfg.mjd_max,
+        max_psf_fwhm=template_cfg.max_psf_fwhm,
+        max_images=template_cfg.max_images,
+    )
+    keys = sorted(
+        (int(v), int(d)) for v, d in zip(chosen["visit"], chosen["detector"], strict=True)
+    )
+    visits = sorted({v for v, _ in keys})
+    provenance = {
+        "step": "assemble_template_coadd",
+        "visits": [int(v) for v in visits],
+        "coadd": coadd,
+        "template": template,
+    }
+    if not keys:
+        reason = (
+            f"no visit of band {band} on tract {tract} patch {patch} passes the template "
+            f"selection (MJD {template_cfg.mjd_min}..{template_cfg.mjd_max}, "
+            f"PSF FWHM <= {template_cfg.max_psf_fwhm} arcsec)"
+        )
+        log.warning(reason)
+        write_failure_record(coadd_psf_path, _failure_header(ids), reason=reason)
+        write_failure_record(coadd_path, _failure_header(ids), reason=reason)
+        return
+    sky = read_skymap(skymap_path)
+    shape, wcs = _patch_geometry(sky, tract, patch)
+    result = assemble_coadd(
+        [FitsWarpInput(matched[k]) for k in keys],
+        shape=shape,
+        wcs=wcs,
+        rejection_inputs=None,  # the PSF-matched inputs themselves
+        clip_sigma=coadd_cfg.clip_sigma,
+        do_interp=coadd_cfg.do_interp,
+    )
+    _write_coadd(result, coadd_path, coadd_psf_path, ids, provenance)
+    log.info(
+        "template coadd tract %d patch %d band %s: visits %s", tract, patch, band, list(visits)
+    )
+
+
+def _failure_header(ids: dict[str, Any]) -> Any:
+    from astropy.io import fits
+
+    header = fits.Header()
+    for key, value in ids.items():
+        header[key.upper()[:8]] = value
+    return header

@@ -1,0 +1,155 @@
+"""Objects per patch and forced photometry per (visit, detector, tract).
+
+* ``measure_patch_objects``: detection per band on the deep coadds, merging
+  across bands, deblending, per-band measurement, the merged Object rows.
+* ``forced_phot_ccd``: PSF fluxes of a tract's primary Objects on one calexp.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from workflow_lib import __version__
+from workflow_lib.config import ObjectsConfig
+from workflow_lib.io import read_table, write_table
+from workflow_lib.io.exposure import ProcessingFailed, read_exposure
+
+log = logging.getLogger(__name__)
+
+# CONTRACT columns of the tables, for the empty ones (a patch or CCD with nothing in it).
+FORCED_COLUMNS = {
+    "objectId": "int64", "visit": "int64", "detector": "int64", "band": "object",
+    "midpointMjdTai": "float64", "psfFlux": "float64", "psfFluxErr": "float64",
+}  # fmt: skip
+
+
+def empty_object_table(bands: list[str]) -> pd.DataFrame:
+    """An Object table with the CONTRACT columns and no rows."""
+    columns = {
+        "objectId": "int64", "tract": "int64", "patch": "int64", "ra": "float64",
+        "dec": "float64", "detect_isPrimary": "bool", "refBand": "object",
+        "refExtendedness": "float64",
+    }  # fmt: skip
+    for band in bands:
+        for stem in ("psfFlux", "psfFluxErr", "apFlux", "apFluxErr"):
+            columns[f"{band}_{stem}"] = "float64"
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+
+
+def measure_patch_objects(
+    *,
+    coadd_paths: list[str],
+    skymap_path: str,
+    object_path: str,
+    tract: int,
+    patch: int,
+    bands: list[str],
+    objects: dict[str, Any],
+) -> pd.DataFrame:
+    """Detect, merge, deblend and measure the Objects of one patch."""
+    from workflow_lib.objects import (
+        detect_coadd_sources,
+        measure_objects,
+        merge_detections,
+        object_id_base,
+    )
+    from workflow_lib.steps.coadd import read_skymap
+
+    cfg = ObjectsConfig.from_dict(objects)
+    sky = read_skymap(skymap_path)
+    tract_info = sky.tract(tract)
+    patch_info = tract_info.patch(patch)
+    coadds = {}
+    for path in coadd_paths:
+        try:
+            exposure = read_exposure(path)
+        except ProcessingFailed as err:
+            log.warning("skipped: %s", err)
+            continue
+        coadds[str(exposure.metadata["BAND"]).strip()] = exposure
+    provenance = {
+        "package_version": __version__,
+        "step": "measure_patch_objects",
+        "inputs": coadd_paths,
+        "objects": objects,
+    }
+    if not coadds:
+        log.warning("tract %d patch %d: no coadd with data; no Objects", tract, patch)
+        table = empty_object_table(bands)
+        write_table(table, object_path, provenance=provenance)
+        return table
+    detections = {
+        band: detect_coadd_sources(coadd, threshold_sigma=cfg.detection_threshold)
+        for band, coadd in coadds.items()
+    }
+    for band, det in detections.items():
+        log.info("band %s: %d detections", band, len(det))
+    merged = merge_detections(detections, patch_info.wcs, priority=cfg.ref_band_priority)
+    table = measure_objects(
+        coadds,
+        merged,
+        tract=tract_info,
+        patch=patch_info,
+        skymap=sky,
+        ref_band_priority=cfg.ref_band_priority,
+        id_base=object_id_base(tract, patch),
+        bands=bands,
+    )
+    log.info(
+        "tract %d patch %d: %d Objects (%d primary)",
+        tract, patch, len(table), int(table["detect_isPrimary"].sum()) if len(table) else 0,
+    )  # fmt: skip
+    write_table(table, object_path, provenance=provenance)
+    return table
+
+
+def forced_phot_ccd(
+    *,
+    calexp_path: str,
+    object_paths: list[str],
+    forced_path: str,
+    visit: int,
+    detector: int,
+    tract: int,
+) -> pd.DataFrame:
+    """Forced PSF photometry of the tract's primary Objects on one calexp."""
+    from workflow_lib.forced import forced_photometry
+
+    provenance = {
+        "package_version": __version__,
+        "step": "forced_phot_ccd",
+        "inputs": [calexp_path, *object_paths],
+    }
+    pieces = [read_table(p) for p in object_paths]
+    pieces = [p for p in pieces if len(p)]
+    objects = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame()
+    if len(objects):
+        objects = objects[objects["detect_isPrimary"].astype(bool)].reset_index(drop=True)
+    try:
+        calexp = read_exposure(calexp_path)
+    except ProcessingFailed as err:
+        log.warning("visit %d detector %d: %s; no forced photometry", visit, detector, err)
+        calexp = None
+    if calexp is None or not len(objects):
+        table = pd.DataFrame({c: pd.Series(dtype=t) for c, t in FORCED_COLUMNS.items()})
+    else:
+        meta = calexp.metadata
+        table = forced_photometry(
+            calexp,
+            objects,
+            visit=visit,
+            detector=detector,
+            band=str(meta["FILTER"]).strip().lower(),
+            midpoint_mjd=float(meta["MJD-OBS"]) + 0.5 * float(meta["EXPTIME"]) / 86400.0,
+        )
+    table["tract"] = np.int64(tract)
+    log.info(
+        "visit %d detector %d tract %d: %d forced measurements of %d primary Objects",
+        visit, detector, tract, len(table), len(objects),
+    )  # fmt: skip
+    write_table(table, forced_path, provenance=provenance)
+    return table
