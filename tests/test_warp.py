@@ -625,13 +625,20 @@ def test_psf_matching_propagates_variance_and_masks() -> None:
     calexp.image[:] = rng.normal(0.0, sigma, shape)
     calexp.variance[:] = sigma**2
     calexp.set_mask("CR", np.pad(np.ones((1, 1), bool), ((200, 199), (150, 249))))
+    dead = np.zeros(shape, bool)
+    dead[300:310, 280:290] = True
+    calexp.set_mask("NO_DATA", dead)
+    calexp.image[dead] = 0.0
     matched = psf_match_exposure(calexp, model_psf(4.5), grid_spacing=200)
-    grow = matched.metadata["PSFMGROW"]
-    assert 2 <= grow <= 20
+    grow, edge = matched.metadata["PSFMGROW"], matched.metadata["PSFMEDGE"]
+    assert 2 <= grow <= edge <= 20
     good = ~matched.mask_of("NO_DATA")
-    assert (
-        not good[:grow].any() and not good[:, -grow:].any() and good[grow:-grow, grow:-grow].all()
-    )
+    assert not good[:edge].any() and not good[:, -edge:].any()
+    hole = ~good[edge:-edge, edge:-edge]
+    ys, xs = np.nonzero(hole)
+    assert (ys.min() + edge, ys.max() + edge) == (300 - edge, 309 + edge)
+    assert (xs.min() + edge, xs.max() + edge) == (280 - edge, 289 + edge)
+    assert hole.sum() == (10 + 2 * edge) ** 2
     # Per-pixel variance of convolved white noise is sigma^2 sum K^2: the plane says so.
     ratio = np.var(matched.image[good]) / np.mean(matched.variance[good])
     assert abs(ratio - 1.0) < 0.05
