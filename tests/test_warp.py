@@ -410,7 +410,9 @@ def test_mask_planes_propagate_through_rotation() -> None:
     mask = np.zeros(shape, np.int32)
     mask[100, 90] = planes.bitmask("CR")
     mask[20:40, 150:170] = planes.bitmask("NO_DATA")
-    calexp = Exposure(np.ones(shape), np.ones(shape), mask, wcs=wcs)
+    image = np.ones(shape)
+    image[150, 60] = np.nan  # a non-finite pixel must not spread: it becomes BAD
+    calexp = Exposure(image, np.ones(shape), mask, wcs=wcs)
     target = patch_wcs((400, 400), (56.0, -30.0))
     warp = warp_exposure(calexp, target, (0, 0, 400, 400))
     # CR: the 2x2 bilinear footprint around the pixel's image in the warp.
@@ -423,6 +425,11 @@ def test_mask_planes_propagate_through_rotation() -> None:
     ra, dec = wcs.all_pix2world([160.0], [30.0], 0)
     bx, by = (round(float(v[0])) for v in warp.wcs.all_world2pix(ra, dec, 0))
     assert warp.mask_of("NO_DATA")[by - 6 : by + 7, bx - 6 : bx + 7].all()
+    assert np.isfinite(warp.image).all() and np.isfinite(warp.variance).all()
+    ra, dec = wcs.all_pix2world([60.0], [150.0], 0)
+    nx_, ny_ = (float(v[0]) for v in warp.wcs.all_world2pix(ra, dec, 0))
+    ys, xs = np.nonzero(warp.mask_of("BAD"))
+    assert 16 <= len(xs) <= 49 and np.all(np.hypot(xs - nx_, ys - ny_) < 4.5)
 
 
 def test_agrees_with_reproject() -> None:
