@@ -225,3 +225,17 @@ def test_detection_completeness_reaches_the_predicted_depth():
                                                region=inner)  # fmt: skip
     assert result["passed"], result
     assert result["c_max"] > 0.9
+
+
+def test_systematic_floor_of_bright_star_pulls():
+    rng = np.random.default_rng(7)
+    truth = _truth(rng, n_star=500, n_gal=0)
+    truth["r_mag"] = rng.uniform(17.0, 20.0, len(truth))
+    table = _objects_from(truth, truth.index, rng=rng)
+    rows = _forced_rows(truth, table, rng)
+    true = 10 ** (-0.4 * (truth.set_index("id").loc[1000 + rows["objectId"] - 1, "r_mag"] - 31.4))
+    # A 2% calibration scatter on top of the (correct) statistical errors.
+    rows["psfFlux"] += rng.normal(0.0, 0.02, len(rows)) * true.to_numpy()
+    result = metrics.forced_photometry_pulls(rows, table, truth)
+    assert result["systematic_floor_mmag"] == pytest.approx(21.7, rel=0.1)
+    assert result["by_snr"]["100-1e+09"]["sigma"] > 2.0
