@@ -247,3 +247,18 @@ def test_systematic_floor_of_bright_star_pulls():
     result = metrics.forced_photometry_pulls(rows, table, truth)
     assert result["systematic_floor_mmag"] == pytest.approx(21.7, rel=0.1)
     assert result["by_snr"]["100-1e+09"]["sigma"] > 2.0
+
+
+def test_completeness_not_reaching_half_gives_a_lower_limit():
+    rng = np.random.default_rng(9)
+    truth = _truth(rng, n_star=800, n_gal=0)
+    truth["r_mag"] = rng.uniform(18.0, 24.0, len(truth))
+    table = _objects_from(truth, truth.index, rng=rng)  # all found
+    region = lambda ra, dec: np.ones(np.size(ra), dtype=bool)  # noqa: E731
+    deep = metrics.point_source_completeness(table, truth, band="r", depth_mag=26.0, region=region)
+    assert not deep["m50_reached"] and np.isnan(deep["m50"])
+    assert deep["m50_lower_limit"] == pytest.approx(23.4, abs=0.1)
+    assert deep["passed"] is None
+    shallow = metrics.point_source_completeness(table, truth, band="r", depth_mag=22.0,
+                                                region=region)  # fmt: skip
+    assert shallow["passed"] is False

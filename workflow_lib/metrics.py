@@ -323,10 +323,13 @@ def point_source_completeness(
     ``radius_arcsec``. ``region(ra, dec) -> bool`` selects the truth stars
     the coadd covers (default: the Objects' RA/Dec box less 5 arcsec).
     ``m50`` is the magnitude of 50% completeness from an unbinned logistic
-    fit (``c_max`` its bright-end plateau); with ``depth_mag`` (the coadd's
-    predicted 5-sigma point-source depth, e.g. from
+    fit (``c_max`` its bright-end plateau); when the faintest 10% of the
+    stars are still more than half found, ``m50_reached`` is false, ``m50``
+    NaN and ``m50_lower_limit`` given instead. With ``depth_mag`` (the
+    coadd's predicted 5-sigma point-source depth, e.g. from
     :func:`workflow_lib.objects.coadd_psf_depth`) ``m50_minus_depth`` and
-    ``passed`` (within 0.3 mag) are added. ``bins`` gives the binned curve.
+    ``passed`` (within 0.3 mag; None when not measurable) are added.
+    ``bins`` gives the binned curve.
     """
     region = _default_region(objects) if region is None else region
     stars = truth[(truth["kind"] == "star") & np.isfinite(truth[f"{band}_mag"])]
@@ -363,12 +366,24 @@ def point_source_completeness(
         ]
     else:
         out.update({"m50": float("nan"), "width": float("nan"), "c_max": float("nan"), "bins": []})
+    # The curve must fall below one half within the truth's magnitudes, or m50 is only a
+    # lower limit (the simulator's stars stop at r = 25, possibly brighter than the depth).
+    faint = mag >= np.quantile(mag, 0.9) if len(stars) else np.zeros(0, dtype=bool)
+    reached = bool(len(stars) >= 10 and found[faint].mean() < 0.5)
+    out["m50_reached"] = reached
+    if not reached and len(stars) >= 10:
+        out["m50_lower_limit"] = float(np.quantile(mag, 0.9))
+        out["m50"] = float("nan")
     if depth_mag is not None:
+        limit = STATIC_SKY_TARGETS["completeness_depth_max_abs_diff_mag"]
         out["depth_mag"] = float(depth_mag)
         out["m50_minus_depth"] = float(out["m50"] - depth_mag)
-        out["passed"] = bool(
-            abs(out["m50_minus_depth"]) <= STATIC_SKY_TARGETS["completeness_depth_max_abs_diff_mag"]
-        )
+        if reached:
+            out["passed"] = bool(abs(out["m50_minus_depth"]) <= limit)
+        elif "m50_lower_limit" in out and out["m50_lower_limit"] > depth_mag + limit:
+            out["passed"] = False
+        else:
+            out["passed"] = None  # not measurable: the truth stars are all brighter
     return out
 
 

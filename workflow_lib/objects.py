@@ -54,7 +54,7 @@ import pandas as pd
 from astropy.wcs import WCS
 from scipy import ndimage
 
-from workflow_lib.background import native_float
+from workflow_lib.background import dilate_mask, native_float
 from workflow_lib.deblend import (
     KIND_ISOLATED,
     KIND_PARENT,
@@ -121,7 +121,7 @@ def noise_autocorrelation(
     *,
     max_lag: int = 8,
     tile: int = 512,
-    max_tiles: int = 16,
+    max_tiles: int = 8,
     clip_sigma: float = 5.0,
     min_pixels: int = 20_000,
 ) -> np.ndarray | None:
@@ -207,6 +207,22 @@ def noise_correlation_factor(
     return correlation_factor(correlation, weights)
 
 
+def grow_footprints(mask: np.ndarray, radius: float) -> np.ndarray:
+    """``mask`` dilated by an octagon of ``radius`` pixels (nearly a disc; a square would
+    merge more neighbours into one parent): the union of two separable rectangles."""
+    mask = np.asarray(mask, dtype=np.uint8)
+    r = int(np.ceil(radius))
+    if r <= 0 or not mask.any():
+        return mask.astype(bool)
+    s = round(radius / np.sqrt(2.0))
+
+    def box(a: int, b: int) -> np.ndarray:
+        out = ndimage.maximum_filter1d(mask, 2 * a + 1, axis=0)
+        return ndimage.maximum_filter1d(out, 2 * b + 1, axis=1).astype(bool)
+
+    return box(r, s) | box(s, r)
+
+
 def fft_convolve(image: np.ndarray, kernel: np.ndarray) -> np.ndarray:
     """``image`` convolved with an odd square ``kernel`` (zero outside), same shape.
 
@@ -251,7 +267,7 @@ def coadd_psf_depth(
             sources = coadd.mask_of("DETECTED")
         else:
             sources = np.abs(coadd.image) > 5.0 * np.sqrt(np.abs(coadd.variance))
-        exclude = bad | ndimage.binary_dilation(sources, structure=disk(2.0 * fwhm))
+        exclude = bad | dilate_mask(sources, radius=2.0 * fwhm)
         centre = (np.array([psf.x_center]), np.array([psf.y_center]))
         kernel = model_stamps(psf, *centre, half, offset=offset)[0][0]
         noise_factor = noise_correlation_factor(coadd.image, coadd.variance, exclude, kernel)
@@ -337,7 +353,7 @@ def detect_coadd_sources(
     if correct_noise_correlation:
         # Noise pixels: away (2 FWHM) from everything above the threshold before the
         # correction, which is the larger set (the factor is >= 1 on resampled coadds).
-        margin = ndimage.binary_dilation(snr_map >= threshold_sigma, structure=disk(2.0 * fwhm))
+        margin = dilate_mask(snr_map >= threshold_sigma, radius=2.0 * fwhm)
         correlation = noise_autocorrelation(data, var, bad | margin)
         factor = correlation_factor(correlation, kernel)
     snr_map /= factor
@@ -373,7 +389,7 @@ def detect_coadd_sources(
             fx, fy = _subpixel_peaks(sharp, sx, sy)
             px, py = np.concatenate([px, sx]), np.concatenate([py, sy])
             x, y = np.concatenate([x, fx]), np.concatenate([y, fy])
-    grown = ndimage.binary_dilation(footprints, structure=disk(grow_fwhm * fwhm)) & ~bad
+    grown = grow_footprints(footprints, grow_fwhm * fwhm) & ~bad
     bit = coadd.mask_planes.add("DETECTED")
     coadd.mask &= np.int32(~(1 << bit))
     coadd.set_mask("DETECTED", grown)
@@ -672,7 +688,7 @@ def measure_objects(
         factors[band] = {"psf": 1.0, "ap": 1.0}
         if correct_noise_correlation:
             # Away from footprints by 2 FWHM: star wings beyond them would bias it high.
-            empty = images.bad | ndimage.binary_dilation(labels > 0, structure=disk(2.0 * fwhm))
+            empty = images.bad | dilate_mask(labels > 0, radius=2.0 * fwhm)
             hf = psf_fit_half_size(images.psf, fit_radius_fwhm=fit_radius_fwhm, fwhm=images.fwhm)
             centre = (np.array([images.psf.x_center]), np.array([images.psf.y_center]))
             kernel = model_stamps(images.psf, *centre, hf, offset=images.offset)[0][0]
