@@ -17,7 +17,8 @@ whole process tree) is printed beside it.
 ``--profile-dry-run`` also times the dry run through ``profiles/slurm`` (its
 groups add a pass over the DAG); ``--scheduler`` runs the DAG of one size with
 ``--touch`` (every job goes through the scheduler, nothing is computed) once
-with the ILP scheduler and once with the greedy one.
+with the ILP scheduler and once with the greedy one, selecting up to 200 jobs
+per round as the SLURM profile does.
 
     python -m benchmarks.bench_dag                       # 250, 1000, 5000 visits x 20 detectors
     python -m benchmarks.bench_dag --visits 100 500 --detectors 20 --scheduler 100
@@ -264,11 +265,13 @@ class Timing:
     peak_rss_mb: float
 
 
-def timed_run(command: Sequence[str], *, cwd: Path) -> Timing:
+def timed_run(command: Sequence[str], *, cwd: Path, env: dict | None = None) -> Timing:
     """Wall time, CPU time (user + system, children included) and peak RSS of one command."""
     with tempfile.TemporaryFile() as stderr:
         start = time.perf_counter()
-        proc = subprocess.Popen(list(command), cwd=cwd, stdout=subprocess.DEVNULL, stderr=stderr)
+        proc = subprocess.Popen(
+            list(command), cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=stderr
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         wall = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -285,7 +288,12 @@ def snakemake_command(snakefile: Path, survey: SyntheticSurvey, *args: str) -> l
 
 
 def bench_size(
-    work: Path, n_visits: int, n_detectors: int, *, with_profile: bool
+    work: Path,
+    n_visits: int,
+    n_detectors: int,
+    *,
+    with_profile: bool,
+    other_checkout: Path | None = None,
 ) -> dict[str, Timing | int]:
     """Parse and dry-run timings of the workflow and of the bare Snakefile at one size."""
     root = work / f"survey-{n_visits}x{n_detectors}"
@@ -305,6 +313,17 @@ def bench_size(
         figures[f"{name} dry run"] = timed_run(
             snakemake_command(snakefile, survey, "-n", *profile), cwd=root
         )
+    if other_checkout is not None:
+        # Another version of the workflow (e.g. before a change), its own
+        # workflow_lib first on the path.
+        env = {**os.environ, "PYTHONPATH": str(other_checkout)}
+        snakefile = other_checkout / "Snakefile"
+        figures["other parse"] = timed_run(
+            snakemake_command(snakefile, survey, "--list-rules", *profile), cwd=root, env=env
+        )
+        figures["other dry run"] = timed_run(
+            snakemake_command(snakefile, survey, "-n", *profile), cwd=root, env=env
+        )
     if with_profile:
         figures["ours dry run, slurm profile"] = timed_run(
             snakemake_command(
@@ -316,6 +335,11 @@ def bench_size(
     return figures
 
 
+# Jobs selected per scheduling round: like the SLURM profile's `jobs: 200`
+# (remote jobs do not compete for local cores).
+SCHEDULER_CORES = 200
+
+
 def bench_scheduler(work: Path, n_visits: int, n_detectors: int) -> dict[str, Timing]:
     """The workflow's DAG run with --touch (no computation) under both schedulers."""
     figures = {}
@@ -324,7 +348,7 @@ def bench_scheduler(work: Path, n_visits: int, n_detectors: int) -> dict[str, Ti
         survey = make_synthetic_survey(root, n_visits, n_detectors)
         figures[scheduler] = timed_run(
             snakemake_command(
-                REPO / "Snakefile", survey, "--touch", "--cores", "2", "--quiet", "all",
+                REPO / "Snakefile", survey, "--touch", "--cores", str(SCHEDULER_CORES),
                 "--scheduler", scheduler,
             ),
             cwd=root,
@@ -346,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detectors", type=int, default=20)
     parser.add_argument("--profile-dry-run", action="store_true")
     parser.add_argument(
+        "--other-checkout", type=Path, metavar="DIR",
+        help="also time the Snakefile of another checkout (e.g. before a change)",
+    )  # fmt: skip
+    parser.add_argument(
         "--scheduler", type=int, metavar="VISITS", default=0,
         help="also run this many visits with --touch under the greedy and ILP schedulers",
     )  # fmt: skip
@@ -354,8 +382,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dc2-bench-dag-") as tmp:
         for n_visits in sorted(args.visits):
             figures = bench_size(
-                Path(tmp), n_visits, args.detectors, with_profile=args.profile_dry_run
-            )
+                Path(tmp), n_visits, args.detectors, with_profile=args.profile_dry_run,
+                other_checkout=args.other_checkout,
+            )  # fmt: skip
             n_jobs = int(figures.pop("n_jobs"))  # type: ignore[arg-type]
             results[n_jobs] = figures
             print(f"{n_visits} visits x {args.detectors} detectors: {n_jobs} jobs", flush=True)
@@ -366,18 +395,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"per-job DAG cost, slope between {small} and {large} jobs "
                   "(dry run - parse, CPU time):")  # fmt: skip
             slopes = {}
-            for name in ("bare", "ours"):
+            names = ("bare", "ours", "other") if args.other_checkout else ("bare", "ours")
+            for name in names:
                 dag = {
                     n: results[n][f"{name} dry run"].cpu_s - results[n][f"{name} parse"].cpu_s
                     for n in (small, large)
                 }
                 slopes[name] = (dag[large] - dag[small]) / (large - small)
                 print(f"  {name:<5} {1000 * slopes[name]:.3f} ms/job")
-            print(f"  ours / bare = {slopes['ours'] / slopes['bare']:.2f}")
+            for name in names[1:]:
+                print(f"  {name} / bare = {slopes[name] / slopes['bare']:.2f}")
         if args.scheduler:
             n_jobs = SyntheticSurvey(Path(tmp), Path(), args.scheduler, args.detectors).n_jobs
             print(f"scheduler, {args.scheduler} visits x {args.detectors} detectors "
-                  f"({n_jobs} jobs) run with --touch --cores 2:")  # fmt: skip
+                  f"({n_jobs} jobs) run with --touch --cores {SCHEDULER_CORES}:")  # fmt: skip
             for scheduler, timing in bench_scheduler(
                 Path(tmp), args.scheduler, args.detectors
             ).items():

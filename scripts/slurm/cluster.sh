@@ -169,13 +169,21 @@ export SLURM_CONF=$state/slurm.conf
 EOF
 }
 
+# True if process $1 runs. The daemons' parent (`up`) has exited, so a stopped
+# daemon may linger as a zombie until the machine's init reaps it: not running.
+running() {
+    local stat
+    stat=$(ps -o stat= -p "$1" 2>/dev/null) || return 1
+    [ -n "$stat" ] && [ "${stat#Z}" = "$stat" ]
+}
+
 # True if the cluster whose slurm.conf is $1 still has a live daemon.
 cluster_alive() {
     local other_pids
     other_pids="$(dirname "$1")/pids"
     [ -s "$other_pids" ] || return 1
     while read -r _ pid; do
-        kill -0 "$pid" 2>/dev/null && return 0
+        running "$pid" && return 0
     done <"$other_pids"
     return 1
 }
@@ -266,13 +274,13 @@ down() {
     fi
     # Last started first: slurmd, slurmctld, slurmdbd, MariaDB, munged.
     tac "$pids" | while read -r name pid; do
-        if kill -0 "$pid" 2>/dev/null; then
+        if running "$pid"; then
             kill -TERM "$pid" 2>/dev/null || true
             for _ in $(seq 1 40); do
-                kill -0 "$pid" 2>/dev/null || break
+                running "$pid" || break
                 sleep 0.25
             done
-            if kill -0 "$pid" 2>/dev/null; then
+            if running "$pid"; then
                 log "$name ($pid) ignored SIGTERM; killing it"
                 kill -KILL "$pid" 2>/dev/null || true
             fi
