@@ -130,7 +130,7 @@ def make_synthetic_survey(root: Path, n_visits: int, n_detectors: int) -> Synthe
 # directives (conda, script) as rules/*.smk for raw input, with input
 # functions that are dictionary look-ups built at parse time: what Snakemake
 # itself costs per job. Never run: the script and environment are stubs.
-BARE_SNAKEFILE = '''
+BARE_SNAKEFILE = """
 import pandas as pd
 
 registry = pd.read_parquet(config["input"]["registry"])
@@ -255,7 +255,7 @@ rule run_summary:
     params: step="bare:step"
     conda: "env.yaml"
     script: "step.py"
-'''
+"""
 
 
 @dataclass(frozen=True)

@@ -62,6 +62,17 @@ def test_ccds_are_grouped_per_visit_and_calibrations_per_detector(profile_dry_ru
     assert sorted(rule for rule, _ in groups["prepare"]) == ["ingest_raw", "shard_refcat"]
 
 
+def test_workflow_profile_resources_reach_the_jobs(profile_dry_run):
+    """--workflow-profile replaces profiles/default (with --profile, default's would win)."""
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    expected = profile["set-resources"]["process_ccd"]
+    mem_at_attempt_1 = int(str(expected["mem_mb"]).split("*")[0])
+    block = profile_dry_run[profile_dry_run.index("rule process_ccd:") :]
+    resources = next(line for line in block.splitlines() if "resources:" in line)
+    assert f"mem_mb={mem_at_attempt_1}," in resources
+    assert f"runtime={expected['runtime']}" in resources
+
+
 def test_every_rule_has_measured_resources_in_the_profile(tmp_path):
     profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
     listed = snakemake(tmp_path, TINY, "--list-rules").stdout.split()

@@ -42,14 +42,20 @@ def collect(log_dir: Path) -> dict[str, list[tuple[float, float]]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("output_dir", type=Path, help="a run's output_dir (its logs/ is read)")
-    parser.add_argument("--snakemake-mb", type=float, default=400.0,
-                        help="memory of the Snakemake process inside each job (MB)")
+    parser.add_argument(
+        "--snakemake-mb",
+        type=float,
+        default=400.0,
+        help="memory of the Snakemake process inside each job (MB)",
+    )
     parser.add_argument("--memory-factor", type=float, default=1.25)
-    parser.add_argument("--time-factor", type=float, default=3.0,
-                        help="headroom for slower nodes and contention")
-    parser.add_argument("--startup-s", type=float, default=30.0,
-                        help="Snakemake start-up inside each job (s)")
-    args = parser.parse_args(argv)  # fmt: skip
+    parser.add_argument(
+        "--time-factor", type=float, default=3.0, help="headroom for slower nodes and contention"
+    )
+    parser.add_argument(
+        "--startup-s", type=float, default=30.0, help="Snakemake start-up inside each job (s)"
+    )
+    args = parser.parse_args(argv)
     figures = collect(args.output_dir / "logs")
     if not figures:
         print(f"no job logs with timings under {args.output_dir / 'logs'}", file=sys.stderr)
