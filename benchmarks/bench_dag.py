@@ -357,6 +357,47 @@ def bench_scheduler(work: Path, n_visits: int, n_detectors: int) -> dict[str, Ti
     return figures
 
 
+def bench_plan(work: Path, n_visits: int, n_detectors: int) -> dict[str, float]:
+    """The workflow's own per-CCD cost without Snakemake, at any size (no input files).
+
+    Times, in this process: building the WorkflowPlan from a registry file (what
+    every Snakemake start pays, in every SLURM job too), every process_ccd
+    input function call and the per-CCD path lists of the table rules.
+    """
+    import resource
+
+    from workflow_lib.io import write_table
+    from workflow_lib.registry import as_registry
+    from workflow_lib.workflow import WorkflowPlan
+
+    records = registry_records(n_visits, n_detectors)
+    for record in records:
+        exposure, detector = record["exposure"], record["detector"]
+        record["path"] = f"/raw/{exposure}/raw_{exposure}_{detector}.fits"
+    registry_path = work / f"registry-{n_visits}x{n_detectors}.parquet"
+    write_table(as_registry(records), registry_path)
+    del records
+    config = {
+        "output_dir": str(work / "results"),
+        "input": {"source": "raw", "raw_dir": "/raw", "registry": str(registry_path),
+                  "refcat": "/refcat.csv"},
+    }  # fmt: skip
+    figures = {}
+    start = time.process_time()
+    plan = WorkflowPlan(config)
+    figures["plan (registry read, selection)"] = time.process_time() - start
+    start = time.process_time()
+    for visit, detector in plan.science_ids:
+        plan.process_ccd_inputs({"visit": str(visit), "detector": str(detector)})
+    figures["process_ccd_inputs, all CCDs"] = time.process_time() - start
+    start = time.process_time()
+    plan.per_ccd_paths("src")
+    plan.per_ccd_paths("ccdVisit")
+    figures["per_ccd_paths x2"] = time.process_time() - start
+    figures["peak RSS MB"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return figures
+
+
 def _line(label: str, t: Timing, n_jobs: int) -> str:
     return (
         f"  {label:<30} wall {t.wall_s:8.2f} s  cpu {t.cpu_s:8.2f} s  "
@@ -377,7 +418,20 @@ def main(argv: list[str] | None = None) -> int:
         "--scheduler", type=int, metavar="VISITS", default=0,
         help="also run this many visits with --touch under the greedy and ILP schedulers",
     )  # fmt: skip
+    parser.add_argument(
+        "--plan-only", type=int, metavar="VISITS", default=0,
+        help="only time the WorkflowPlan and its input functions at this many visits (no files)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    if args.plan_only:
+        with tempfile.TemporaryDirectory(prefix="dc2-bench-plan-") as tmp:
+            n_ccds = args.plan_only * args.detectors
+            print(f"workflow plan, {args.plan_only} visits x {args.detectors} detectors "
+                  f"({n_ccds} CCDs), CPU seconds in one process:")  # fmt: skip
+            for label, value in bench_plan(Path(tmp), args.plan_only, args.detectors).items():
+                per_ccd = "" if "MB" in label else f"  ({1e6 * value / n_ccds:7.1f} us/CCD)"
+                print(f"  {label:<34} {value:10.2f}{per_ccd}", flush=True)
+        return 0
     results = {}
     with tempfile.TemporaryDirectory(prefix="dc2-bench-dag-") as tmp:
         for n_visits in sorted(args.visits):

@@ -64,6 +64,16 @@ def test_input_functions_are_lookups_with_the_tables_answers(synthetic_plan):
         plan.process_ccd_inputs({"visit": "1", "detector": "0"})
 
 
+def test_a_ccd_with_two_files_is_not_a_lookup_away(synthetic_plan):
+    plan = WorkflowPlan(synthetic_plan.config)
+    visit, detector = plan.science_ids[5]
+    plan.science = pd.concat([plan.science, plan.science.iloc[[5]]], ignore_index=True)
+    with pytest.raises(ValueError, match=f"visit {visit} detector {detector} is not"):
+        plan.process_ccd_inputs({"visit": str(visit), "detector": str(detector)})
+    other_visit, other_detector = plan.science_ids[0]
+    assert plan.process_ccd_inputs({"visit": str(other_visit), "detector": str(other_detector)})
+
+
 def job_counts(dry_run_output: str) -> dict[str, int]:
     """{rule: jobs} from the job stats table of a dry run."""
     return {

@@ -217,25 +217,31 @@ class WorkflowPlan:
     @property
     def science_ids(self) -> list[tuple[int, int]]:
         """(visit, detector) of every selected science CCD."""
-        return sorted(zip(self.science["visit"], self.science["detector"], strict=True))
+        return sorted(
+            zip(self.science["visit"].tolist(), self.science["detector"].tolist(), strict=True)
+        )
 
     @cached_property
-    def _science_by_ccd(self) -> dict[tuple[int, int], list[tuple[str, str]]]:
-        """(band, path) of every selected science file per (visit, detector), built once."""
-        by_ccd: dict[tuple[int, int], list[tuple[str, str]]] = {}
+    def _science_by_ccd(self) -> dict[tuple[int, int], tuple[str, str] | None]:
+        """(band, path) of every selected science file per (visit, detector), built
+        once; None for a (visit, detector) with more than one file."""
         science = self.science
-        for visit, detector, band, path in zip(
-            science["visit"], science["detector"], science["band"], science["path"], strict=True
-        ):
-            by_ccd.setdefault((int(visit), int(detector)), []).append((str(band), str(path)))
+        # tolist() converts each column at C speed (seconds saved at 10^6 rows).
+        ccds = list(zip(science["visit"].tolist(), science["detector"].tolist(), strict=True))
+        files = zip(science["band"].tolist(), science["path"].tolist(), strict=True)
+        by_ccd: dict[tuple[int, int], tuple[str, str] | None] = dict(zip(ccds, files, strict=True))
+        if len(by_ccd) < len(ccds):
+            duplicated = pd.Series(ccds).duplicated(keep=False).to_numpy()
+            for ccd in {c for c, dup in zip(ccds, duplicated, strict=True) if dup}:
+                by_ccd[ccd] = None
         return by_ccd
 
     def process_ccd_inputs(self, wildcards: Mapping[str, str]) -> dict[str, str]:
         visit, detector = int(wildcards["visit"]), int(wildcards["detector"])
-        rows = self._science_by_ccd.get((visit, detector), [])
-        if len(rows) != 1:
+        found = self._science_by_ccd.get((visit, detector))
+        if found is None:
             raise ValueError(f"visit {visit} detector {detector} is not a selected science CCD")
-        band, raw_path = rows[0]
+        band, raw_path = found
         # Every CCD of a (detector, band) shares its calibration inputs: built once.
         shared = self._ccd_calib_inputs.get((detector, band))
         if shared is None:
