@@ -4,6 +4,7 @@ dc2-drp simulate --preset tiny --output sim/        # a survey in the CONTRACT f
 dc2-drp ingest RAW_DIR --output registry.parquet    # registry for input.registry
 dc2-drp list results/ [DATASET_TYPE]                # what the reader API sees
 dc2-drp check-config my.yaml                        # validate an override file
+dc2-drp consolidate results/                        # tables from every per-CCD product on disk
 """
 
 from __future__ import annotations
@@ -113,6 +114,28 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    from workflow_lib.paths import ProductPaths
+    from workflow_lib.steps.summary import write_run_summary
+    from workflow_lib.steps.tables import consolidate_output_dir
+
+    counts = consolidate_output_dir(output_dir=args.output_dir, tables=args.tables)
+    for table, n_rows in counts.items():
+        print(f"{table}: {n_rows} rows")
+    paths = ProductPaths(args.output_dir)
+    registry, problems = paths.path("registry"), paths.path("ingest_problems")
+    if "CcdVisit" in counts and registry.exists() and problems.exists():
+        # The run summary lists the failed CCDs of the CcdVisit table just built.
+        write_run_summary(
+            registry_path=str(registry),
+            problems_path=str(problems),
+            summary_path=str(paths.path("run_summary")),
+            ccdvisit_table_path=str(paths.path("CcdVisit")),
+        )
+        print(f"run summary: {paths.path('run_summary')}")
+    return 0
+
+
 def _check_config(args: argparse.Namespace) -> int:
     from workflow_lib.config import load_config
 
@@ -162,6 +185,17 @@ def build_parser() -> argparse.ArgumentParser:
     met.add_argument("output_dir")
     met.add_argument("--snr-min", type=float, default=50.0, help="bright-star S/N threshold")
     met.set_defaults(func=_metrics)
+
+    con = sub.add_parser(
+        "consolidate",
+        help="build the consolidated tables from every per-CCD product on disk (no DAG), "
+        "e.g. after partitioned runs",
+    )
+    con.add_argument("output_dir")
+    con.add_argument(
+        "--tables", nargs="+", default=["CcdVisit", "Source"], choices=["CcdVisit", "Source"]
+    )
+    con.set_defaults(func=_consolidate)
 
     chk = sub.add_parser("check-config", help="validate config.yaml merged with override files")
     chk.add_argument("configfiles", nargs="*")

@@ -1,0 +1,158 @@
+"""The SLURM profile on a real (single-node) SLURM cluster brought up on this machine.
+
+scripts/slurm/cluster.sh installs Debian's Slurm, MUNGE and MariaDB packages
+(as root) and starts munged, MariaDB, slurmdbd, slurmctld and slurmd on free
+ports; the test runs the tiny survey through ``profiles/slurm``, then checks
+from SLURM's accounting (sacct) that every job ran as a SLURM job and that
+the products equal those of the local run. Skipped, with the reason, where the
+cluster cannot be brought up (not root, no apt-get); never skipped in CI.
+
+To save time the SLURM run does not simulate the survey again: it reads the
+raw files of the local run (``input.source: raw``) and processes one visit per
+band (all bands, so that the calibrations, built from the flats of the
+selected bands, are those of the full run).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import REPO, SNAKEMAKE
+
+from workflow_lib.butler import Butler
+
+pytestmark = pytest.mark.workflow
+
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm" / "cluster.sh"
+PACKAGES = ("slurmctld", "slurmd", "slurmdbd", "slurm-client", "munge", "mariadb-server")
+RUN_TIMEOUT_S = 480
+
+
+def _why_no_cluster() -> str | None:
+    if not sys.platform.startswith("linux"):
+        return "needs Linux"
+    if os.geteuid() != 0:
+        return "needs root (it installs Debian packages and starts daemons)"
+    if shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        return "needs apt-get to install " + ", ".join(PACKAGES)
+    return None
+
+
+@pytest.fixture(scope="module")
+def slurm_env(tmp_path_factory):
+    """Environment of a running single-node cluster; taken down (by PID) after the module."""
+    reason = _why_no_cluster()
+    if reason is not None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"the real SLURM test must run in CI, but it {reason}")
+        pytest.skip(f"real SLURM cluster test skipped: it {reason}")
+    state = tmp_path_factory.mktemp("slurm-cluster")
+    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up", str(state)],
+                        capture_output=True, text=True, timeout=900)  # fmt: skip
+    try:
+        if up.returncode != 0:
+            pytest.fail(f"cluster.sh up failed ({up.returncode}):\n{up.stderr[-4000:]}")
+        yield {**os.environ, "SLURM_CONF": str(state / "slurm.conf")}
+    finally:
+        subprocess.run(["bash", str(CLUSTER_SCRIPT), "down", str(state)], timeout=300)
+
+
+def _raw_mode_config(sim_root: Path, visits: list[int]) -> dict:
+    return {
+        "input": {
+            "source": "raw",
+            "raw_dir": str(sim_root / "sim/raw"),
+            "refcat": str(sim_root / "sim/refcat/refcat_phosim.csv"),
+            "refcat_columns": {
+                "id": "uniqueId", "ra": "raJ2000", "dec": "decJ2000", "is_star": "starnotgal",
+                "is_variable": "isvariable", "mags": {"g": "lsst_g", "r": "lsst_r", "i": "lsst_i"},
+            },
+        },
+        "select": {"visit": visits},
+    }  # fmt: skip
+
+
+def _run_bounded(command: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    """Run Snakemake; past the limit SIGTERM (it cancels its SLURM jobs), then SIGKILL."""
+    proc = subprocess.Popen(command, cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        pytest.fail(f"snakemake through SLURM ran past {RUN_TIMEOUT_S} s:\n{output[-4000:]}")
+    return subprocess.CompletedProcess(command, proc.returncode, output, "")
+
+
+def _sacct(env: dict, *args: str) -> list[dict[str, str]]:
+    fields = ["JobID", "JobName", "State", "ExitCode", "Comment", "AllocCPUS"]
+    result = subprocess.run(
+        ["sacct", "-X", "-P", "-n", "-o", ",".join(fields), *args],
+        env=env, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return [dict(zip(fields, line.split("|"), strict=True)) for line in result.stdout.splitlines()]
+
+
+def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
+    local = Butler(tiny_run / "results")
+    local_ccd = local.get("CcdVisit")
+    visits = sorted(int(v) for v in local_ccd.groupby("band")["visit"].min())
+    assert len(visits) == local_ccd["band"].nunique() >= 2
+    configfile = tmp_path / "override.yaml"
+    configfile.write_text(yaml.safe_dump(_raw_mode_config(tiny_run / "results", visits)))
+    command = [
+        SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
+        "--configfile", str(configfile), "--workflow-profile", str(REPO / "profiles/slurm"),
+        # One CPU per group job: on a node of few CPUs, group jobs run side by
+        # side instead of one holding every CPU while its members run in turn.
+        "--cores", "1",
+        # Poll often: the jobs here take seconds, not hours.
+        "--slurm-init-seconds-before-status-checks", "2",
+        "--seconds-between-status-checks", "3",
+        "--verbose",
+    ]  # fmt: skip
+    result = _run_bounded(command, slurm_env, tmp_path)
+    assert result.returncode == 0, result.stdout[-6000:]
+
+    # The plugin asked sacct (accounting is up), not squeue, for the job states.
+    status_query = r"Status query timing \(cycle\): command=(\w+)"
+    assert set(re.findall(status_query, result.stdout)) == {"sacct"}
+
+    # SLURM's accounting: every job of this run completed as a SLURM job, grouped
+    # as the profile says (one job per visit, one per detector's calibrations).
+    run_id = re.search(r"SLURM run ID: (\S+)", result.stdout).group(1)
+    jobs = _sacct(slurm_env, "--name", run_id)
+    assert jobs and all(j["State"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), jobs
+    comments = " ".join(j["Comment"] for j in jobs)
+    for visit in visits:
+        assert comments.count(f"visit_{visit}") == 1, comments
+    detectors = sorted(local_ccd["detector"].unique())
+    for detector in detectors:
+        assert comments.count(f"calib_{detector}") == 1, comments
+    # prepare (ingest + refcat) and tables (2 tables + run summary): one job each.
+    assert len(jobs) == len(visits) + len(detectors) + 2, comments
+
+    # The products equal the local run's, row for row.
+    slurm = Butler(tmp_path / "results")
+    for table in ("CcdVisit", "Source"):
+        expected = local.get(table)
+        expected = expected[expected["visit"].isin(visits)].reset_index(drop=True)
+        got = slurm.get(table)
+        assert len(got) == len(expected) > 0
+        pd.testing.assert_frame_equal(got, expected)
+    summary = slurm.get("run_summary")
+    assert summary["single_frame"]["n_processed"] == len(visits) * len(detectors)

@@ -1,0 +1,87 @@
+"""profiles/slurm without a cluster: its groups in a dry run, and resources for every rule."""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+
+import pytest
+import yaml
+from conftest import REPO, TINY, snakemake
+
+pytestmark = pytest.mark.workflow
+
+PROFILE = REPO / "profiles" / "slurm"
+
+
+def grouped_jobs(dry_run_output: str) -> tuple[dict[str, list[tuple[str, dict]]], list[str]]:
+    """({group: [(rule, wildcards)]}, [rules of ungrouped jobs]) from a dry run's listing."""
+    groups: dict[str, list[tuple[str, dict]]] = defaultdict(list)
+    ungrouped: list[str] = []
+    current: str | None = None
+    last: tuple[str, dict] | None = None
+    for line in dry_run_output.splitlines():
+        if match := re.search(r"Group job (\S+) \(jobs", line):
+            current = match.group(1)
+        elif match := re.match(r"^(\s*)rule (\w+):$", line):
+            last = (match.group(2), {})
+            if match.group(1):
+                groups[current].append(last)  # type: ignore[index]
+            else:
+                current = None
+                ungrouped.append(last[0])
+        elif (match := re.match(r"^\s*wildcards: (.*)$", line)) and last is not None:
+            last[1].update(item.split("=", 1) for item in match.group(1).split(", "))
+    return dict(groups), ungrouped
+
+
+@pytest.fixture(scope="module")
+def profile_dry_run(tmp_path_factory) -> str:
+    run_dir = tmp_path_factory.mktemp("slurm-dry")
+    return snakemake(run_dir, TINY, "-n", "--workflow-profile", str(PROFILE)).stdout
+
+
+def test_ccds_are_grouped_per_visit_and_calibrations_per_detector(profile_dry_run):
+    groups, ungrouped = grouped_jobs(profile_dry_run)
+    assert ungrouped == ["all"]  # every job that runs is in a group job
+    visit_groups = {g: jobs for g, jobs in groups.items() if g.startswith("visit_")}
+    ccds = [wc for jobs in visit_groups.values() for rule, wc in jobs if rule == "process_ccd"]
+    assert len(ccds) == 20  # the tiny survey: 10 visits x 2 detectors
+    for name, jobs in visit_groups.items():
+        assert {rule for rule, _ in jobs} == {"process_ccd"}
+        assert {wc["visit"] for _, wc in jobs} == {name.removeprefix("visit_")}
+        assert sorted(wc["detector"] for _, wc in jobs) == ["0", "1"]
+    calib_groups = {g: jobs for g, jobs in groups.items() if g.startswith("calib_")}
+    assert sorted(calib_groups) == ["calib_0", "calib_1"]
+    for name, jobs in calib_groups.items():
+        rules = sorted(rule for rule, _ in jobs)
+        assert rules == ["defects", "master_bias", "master_dark"] + ["master_flat"] * 3
+        assert {wc["detector"] for _, wc in jobs} == {name.removeprefix("calib_")}
+    assert sorted(rule for rule, _ in groups["tables"]) == [
+        "ccdvisit_table", "run_summary", "source_table"]  # fmt: skip
+    assert sorted(rule for rule, _ in groups["prepare"]) == ["ingest_raw", "shard_refcat"]
+
+
+def test_workflow_profile_resources_reach_the_jobs(profile_dry_run):
+    """--workflow-profile replaces profiles/default (with --profile, default's would win)."""
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    expected = profile["set-resources"]["process_ccd"]
+    mem_at_attempt_1 = int(str(expected["mem_mb"]).split("*")[0])
+    block = profile_dry_run[profile_dry_run.index("rule process_ccd:") :]
+    resources = next(line for line in block.splitlines() if "resources:" in line)
+    assert f"mem_mb={mem_at_attempt_1}," in resources
+    assert f"runtime={expected['runtime']}" in resources
+
+
+def test_every_rule_has_measured_resources_in_the_profile(tmp_path):
+    profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
+    listed = snakemake(tmp_path, TINY, "--list-rules").stdout.split()
+    rules = {name for name in listed if re.fullmatch(r"[a-z_]+", name)} - {"all"}
+    assert "process_ccd" in rules
+    missing = sorted(rules - set(profile["set-resources"]))
+    assert missing == [], f"add measured mem_mb/runtime to profiles/slurm (docs/hpc.md): {missing}"
+    for rule, resources in profile["set-resources"].items():
+        assert {"mem_mb", "runtime"} <= set(resources), rule
+    # Every group-components key names a group the profile defines.
+    group_names = {entry.split("=", 1)[1] for entry in profile["groups"]}
+    assert {entry.split("=", 1)[0] for entry in profile["group-components"]} <= group_names
