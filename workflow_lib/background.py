@@ -72,8 +72,7 @@ def estimate_background(
     bad = ~np.isfinite(data)
     if mask is not None:
         bad |= np.asarray(mask, dtype=bool)
-    if bad.any():
-        data = np.where(bad, np.float32(0.0), data)
+    # sep skips masked pixels without reading them: no zero-filled copy needed.
     bw = int(max(8, min(box_size, nx // 2 if nx >= 32 else nx)))
     bh = int(max(8, min(box_size, ny // 2 if ny >= 32 else ny)))
     bkg = sep.Background(

@@ -158,7 +158,7 @@ def detect_cosmic_rays(
     sigfrac: float = 0.3,
     objlim: float = 8.0,
     niter: int = 2,
-    block: int = 16,
+    block: int = 12,
     pad: int = 8,
     max_block_fraction: float = 0.4,
     contrast: float = 0.3,

@@ -260,7 +260,9 @@ def _binned_footprints(
     if exact:
         footprints = dilate_mask(footprints, radius=r // 2)
     full = np.zeros((ny, nx), dtype=bool)
-    full[:by, :bx] = footprints.repeat(2, axis=0).repeat(2, axis=1)
+    # Each binned pixel back onto its 2x2 block, by one broadcast assignment.
+    blocks = full[:by, :bx].reshape(by // 2, 2, bx // 2, 2)
+    blocks[...] = footprints[:, None, :, None]
     return full if exact else dilate_mask(full, radius=r)
 
 

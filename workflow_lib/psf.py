@@ -164,44 +164,11 @@ def lanczos_weights(shift: np.ndarray, *, a: int = LANCZOS_ORDER) -> np.ndarray:
     Weight ``k`` (offsets -a..a) multiplies the sample at integer offset k;
     rows are normalised to unit sum so flux is conserved.
     """
-    return _lanczos(shift, a=a, derivative=False)[0]
-
-
-def lanczos_weight_derivatives(
-    shift: np.ndarray, *, a: int = LANCZOS_ORDER
-) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`lanczos_weights` and their exact derivatives with respect to ``shift``.
-
-    Resampling is linear in the weights, so resampling with the derivatives
-    gives the derivative of the resampled image with respect to the sub-pixel
-    offset (the position derivative a PSF-fit centroid needs) in one pass.
-    """
-    weights, derivatives = _lanczos(shift, a=a, derivative=True)
-    assert derivatives is not None
-    return weights, derivatives
-
-
-def _lanczos(
-    shift: np.ndarray, *, a: int, derivative: bool
-) -> tuple[np.ndarray, np.ndarray | None]:
     shift = np.atleast_1d(np.asarray(shift, dtype=np.float64))
     t = shift[:, None] - np.arange(-a, a + 1)[None, :]
-    outside = np.abs(t) >= a
     w = np.sinc(t) * np.sinc(t / a)
-    w[outside] = 0.0
-    total = w.sum(axis=1, keepdims=True)
-    if not derivative:
-        return w / total, None
-    # d/dt [sinc(t) sinc(t/a)], with sinc'(u) = (cos(pi u) - sinc(u)) / u (0 at u = 0).
-    dw = _sinc_derivative(t) * np.sinc(t / a) + np.sinc(t) * _sinc_derivative(t / a) / a
-    dw[outside] = 0.0
-    dtotal = dw.sum(axis=1, keepdims=True)
-    return w / total, (dw * total - w * dtotal) / total**2
-
-
-def _sinc_derivative(u: np.ndarray) -> np.ndarray:
-    safe = np.where(u == 0, 1.0, u)
-    return np.where(u == 0, 0.0, (np.cos(np.pi * u) - np.sinc(u)) / safe)
+    w[np.abs(t) >= a] = 0.0
+    return w / w.sum(axis=1, keepdims=True)
 
 
 def shift_stamps(
@@ -210,7 +177,9 @@ def shift_stamps(
     """Resample stamps (n, H, W) at a sub-pixel offset, losing ``a`` pixels per side.
 
     ``out[n, i, j] = stamps[n](i + a + dy[n], j + a + dx[n])`` by separable
-    Lanczos-``a`` interpolation (close to sinc for well-sampled images).
+    Lanczos-``a`` interpolation (close to sinc for well-sampled images): one
+    pass per axis, each a strided window view contracted with the stamp's
+    taps (no temporary per tap).
     """
     return resample_stamps(stamps, lanczos_weights(dx, a=a), lanczos_weights(dy, a=a))
 
@@ -219,36 +188,19 @@ def resample_stamps(stamps: np.ndarray, wx: np.ndarray, wy: np.ndarray) -> np.nd
     """Separable resampling of stamps (n, H, W) with per-stamp taps ``wx``, ``wy`` (n, 2a+1).
 
     ``out[n, i, j] = sum_kl wy[n, k] wx[n, l] stamps[n, i + k, j + l]``: the
-    output loses ``a`` pixels per side. Weights from :func:`lanczos_weights`
-    shift the stamps; from :func:`lanczos_weight_derivatives`, differentiate.
+    output loses ``a`` pixels per side. :func:`shift_stamps` uses Lanczos
+    taps; being linear in the taps, differences of taps resample to
+    differences of shifted stamps in one go.
     """
-    horizontal = _resample_axis(np.asarray(stamps, dtype=np.float64), wx, axis=2)
-    return _resample_axis(horizontal, wy, axis=1)
-
-
-def resample_stamps_and_gradient(
-    stamps: np.ndarray, dx: np.ndarray, dy: np.ndarray, *, a: int = LANCZOS_ORDER
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """:func:`shift_stamps` and its derivatives with respect to ``dx`` and ``dy``.
-
-    The two passes share their horizontal half, so the three cost about two
-    resamplings.
-    """
-    wx, dwx = lanczos_weight_derivatives(dx, a=a)
-    wy, dwy = lanczos_weight_derivatives(dy, a=a)
-    stamps = np.asarray(stamps, dtype=np.float64)
-    along_x = _resample_axis(stamps, wx, axis=2)
-    shifted = _resample_axis(along_x, wy, axis=1)
-    d_dy = _resample_axis(along_x, dwy, axis=1)
-    d_dx = _resample_axis(_resample_axis(stamps, dwx, axis=2), wy, axis=1)
-    return shifted, d_dx, d_dy
+    along_x = _resample_axis(np.asarray(stamps, dtype=np.float64), wx, axis=2)
+    return _resample_axis(along_x, wy, axis=1)
 
 
 def _resample_axis(stamps: np.ndarray, taps: np.ndarray, *, axis: int) -> np.ndarray:
-    """One separable pass: a strided window view contracted with each stamp's taps."""
+    """``out[n, ..., j, ...] = sum_k taps[n, k] stamps[n, ..., j + k, ...]`` along ``axis``."""
     from numpy.lib.stride_tricks import sliding_window_view
 
-    windows = sliding_window_view(stamps, taps.shape[1], axis=axis)  # (..., taps)
+    windows = sliding_window_view(stamps, taps.shape[1], axis=axis)  # (n, i, j, taps)
     return np.einsum("nijk,nk->nij", windows, taps)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -189,7 +189,9 @@ def _process(
     clock = PhaseClock()
     header_wcs = approximate_wcs(exposure.metadata)
     approx_scale = pixel_scale_arcsec(header_wcs)
-    unusable = exposure.mask_of(*UNUSABLE_PLANES)
+    planes = _plane_reader(exposure)
+    unusable = planes(*UNUSABLE_PLANES)
+    bad_or_no_data = planes("BAD", "NO_DATA")
     if not (np.isfinite(exposure.image) & ~unusable).any():
         raise SingleFrameFailure(CcdVisitFlag.BAD_IMAGE, "no usable pixel (all masked or NaN)")
     variance = exposure.variance
@@ -198,7 +200,7 @@ def _process(
     with clock.phase("background+detection"):
         # Saturated cores stay in for detection (masking them splits bright stars).
         background, detections = detect_with_background(
-            exposure.image, variance, exposure.mask_of("BAD", "NO_DATA"),
+            exposure.image, variance, bad_or_no_data,
             threshold_sigma=config.detection_threshold,
             fwhm=_TYPICAL_SEEING_ARCSEC / approx_scale,
         )  # fmt: skip
@@ -232,11 +234,11 @@ def _process(
     calib_radius = config.calib_aperture_radius_arcsec / approx_scale
     ap_stem, calib_stem = aperture_column(ap_radius), aperture_column(calib_radius)
     flag_planes = {
-        "saturated": exposure.mask_of("SAT"),
-        "interpolated": exposure.mask_of("INTRP"),
-        "cr": exposure.mask_of("CR"),
-        "bad": exposure.mask_of("BAD", "NO_DATA"),
-        "edge": exposure.mask_of("EDGE"),
+        "saturated": planes("SAT"),
+        "interpolated": planes("INTRP"),
+        "cr": planes("CR"),
+        "bad": bad_or_no_data,
+        "edge": planes("EDGE"),
     }
     with clock.phase("measurement"):
         sources = measure_sources(
@@ -383,6 +385,21 @@ def _process(
 
 # A first detection pass needs a filter width before any PSF is known.
 _TYPICAL_SEEING_ARCSEC = 0.8
+
+
+def _plane_reader(exposure: Exposure) -> Callable[..., np.ndarray]:
+    """``exposure.mask_of`` through one reused int32 scratch frame.
+
+    ``mask_of`` makes a new full-size int32 temporary per call; on a 4k x 4k
+    detector each costs as much in page faults as the test itself.
+    """
+    scratch = np.empty(exposure.mask.shape, dtype=exposure.mask.dtype)
+
+    def planes(*names: str) -> np.ndarray:
+        np.bitwise_and(exposure.mask, exposure.mask_planes.bitmask(*names), out=scratch)
+        return scratch != 0
+
+    return planes
 
 
 def _smooth_map_median(smooth: np.ndarray) -> float:
