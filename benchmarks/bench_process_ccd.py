@@ -4,9 +4,11 @@ Simulates a one-detector survey at LSSTCam size (3 bias, 3 dark, 3 r flats and
 one r visit), builds the master calibrations, shards the reference catalog,
 then times the per-CCD step (ISR + characterize + calibrate, reading and
 writing included) in a separate process pinned to one core, over repeats, and
-prints the median, the peak memory and the per-step breakdown from the job log.
+prints medians of wall and process CPU time (CPU time is what to compare on
+a shared machine), the peak memory (ru_maxrss of the process) and the
+per-phase wall and CPU breakdown from the job log.
 
-    python -m benchmarks.bench_process_ccd [--repeats 3] [--keep DIR]
+    python -m benchmarks.bench_process_ccd [--repeats 3] [--keep DIR [--reuse]]
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import json
 import os
 import re
 import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-
-from benchmarks.harness import run_once
 
 PRESET = "bench4k"
 
@@ -88,36 +91,97 @@ def prepare(work: Path) -> dict[str, str]:
 
 
 _CHILD = """
-import json, logging, sys
+import json, logging, resource, sys, time
+cpu0, wall0 = time.process_time(), time.perf_counter()
 logging.basicConfig(level=logging.INFO, filename=sys.argv[2], filemode="w",
                     format="%(name)s: %(message)s")
 from workflow_lib.steps.process_ccd import process_ccd
+cpu1, wall1 = time.process_time(), time.perf_counter()
 process_ccd(**json.load(open(sys.argv[1])))
+cpu2, wall2 = time.process_time(), time.perf_counter()
+json.dump({"import_cpu_s": cpu1 - cpu0, "import_wall_s": wall1 - wall0,
+           "step_cpu_s": cpu2 - cpu1, "step_wall_s": wall2 - wall1,
+           "step_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0},
+          open(sys.argv[3], "w"))
 """
+
+# Per-phase QA lines of the job log: (log key, label).
+_PHASE_KEYS = (
+    ("step_timings_s", "step_cpu_timings_s", "step"),
+    ("isr_timings_s", "isr_cpu_timings_s", "isr"),
+    ("timings_s", "cpu_timings_s", "characterize+calibrate"),
+)
+
+
+@dataclasses.dataclass
+class _Run:
+    wall_s: float  # the whole child process, interpreter start to exit
+    cpu_s: float  # its user + system CPU seconds
+    peak_rss_mb: float
+    child: dict[str, float]  # the child's own split: imports vs the step
+    phases: dict[str, dict[str, float]]  # "<label>.<wall|cpu>" -> {phase: seconds}
+
+
+def _run_child(command: list[str], log: Path, stats: Path) -> _Run:
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"process_ccd failed:\n{stderr[-3000:]}")
+    text = log.read_text()
+    phases = {}
+    for wall_key, cpu_key, label in _PHASE_KEYS:
+        for key, kind in ((wall_key, "wall"), (cpu_key, "cpu")):
+            match = re.search(rf"QA {key} = (\{{.*\}})", text)
+            if match:
+                phases[f"{label}.{kind}"] = ast.literal_eval(match.group(1))
+    return _Run(
+        wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mb=usage.ru_maxrss / 1024.0,
+        child=json.loads(stats.read_text()), phases=phases,
+    )  # fmt: skip
+
+
+def _median(values: list[float]) -> float:
+    return float(statistics.median(values))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse the inputs already prepared in --keep")  # fmt: skip
     args = parser.parse_args(argv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-process-ccd-"))
-    kwargs = prepare(work)
-    (work / "kwargs.json").write_text(json.dumps(kwargs))
-    log = work / "process_ccd.log"
+    if args.reuse and (work / "kwargs.json").exists():
+        kwargs = json.loads((work / "kwargs.json").read_text())
+    else:
+        kwargs = prepare(work)
+        (work / "kwargs.json").write_text(json.dumps(kwargs))
+    log, stats = work / "process_ccd.log", work / "process_ccd_stats.json"
     env_cmd = ["env", "OMP_NUM_THREADS=1", "OPENBLAS_NUM_THREADS=1", "MKL_NUM_THREADS=1"]
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    command = [*env_cmd, *pin, sys.executable, "-c", _CHILD, str(work / "kwargs.json"), str(log)]
-    runs = [run_once(command) for _ in range(args.repeats)]
-    seconds = sorted(r[0] for r in runs)
-    print(f"process_ccd 4096x4096, 16 amps, 1 core: median {seconds[len(seconds) // 2]:.2f} s "
-          f"(range {seconds[0]:.2f}-{seconds[-1]:.2f}, n={len(runs)}), "
-          f"peak RSS {max(r[1] for r in runs):.0f} MB")  # fmt: skip
+    command = [*env_cmd, *pin, sys.executable, "-c", _CHILD, str(work / "kwargs.json"), str(log),
+               str(stats)]  # fmt: skip
+    runs = [_run_child(command, log, stats) for _ in range(args.repeats)]
+    walls = sorted(r.wall_s for r in runs)
+    print(f"process_ccd 4096x4096, 16 amps, 1 core, n={len(runs)} (medians):")
+    print(f"  process wall {_median(walls):.2f} s (range {walls[0]:.2f}-{walls[-1]:.2f}), "
+          f"process CPU {_median([r.cpu_s for r in runs]):.2f} s, "
+          f"peak RSS {max(r.peak_rss_mb for r in runs):.0f} MB")  # fmt: skip
+    child = {key: _median([r.child[key] for r in runs]) for key in runs[0].child}
+    print(f"  step (the process_ccd call) wall {child['step_wall_s']:.2f} s, "
+          f"CPU {child['step_cpu_s']:.2f} s; imports {child['import_cpu_s']:.2f} s")  # fmt: skip
+    for key in runs[-1].phases:
+        names = runs[-1].phases[key]
+        table = {
+            name: round(_median([r.phases.get(key, {}).get(name, float("nan")) for r in runs]), 3)
+            for name in names
+        }
+        print(f"  {key}: {table}")
     text = log.read_text()
-    for key in ("isr_timings_s", "timings_s"):
-        match = re.search(rf"QA {key} = (\{{.*\}})", text)
-        if match:
-            print(f"  last run {key}: {ast.literal_eval(match.group(1))}")
     for key in ("seeing", "zeroPoint", "astromRms", "nAstromStars", "nSources"):
         match = re.search(rf": {key} = (\S+)", text)
         if match:

@@ -22,6 +22,7 @@ from workflow_lib.measure import (
     aperture_column,
     fit_aperture_correction,
     measure_sources,
+    psf_model_stamps,
 )
 from workflow_lib.psf import (
     PsfFitError,
@@ -280,6 +281,47 @@ def test_forced_psf_flux_pulls_monte_carlo():
     assert 0.9 <= _robust_sigma(pulls) <= 1.15
     # The 41 px kernel holds ~99.5% of the flux: a small negative bias at most.
     assert -0.25 < np.median(pulls) < 0.15
+
+
+def _model_star(psf: PsfModel, x: float, y: float, flux: float, shape=(121, 121)) -> np.ndarray:
+    """Noise-free image of a point source drawn with the PSF model itself."""
+    half = psf.size // 2
+    stamp, ix, iy = psf_model_stamps(psf, np.array([x]), np.array([y]), half)
+    image = np.zeros(shape)
+    image[iy[0] - half : iy[0] + half + 1, ix[0] - half : ix[0] + half + 1] = flux * stamp[0]
+    return image
+
+
+def test_fixed_positions_measure_exactly_at_the_given_positions():
+    """Forced photometry: a star 0.3 px off the given position loses the PSF flux that
+    the model's overlap predicts; the refined mode recentres and recovers it all."""
+    psf = PsfModel.constant(true_kernel(60, 55, "moffat", size=21))
+    flux, true_x, true_y = 1.0e5, 60.3, 55.0
+    image = _model_star(psf, true_x, true_y, flux)
+    variance = np.ones_like(image)
+    given_x, given_y = np.array([60.0, np.nan, 300.0]), np.array([55.0, 50.0, 50.0])
+    forced = measure_sources(image, variance, None, psf=psf, x=given_x, y=given_y,
+                             aperture_radii=(5.0,), fixed_positions=True)  # fmt: skip
+    refined = measure_sources(image, variance, None, psf=psf, x=given_x[:1], y=given_y[:1],
+                              aperture_radii=(5.0,))  # fmt: skip
+    # Positions as given; no centroid errors; only the non-finite / off-image flagged.
+    np.testing.assert_array_equal(forced["x"], given_x)
+    np.testing.assert_array_equal(forced["y"], given_y)
+    assert forced["x_err"].isna().all() and forced["y_err"].isna().all()
+    assert forced["centroid_flag"].tolist() == [False, True, True]
+    assert forced["psf_flux_flag"].tolist() == [False, True, True]
+    # The least-squares amplitude of the model at 60.0 on a star at 60.3.
+    fit_half = int(min(psf.size // 2, max(3, np.ceil(2.0 * psf.fwhm_at(0, 0)))))
+    at_given = psf_model_stamps(psf, given_x[:1], given_y[:1], fit_half)[0][0]
+    at_true = psf_model_stamps(psf, np.array([true_x]), np.array([true_y]), fit_half)[0][0]
+    expected = flux * (at_given * at_true).sum() / (at_given**2).sum()
+    assert expected < 0.995 * flux  # the test means something: 0.3 px costs > 0.5%
+    assert forced["psf_flux"].iloc[0] == pytest.approx(expected, rel=1e-6)
+    assert refined["x"].iloc[0] == pytest.approx(true_x, abs=0.01)
+    assert refined["psf_flux"].iloc[0] == pytest.approx(flux, rel=2e-3)
+    assert forced["psf_flux"].iloc[0] < refined["psf_flux"].iloc[0]
+    # The aperture is centred on the given position too.
+    assert forced["ap_5_0_flux"].iloc[0] < refined["ap_5_0_flux"].iloc[0]
 
 
 def test_aperture_of_ones_is_pi_r_squared():

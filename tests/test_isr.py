@@ -272,6 +272,31 @@ def test_cosmic_ray_tiles_agree_with_whole_frame():
     assert (tiled.mask & truth).sum() > 0.9 * truth.sum()
 
 
+def test_cosmic_ray_tiles_cover_every_block_once_and_do_not_overlap():
+    from workflow_lib.cosmic_rays import _block_tiles, _pack_shelves
+
+    rng = np.random.default_rng(3)
+    selected = rng.random((40, 50)) < 0.08
+    selected[5:9, 10:14] = True  # a compact group: one tile
+    for k in range(30):  # a diagonal staircase: split into row runs, not its bounding box
+        selected[k + 10, k + 15] = True
+    tiles = _block_tiles(selected)
+    covered = np.zeros(selected.shape, int)
+    for r0, r1, c0, c1 in tiles:
+        covered[r0:r1, c0:c1] += 1
+    assert (covered[selected] == 1).all()  # every selected block in exactly one tile
+    assert covered.sum() <= 2 * selected.sum()  # bounding boxes waste at most half
+    assert any(r0 <= 5 and r1 >= 9 and c0 <= 10 and c1 >= 14 for r0, r1, c0, c1 in tiles)
+    shapes = [(int(h), int(w)) for h, w in rng.integers(3, 40, size=(60, 2))]
+    places, (height, width) = _pack_shelves(shapes)
+    canvas = np.zeros((height, width), int)
+    for (h, w), (y, x) in zip(shapes, places, strict=True):
+        canvas[y : y + h, x : x + w] += 1
+    assert canvas.max() == 1  # no overlap, all inside the mosaic
+    assert canvas.sum() == sum(h * w for h, w in shapes)
+    assert canvas.size < 2.0 * canvas.sum()  # packed reasonably tightly
+
+
 # ------------------------------------------------------------ interpolation
 def test_interpolation_reproduces_a_plane_across_columns_and_tracks():
     yy, xx = np.mgrid[:50, :60].astype(np.float32)

@@ -11,8 +11,10 @@ are masked (dilated footprints) on a second pass by
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import numpy as np
 import sep
@@ -25,17 +27,25 @@ log = logging.getLogger(__name__)
 class Background:
     """A background model of one image.
 
-    ``image`` and ``rms`` are full-size float32 maps; ``global_back`` and
+    ``image`` and ``rms`` are full-size float32 maps (``rms`` is evaluated
+    on first use: most callers need only ``global_rms``); ``global_back`` and
     ``global_rms`` are the ``sep`` global (median-of-boxes) values.
     """
 
     image: np.ndarray
-    rms: np.ndarray
     global_back: float
     global_rms: float
     box_size: int
     filter_size: int
     masked_fraction: float
+    rms_model: Callable[[], np.ndarray] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+
+    @functools.cached_property
+    def rms(self) -> np.ndarray:
+        """Full-size float32 map of the background noise."""
+        if self.rms_model is None:
+            return np.full(self.image.shape, self.global_rms, dtype=np.float32)
+        return self.rms_model()
 
 
 def native_float(array: np.ndarray, dtype: type = np.float32) -> np.ndarray:
@@ -62,8 +72,7 @@ def estimate_background(
     bad = ~np.isfinite(data)
     if mask is not None:
         bad |= np.asarray(mask, dtype=bool)
-    if bad.any():
-        data = np.where(bad, 0.0, data).astype(np.float32)
+    # sep skips masked pixels without reading them: no zero-filled copy needed.
     bw = int(max(8, min(box_size, nx // 2 if nx >= 32 else nx)))
     bh = int(max(8, min(box_size, ny // 2 if ny >= 32 else ny)))
     bkg = sep.Background(
@@ -75,7 +84,6 @@ def estimate_background(
         fh=int(filter_size),
     )
     back = bkg.back(dtype=np.float32)
-    rms = bkg.rms(dtype=np.float32)
     # sep's per-box "mode" (2.5 median - 1.5 mean) is biased by the skewness
     # of the pixel distribution (about -0.5 e- for Poisson sky of ~1000 e-,
     # i.e. mmag-level flux errors on faint stars): remove the global offset
@@ -87,12 +95,12 @@ def estimate_background(
     log.debug("background: box %dx%d, global %.3f rms %.3f", bw, bh, bkg.globalback, bkg.globalrms)
     return Background(
         image=back,
-        rms=rms,
         global_back=float(bkg.globalback) + offset,
         global_rms=float(bkg.globalrms),
         box_size=max(bw, bh),
         filter_size=int(filter_size),
         masked_fraction=frac,
+        rms_model=functools.partial(bkg.rms, dtype=np.float32),
     )
 
 

@@ -8,8 +8,9 @@ more than all of single-frame processing may spend. Almost all of that time
 is spent far from any cosmic ray, so :func:`detect_cosmic_rays` first finds
 *candidate* pixels with a cheap, generous numpy test (a positive spike well
 above the noise whose neighbours on some side are much fainter than it), cuts
-a padded tile around each block holding a candidate, packs the tiles into one
-mosaic, and runs astroscrappy once on the mosaic. The padding is wider than
+a padded tile around each group of neighbouring blocks holding a candidate
+(one tile per group, so neighbours share their padding), packs the tiles into
+one mosaic, and runs astroscrappy once on the mosaic. The padding is wider than
 astroscrappy's filters reach, so every kept pixel is judged exactly as in a
 full-frame run. When candidates are everywhere (undersampled images, very
 crowded fields) it simply runs on the whole frame.
@@ -27,6 +28,7 @@ import functools
 import glob
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,26 +93,59 @@ def cosmic_ray_candidates(
     on the few pixels above the threshold only; the outermost rows and
     columns are never candidates.
     """
-    ny, nx = image.shape
-    excess = image - np.asarray(background, dtype=np.float32)
-    inner = (slice(1, ny - 1), slice(1, nx - 1))
-    ex_in = excess[inner]
-    peak = (ex_in > 0) & (ex_in * ex_in > np.float32(nsigma**2) * variance[inner])
-    py, px = np.nonzero(peak)
-    py += 1
-    px += 1
+    level = np.asarray(background, dtype=np.float32)
+    if level.ndim == 0:  # a constant: no full-frame excess image is needed
+
+        def excess_at(rows: np.ndarray | slice, cols: np.ndarray | slice) -> np.ndarray:
+            return image[rows, cols] - level
+
+    else:
+        excess = image - level
+
+        def excess_at(rows: np.ndarray | slice, cols: np.ndarray | slice) -> np.ndarray:
+            return excess[rows, cols]
+
+    py, px = _significant_peaks(excess_at, variance, nsigma)
     candidates = np.zeros(image.shape, dtype=bool)
     if py.size == 0:
         return candidates
-    e0 = excess[py, px]
+    e0 = excess_at(py, px)
     s0 = np.sqrt(np.maximum(variance[py, px], 0.0))
     hit = np.zeros(py.size, dtype=bool)
     for dy, dx in ((0, 1), (1, 0), (1, 1), (1, -1)):
-        a = excess[py + dy, px + dx]
-        b = excess[py - dy, px - dx]
+        a = excess_at(py + dy, px + dx)
+        b = excess_at(py - dy, px - dx)
         hit |= (np.maximum(a, b) < contrast * e0) & (e0 - 0.5 * (a + b) > nsigma * s0)
     candidates[py[hit], px[hit]] = True
     return candidates
+
+
+def _significant_peaks(
+    excess_at: Callable[[slice, slice], np.ndarray],
+    variance: np.ndarray,
+    nsigma: float,
+    *,
+    rows: int = 256,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(row, column) of the inner pixels whose excess is positive and > nsigma sigma.
+
+    Done in bands of ``rows`` rows so the temporaries stay in cache (the full
+    frame is scanned once, and few pixels pass).
+    """
+    ny, nx = variance.shape
+    threshold = np.float32(nsigma**2)
+    found_y, found_x = [], []
+    for r0 in range(1, ny - 1, rows):
+        r1 = min(r0 + rows, ny - 1)
+        ex = excess_at(slice(r0, r1), slice(1, nx - 1))
+        peak = ex * ex > threshold * variance[r0:r1, 1 : nx - 1]
+        peak &= ex > 0
+        yy, xx = np.nonzero(peak)
+        found_y.append(yy + r0)
+        found_x.append(xx + 1)
+    if not found_y:
+        return np.zeros(0, dtype=np.intp), np.zeros(0, dtype=np.intp)
+    return np.concatenate(found_y), np.concatenate(found_x)
 
 
 def detect_cosmic_rays(
@@ -123,7 +158,7 @@ def detect_cosmic_rays(
     sigfrac: float = 0.3,
     objlim: float = 8.0,
     niter: int = 2,
-    block: int = 16,
+    block: int = 12,
     pad: int = 8,
     max_block_fraction: float = 0.4,
     contrast: float = 0.3,
@@ -185,39 +220,82 @@ def detect_cosmic_rays(
         )
         return CosmicRayResult(_require_sharp(crmask.astype(bool) & good, cand), n_cand, 0, 1.0)
 
-    # Mosaic of padded tiles, one per candidate block; outside the image a tile
-    # holds the background, masked.
-    tile = block + 2 * pad
-    ncol = int(np.ceil(np.sqrt(len(blocks))))
-    nrow = -(-len(blocks) // ncol)
-    mosaic = np.full((nrow * tile, ncol * tile), background, dtype=np.float32)
+    # Mosaic of padded tiles around groups of candidate blocks (neighbouring
+    # blocks share one tile, so they share its padding); outside the image a
+    # tile holds the background, masked.
+    selected = np.zeros((nby, nbx), dtype=bool)
+    selected.reshape(-1)[blocks] = True
+    tiles = _block_tiles(selected)  # (by0, by1, bx0, bx1) in blocks
+    shapes = [
+        ((b1 - b0) * block + 2 * pad, (c1 - c0) * block + 2 * pad) for b0, b1, c0, c1 in tiles
+    ]
+    places, (mh, mw) = _pack_shelves(shapes)
+    mosaic = np.full((mh, mw), background, dtype=np.float32)
     mvar = np.ones_like(mosaic)
     mbad = np.ones(mosaic.shape, dtype=bool)
-    origins = []
-    for k, b in enumerate(blocks):
-        by, bx = divmod(int(b), nbx)
-        ty, tx = divmod(k, ncol)
-        y0, x0 = by * block - pad, bx * block - pad
+    for (r0, _, c0, _), (h, w), (ty, tx) in zip(tiles, shapes, places, strict=True):
+        y0, x0 = r0 * block - pad, c0 * block - pad
         sy0, sx0 = max(y0, 0), max(x0, 0)
-        sy1, sx1 = min(y0 + tile, ny), min(x0 + tile, nx)
-        dst = (
-            slice(ty * tile + sy0 - y0, ty * tile + sy1 - y0),
-            slice(tx * tile + sx0 - x0, tx * tile + sx1 - x0),
-        )
+        sy1, sx1 = min(y0 + h, ny), min(x0 + w, nx)
+        dst = (slice(ty + sy0 - y0, ty + sy1 - y0), slice(tx + sx0 - x0, tx + sx1 - x0))
         mosaic[dst] = image[sy0:sy1, sx0:sx1]
         mvar[dst] = variance[sy0:sy1, sx0:sx1]
         mbad[dst] = ~good[sy0:sy1, sx0:sx1]
-        origins.append((by, bx, ty, tx))
     crm, _ = astroscrappy.detect_cosmics(
         mosaic, inmask=mbad, invar=np.maximum(mvar, 1e-3), **kwargs
     )
     out = np.zeros((nby * block, nbx * block), dtype=bool)
-    for by, bx, ty, tx in origins:
-        y0, x0 = ty * tile + pad, tx * tile + pad
-        core = crm[y0 : y0 + block, x0 : x0 + block]
-        out[by * block : (by + 1) * block, bx * block : (bx + 1) * block] = core
-    frac = len(blocks) * tile * tile / float(ny * nx)
+    for (r0, r1, c0, c1), (h, w), (ty, tx) in zip(tiles, shapes, places, strict=True):
+        core = crm[ty + pad : ty + h - pad, tx + pad : tx + w - pad]
+        out[r0 * block : r1 * block, c0 * block : c1 * block] |= core
+    # Only the candidate blocks count (a tile's bounding box may hold others).
+    out &= selected.repeat(block, axis=0).repeat(block, axis=1)
+    frac = sum(h * w for h, w in shapes) / float(ny * nx)
     return CosmicRayResult(_require_sharp(out[:ny, :nx] & good, cand), n_cand, len(blocks), frac)
+
+
+def _block_tiles(selected: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Rectangles (row0, row1, col0, col1) of blocks covering the selected ones.
+
+    Each 8-connected group of selected blocks gets its bounding box, unless
+    that box is mostly unselected (a diagonal track's staircase): then each
+    row's runs of selected blocks get their own rectangle.
+    """
+    from scipy.ndimage import find_objects, label
+
+    labels, _ = label(selected, structure=np.ones((3, 3), dtype=bool))
+    tiles = []
+    for index, box in enumerate(find_objects(labels), start=1):
+        rows, cols = box
+        group = labels[box] == index
+        if group.size <= 2 * group.sum():
+            tiles.append((rows.start, rows.stop, cols.start, cols.stop))
+            continue
+        for r, line in enumerate(group):
+            edges = np.flatnonzero(np.diff(np.concatenate(([0], line.view(np.int8), [0]))))
+            for c0, c1 in zip(edges[::2], edges[1::2], strict=True):
+                tiles.append((rows.start + r, rows.start + r + 1, cols.start + c0, cols.start + c1))
+    return tiles
+
+
+def _pack_shelves(shapes: list[tuple[int, int]]) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Top-left corners packing rectangles (h, w) into shelves, and the mosaic shape.
+
+    Tallest first, left to right, on shelves about as wide as the square root
+    of the total area, so the mosaic stays near square and little is wasted.
+    """
+    width = max(max(w for _, w in shapes), int(np.ceil(np.sqrt(sum(h * w for h, w in shapes)))))
+    order = sorted(range(len(shapes)), key=lambda k: (-shapes[k][0], -shapes[k][1]))
+    places: list[tuple[int, int]] = [(0, 0)] * len(shapes)
+    y = x = shelf = 0
+    for k in order:
+        h, w = shapes[k]
+        if x + w > width:
+            y, x, shelf = y + shelf, 0, 0
+        places[k] = (y, x)
+        x += w
+        shelf = max(shelf, h)
+    return places, (y + shelf, width)
 
 
 def _require_sharp(crmask: np.ndarray, candidates: np.ndarray) -> np.ndarray:

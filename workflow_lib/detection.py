@@ -49,17 +49,28 @@ def gaussian_kernel(fwhm: float, *, size: int | None = None) -> np.ndarray:
 
 
 def _prepare(image, variance, mask):
+    """sep's inputs: float32 data and noise, masked pixels zeroed / filled, and the mask."""
     data = native_float(image)
     var = native_float(variance)
-    bad = ~np.isfinite(data) | ~np.isfinite(var) | (var <= 0)
+    bad = ~np.isfinite(data)
+    bad |= ~np.isfinite(var)
+    bad |= var <= 0
     if mask is not None:
         bad |= np.asarray(mask, dtype=bool)
     if bad.any():
-        data = np.where(bad, 0.0, data).astype(np.float32)
-        good_var = var[~bad]
-        fill = float(np.median(good_var)) if good_var.size else 1.0
-        var = np.where(bad, fill, var).astype(np.float32)
-    return data, np.sqrt(var), np.ascontiguousarray(bad)
+        data = np.where(bad, np.float32(0.0), data)
+        # The fill only keeps sep's noise finite on pixels it ignores anyway:
+        # a median of a subsample is as good as the full one.
+        step = max(1, int(np.sqrt(var.size / 1.0e6)))
+        good_var = var[::step, ::step][~bad[::step, ::step]]
+        if good_var.size == 0:
+            good_var = var[~bad]
+        fill = np.float32(np.median(good_var)) if good_var.size else np.float32(1.0)
+        err = np.where(bad, fill, var)
+    else:
+        err = var.copy()
+    np.sqrt(err, out=err)
+    return data, err, np.ascontiguousarray(bad)
 
 
 def detect_sources(
@@ -176,16 +187,18 @@ def detect_with_background(
     n_pass = max(1, int(n_pass))
     for k in range(n_pass):
         bkg = estimate_background(image, mask=bkg_mask, box_size=box_size, filter_size=filter_size)
+        subtracted = np.subtract(image, bkg.image, dtype=np.float32)
         if k < n_pass - 1:
             # Earlier passes only mask sources for the sky: detect on a 2x2-binned
             # image (4x fewer pixels), no deblending or windowed centroids.
-            footprints = _binned_footprints(
-                image - bkg.image, variance, ignore, threshold_sigma=threshold_sigma, fwhm=fwhm
-            )
-            bkg_mask = ignore | dilate_mask(footprints, radius=dilate_fwhm * fwhm)
+            bkg_mask = _binned_footprints(
+                subtracted, variance, ignore, threshold_sigma=threshold_sigma, fwhm=fwhm,
+                dilate_radius=dilate_fwhm * fwhm,
+            )  # fmt: skip
+            bkg_mask |= ignore
             continue
         det = detect_sources(
-            image - bkg.image,
+            subtracted,
             variance,
             ignore,
             threshold_sigma=threshold_sigma,
@@ -204,30 +217,53 @@ def _binned_footprints(
     *,
     threshold_sigma: float,
     fwhm: float,
+    dilate_radius: float = 0.0,
 ) -> np.ndarray:
-    """Detected pixels found on the image binned 2x2 (sums), back at full size."""
+    """Detected pixels found on the image binned 2x2 (sums), grown by ``dilate_radius``,
+    back at full size.
+
+    The footprints are unions of 2x2 blocks, so growing them by an even
+    number of pixels 2k equals growing the binned map by k and expanding:
+    the growth is done on the 4x smaller map, exactly.
+    """
     ny, nx = image.shape
+    r = int(np.ceil(dilate_radius)) if dilate_radius > 0 else 0
     if ny < 16 or nx < 16:
         det = detect_sources(image, variance, ignore, threshold_sigma=threshold_sigma,
                              fwhm=fwhm, windowed=False, deblend_cont=1.0)  # fmt: skip
-        return det.footprints
+        return dilate_mask(det.footprints, radius=r)
     by, bx = ny // 2 * 2, nx // 2 * 2
 
     def binned(a: np.ndarray) -> np.ndarray:
-        a = np.asarray(a, dtype=np.float32)[:by, :bx]
-        return a.reshape(by // 2, 2, bx // 2, 2).sum(axis=(1, 3))
+        a = np.asarray(a)
+        out = np.add(a[0:by:2, 0:bx:2], a[1:by:2, 0:bx:2], dtype=np.float32)
+        out += a[0:by:2, 1:bx:2]
+        out += a[1:by:2, 1:bx:2]
+        return out
 
-    bad = np.asarray(ignore, dtype=np.float32)[:by, :bx].reshape(by // 2, 2, bx // 2, 2)
-    bad = bad.max(axis=(1, 3)) > 0
-    var = np.where(np.isfinite(variance), variance, 0.0)
+    def binned_finite(a: np.ndarray) -> np.ndarray:
+        out = binned(a)
+        if not np.isfinite(out).all():  # rare: non-finite pixels count as 0
+            out = binned(np.where(np.isfinite(a), a, np.float32(0.0)))
+        return out
+
+    bad = ignore[0:by:2, 0:bx:2] | ignore[1:by:2, 0:bx:2]
+    bad |= ignore[0:by:2, 1:bx:2]
+    bad |= ignore[1:by:2, 1:bx:2]
+    data, var = binned_finite(image), binned_finite(variance)
     det = detect_sources(
-        binned(np.where(np.isfinite(image), image, 0.0)), binned(var), bad,
-        threshold_sigma=threshold_sigma, fwhm=max(fwhm / 2.0, 1.0), windowed=False,
-        deblend_cont=1.0,
+        data, var, bad, threshold_sigma=threshold_sigma, fwhm=max(fwhm / 2.0, 1.0),
+        windowed=False, deblend_cont=1.0,
     )  # fmt: skip
+    footprints = det.footprints
+    exact = r % 2 == 0 and (by, bx) == (ny, nx)
+    if exact:
+        footprints = dilate_mask(footprints, radius=r // 2)
     full = np.zeros((ny, nx), dtype=bool)
-    full[:by, :bx] = det.footprints.repeat(2, axis=0).repeat(2, axis=1)
-    return full
+    # Each binned pixel back onto its 2x2 block, by one broadcast assignment.
+    blocks = full[:by, :bx].reshape(by // 2, 2, bx // 2, 2)
+    blocks[...] = footprints[:, None, :, None]
+    return full if exact else dilate_mask(full, radius=r)
 
 
 def estimate_fwhm(table: pd.DataFrame, *, min_snr_flux: float | None = None) -> float:

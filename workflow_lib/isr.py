@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import re
-import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from astropy.wcs import WCS
 
 from workflow_lib.cosmic_rays import detect_cosmic_rays, interpolate_masked
 from workflow_lib.exposure import MASK_DTYPE, Exposure, MaskPlanes
+from workflow_lib.timing import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -443,7 +443,8 @@ class IsrResult:
     exposure: Exposure
     steps: dict[str, str]
     stats: dict[str, float] = field(default_factory=dict)
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # wall seconds per sub-step
+    cpu_timings: dict[str, float] = field(default_factory=dict)  # process CPU seconds
 
 
 @dataclass(frozen=True)
@@ -515,10 +516,9 @@ def _finish(
     wcs: WCS | None,
     steps: dict[str, str],
     stats: dict[str, float],
-    timings: dict[str, float],
+    clock: PhaseClock,
 ) -> IsrResult:
     """Masks, cosmic rays, interpolation and the Exposure: shared by raw and eimage ISR."""
-    t = time.perf_counter()
     planes = MaskPlanes()
     mask = np.zeros(image.shape, dtype=MASK_DTYPE)
     sat = _grow(saturated, saturation_grow)
@@ -536,14 +536,17 @@ def _finish(
         image[no_data] = 0.0
         variance[no_data] = 0.0
     stats.update(n_saturated=int(sat.sum()), n_bad=int(bad.sum()))
-    timings["masks"] = time.perf_counter() - t
+    clock.lap("masks")
 
-    t = time.perf_counter()
     unusable = sat | bad | (no_data if no_data is not None else False)
     if cosmic_rays:
-        filled = np.where(unusable, np.float32(0.0), image) if nonfinite.any() else image
+        # Copies only where a non-finite pixel needs filling (detection reads, never writes).
+        filled, finite_variance = image, variance
+        if nonfinite.any():
+            filled = np.where(unusable, np.float32(0.0), image)
+            finite_variance = np.where(nonfinite, np.float32(1.0), variance)
         cr = detect_cosmic_rays(
-            filled, np.where(nonfinite, np.float32(1.0), variance), mask=unusable,
+            filled, finite_variance, mask=unusable,
             read_noise=read_noise, sigclip=cr_config.sigclip, sigfrac=cr_config.sigfrac,
             objlim=cr_config.objlim, niter=cr_config.niter,
         )  # fmt: skip
@@ -558,9 +561,8 @@ def _finish(
     else:
         steps["cosmic_rays"] = "skipped: disabled"
         crmask = np.zeros(image.shape, dtype=bool)
-    timings["cosmic_rays"] = time.perf_counter() - t
+    clock.lap("cosmic_rays")
 
-    t = time.perf_counter()
     interp = sat | bad | crmask
     if no_data is not None:
         interp &= ~no_data
@@ -573,7 +575,7 @@ def _finish(
     np.maximum(variance, floor, out=variance)
     if no_data is not None and no_data.any():
         variance[no_data] = 0.0
-    timings["interpolation"] = time.perf_counter() - t
+    clock.lap("interpolation")
 
     metadata["BUNIT"] = ("electron", "image unit after ISR")
     for step, text in steps.items():
@@ -586,7 +588,9 @@ def _finish(
     exposure = Exposure(
         image=image, variance=variance, mask=mask, wcs=wcs, metadata=metadata, mask_planes=planes
     )
-    return IsrResult(exposure=exposure, steps=steps, stats=stats, timings=timings)
+    return IsrResult(
+        exposure=exposure, steps=steps, stats=stats, timings=clock.wall, cpu_timings=clock.cpu
+    )
 
 
 def run_isr(
@@ -616,9 +620,8 @@ def run_isr(
     skips its step, recorded in ``steps`` and as an ISR_* card. Raises
     :class:`UnprocessableExposure` when almost no pixel is usable.
     """
-    timings: dict[str, float] = {}
+    clock = PhaseClock()
     steps: dict[str, str] = {}
-    t = time.perf_counter()
     frame = process_amplifiers(amplifiers, header=primary_header)
     check_usable(frame.image, frame.saturated)
     image = frame.image
@@ -636,9 +639,8 @@ def run_isr(
     )  # fmt: skip
     rn_map = frame.read_noise_map()
     read_noise = float(np.median([a.read_noise for a in frame.amps]))
-    timings["assemble"] = time.perf_counter() - t
+    clock.lap("assemble")
 
-    t = time.perf_counter()
     suspect = np.zeros(shape, dtype=bool)
     for master, what in ((bias, "bias"), (dark, "dark"), (flat, "flat")):
         _check_shape(master, shape, what)
@@ -648,29 +650,38 @@ def run_isr(
         raise ValueError(f"defect mask is {defects.shape}, the exposure is {shape}")
     variance = rn_map
     variance *= rn_map  # read noise^2, in place: the map is ours
+    # One scratch frame for the products below, instead of a new frame each.
+    scratch = np.empty_like(image)
     if bias is not None:
         image -= bias.image
         variance += bias.variance
         steps["bias"] = f"done: master of {bias.n_frames} frames"
     else:
         steps["bias"] = "skipped: no master bias"
-    variance += np.maximum(image, 0.0)  # photons and dark charge, e-
+    variance += np.maximum(image, np.float32(0.0), out=scratch)  # photons and dark charge, e-
     darktime = frame.darktime
     if dark is not None:
-        image -= dark.image * np.float32(darktime)
-        variance += dark.variance * np.float32(darktime**2)
+        image -= np.multiply(dark.image, np.float32(darktime), out=scratch)
+        variance += np.multiply(dark.variance, np.float32(darktime**2), out=scratch)
         steps["dark"] = f"done: master of {dark.n_frames} frames x {darktime:g} s"
     else:
         steps["dark"] = "skipped: no master dark"
     bad = ~np.isfinite(image)
     if flat is not None:
-        f = flat.image
-        unusable = ~(f >= min_flat) | ~np.isfinite(f)
+        unusable = ~(flat.image >= min_flat)
+        unusable |= ~np.isfinite(flat.image)
         bad |= unusable
-        f = np.where(unusable, np.float32(1.0), f)
+        f = np.where(unusable, np.float32(1.0), flat.image)
         image /= f
-        variance /= f * f
-        variance += image * image * np.where(unusable, np.float32(0.0), flat.variance) / (f * f)
+        f2 = np.multiply(f, f, out=f)
+        variance /= f2
+        # + image^2 var(flat) / f^2, the flat's error (none where it is unusable)
+        np.multiply(image, image, out=scratch)
+        scratch *= flat.variance
+        scratch[unusable] = 0.0
+        scratch /= f2
+        variance += scratch
+        del f, f2
         band = str(primary_header.get("FILTER", "")).strip()
         note = "" if not flat.band or flat.band == band else f" (flat band {flat.band}!)"
         steps["flat"] = f"done: master of {flat.n_frames} frames{note}"
@@ -684,7 +695,7 @@ def run_isr(
     else:
         steps["defects"] = "skipped: no defect map"
     steps["variance"] = "done: (photons + dark + read noise^2) / flat^2 + master errors"
-    timings["calibrate"] = time.perf_counter() - t
+    clock.lap("calibrate")
 
     no_data = ~frame.covered
     result = _finish(
@@ -693,7 +704,7 @@ def run_isr(
         read_noise=read_noise, cosmic_rays=cosmic_rays, cr_config=cr_config,
         saturation_grow=saturation_grow, metadata=_metadata(primary_header),
         wcs=_header_wcs(primary_header), steps=steps,
-        stats={"read_noise": read_noise, "darktime": darktime}, timings=timings,
+        stats={"read_noise": read_noise, "darktime": darktime}, clock=clock,
     )  # fmt: skip
     for amp in frame.amps:
         result.exposure.metadata[f"HIERARCH ISR {amp.name} RDNOISE"] = round(amp.read_noise, 4)
@@ -748,10 +759,9 @@ def eimage_exposure(
     SATURATE (e-), else from flat-topped columns (charge capped at full
     well). Cosmic rays are found and interpolated as for raws.
     """
-    timings: dict[str, float] = {}
+    clock = PhaseClock()
     steps: dict[str, str] = {"overscan": "skipped: eimage", "bias": "skipped: eimage",
                              "dark": "skipped: eimage", "flat": "skipped: eimage"}  # fmt: skip
-    t = time.perf_counter()
     image = np.array(data, dtype=np.float32, copy=True)
     if image.ndim != 2:
         raise ValueError(f"an eimage must be 2-d, got shape {image.shape}")
@@ -784,12 +794,12 @@ def eimage_exposure(
     else:
         steps["variance"] = "done: max(image, 0) + read noise^2"
     steps["defects"] = "skipped: eimage"
-    timings["calibrate"] = time.perf_counter() - t
+    clock.lap("calibrate")
     return _finish(
         image, variance, saturated=saturated, bad=~np.isfinite(image), suspect=None,
         no_data=None, read_noise=float(read_noise), cosmic_rays=cosmic_rays,
         cr_config=cr_config, saturation_grow=saturation_grow,
         metadata=_metadata(primary_header), wcs=_header_wcs(primary_header), steps=steps,
         stats={"read_noise": float(read_noise), "variance_excess": max(excess, 0.0)},
-        timings=timings,
+        clock=clock,
     )  # fmt: skip

@@ -50,16 +50,17 @@ def write_exposure(
             header[key] = (value, comment)
         return header
 
+    # np.asarray: no copy of planes that already have the written dtype.
     extensions: list[tuple[str, np.ndarray, fits.Header]] = [
-        ("IMAGE", exposure.image.astype(np.float32), with_wcs([("BUNIT", bunit, "")])),
+        ("IMAGE", np.asarray(exposure.image, np.float32), with_wcs([("BUNIT", bunit, "")])),
         (
             "MASK",
-            exposure.mask.astype(MASK_DTYPE),
+            np.asarray(exposure.mask, MASK_DTYPE),
             with_wcs(exposure.mask_planes.to_cards()),
         ),
         (
             "VARIANCE",
-            exposure.variance.astype(np.float32),
+            np.asarray(exposure.variance, np.float32),
             with_wcs([("BUNIT", f"{bunit}**2" if bunit else "", "")]),
         ),
     ]
@@ -87,9 +88,10 @@ def read_exposure(path: str | os.PathLike[str]) -> Exposure:
         primary = hdul[0].header.copy()
         image_header = hdul["IMAGE"].header
         mask_header = hdul["MASK"].header
-        image = to_native(hdul["IMAGE"].data)
-        mask = to_native(hdul["MASK"].data).astype(MASK_DTYPE)
-        variance = to_native(hdul["VARIANCE"].data)
+        # Read without memmap, so the arrays are ours: swap them in place.
+        image = to_native(hdul["IMAGE"].data, in_place=True)
+        mask = to_native(hdul["MASK"].data, in_place=True).astype(MASK_DTYPE, copy=False)
+        variance = to_native(hdul["VARIANCE"].data, in_place=True)
         psf = None
         if "PSF" in names:
             psf = PsfModel.from_header_and_cube(hdul["PSF"].header, to_native(hdul["PSF"].data))

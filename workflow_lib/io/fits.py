@@ -18,11 +18,19 @@ from workflow_lib.io.atomic import atomic_output
 FITS_SUFFIXES = (".fits", ".fits.gz", ".fits.fz", ".fit", ".fz")
 
 
-def to_native(array: np.ndarray) -> np.ndarray:
-    """Return ``array`` in native byte order (a no-op view if it already is)."""
+def to_native(array: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+    """Return ``array`` in native byte order (a no-op view if it already is).
+
+    With ``in_place`` a writable array that owns its buffer (just read from a
+    file) is swapped where it lies instead of copied: no second full-size
+    array, and one pass over memory instead of two.
+    """
     array = np.asarray(array)
     if array.dtype.byteorder not in ("=", "|") and array.dtype.byteorder != _native_order():
-        return array.astype(array.dtype.newbyteorder("="))
+        native = array.dtype.newbyteorder("=")
+        if in_place and array.flags.writeable and array.flags.c_contiguous:
+            return array.byteswap(inplace=True).view(native)
+        return array.astype(native)
     return array
 
 
@@ -56,9 +64,9 @@ def read_image_hdus(
         primary = hdul[0].header.copy()
         for hdu in hdul[1:]:
             if isinstance(hdu, (fits.ImageHDU, fits.CompImageHDU)) and hdu.data is not None:
-                images.append((to_native(hdu.data), hdu.header.copy()))
+                images.append((to_native(hdu.data, in_place=True), hdu.header.copy()))
         if not images and hdul[0].data is not None:
-            images.append((to_native(hdul[0].data), primary))
+            images.append((to_native(hdul[0].data, in_place=True), primary))
     return primary, images
 
 
