@@ -110,8 +110,25 @@ def _metrics(args: argparse.Namespace) -> int:
         butler.get("truth_ccdvisit"),
         snr_min=args.snr_min,
     )
-    print(json.dumps(metrics, indent=2))
+    result: dict = {"single_frame": metrics}
+    if args.static_sky and butler.exists("Object"):
+        from workflow_lib.steps.quality import static_sky_quality
+
+        window = (args.template_mjd_min, args.template_mjd_max)
+        result["static_sky"] = static_sky_quality(args.output_dir, template_window=window)
+    print(json.dumps(result, indent=2, default=_json_default))
     return 0
+
+
+def _json_default(value: object) -> object:
+    """numpy scalars and arrays in the metrics become plain JSON."""
+    import numpy as np
+
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return str(value)
 
 
 def _consolidate(args: argparse.Namespace) -> int:
@@ -184,6 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     met = sub.add_parser("metrics", help="quality of a simulated run's products against its truth")
     met.add_argument("output_dir")
     met.add_argument("--snr-min", type=float, default=50.0, help="bright-star S/N threshold")
+    met.add_argument(
+        "--no-static-sky",
+        dest="static_sky",
+        action="store_false",
+        help="single-frame figures only (the static-sky ones re-measure template coadds)",
+    )
+    met.add_argument("--template-mjd-min", type=float, default=None)
+    met.add_argument(
+        "--template-mjd-max", type=float, default=60630.0, help="the run's template.mjd_max"
+    )
     met.set_defaults(func=_metrics)
 
     con = sub.add_parser(
