@@ -34,7 +34,7 @@ pytestmark = pytest.mark.workflow
 
 CLUSTER_SCRIPT = REPO / "scripts" / "slurm" / "cluster.sh"
 PACKAGES = ("slurmctld", "slurmd", "slurmdbd", "slurm-client", "munge", "mariadb-server")
-RUN_TIMEOUT_S = 480
+RUN_TIMEOUT_S = 900
 
 
 def _why_no_cluster() -> str | None:
@@ -143,8 +143,14 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
     detectors = sorted(local_ccd["detector"].unique())
     for detector in detectors:
         assert comments.count(f"calib_{detector}") == 1, comments
-    # prepare (ingest + refcat) one job; the two tables and the run summary one each.
-    assert len(jobs) == len(visits) + len(detectors) + 1 + 3, comments
+    # Per visit also one job of forced photometry; per patch one job of coadds
+    # and Objects; prepare (ingest, refcat, sky map) one job; the four tables
+    # and the run summary one each.
+    n_patches = len(set(re.findall(r"patch_\d+_\d+", comments)))
+    assert n_patches >= 1, comments
+    for visit in visits:
+        assert comments.count(f"forced_{visit}") == 1, comments
+    assert len(jobs) == 2 * len(visits) + len(detectors) + n_patches + 1 + 5, comments
 
     # The products equal the local run's, row for row.
     slurm = Butler(tmp_path / "results")

@@ -44,21 +44,33 @@ def profile_dry_run(tmp_path_factory) -> str:
 def test_ccds_are_grouped_per_visit_and_calibrations_per_detector(profile_dry_run):
     groups, ungrouped = grouped_jobs(profile_dry_run)
     # Every job is in a group job but the consolidated tables (see the profile).
-    assert sorted(ungrouped) == ["all", "ccdvisit_table", "run_summary", "source_table"]
+    tables = ["ccdvisit_table", "forced_source_table", "object_table", "source_table"]
+    assert sorted(ungrouped) == sorted(["all", "run_summary", *tables])
     visit_groups = {g: jobs for g, jobs in groups.items() if g.startswith("visit_")}
     ccds = [wc for jobs in visit_groups.values() for rule, wc in jobs if rule == "process_ccd"]
     assert len(ccds) == 20  # the tiny survey: 10 visits x 2 detectors
     for name, jobs in visit_groups.items():
-        assert {rule for rule, _ in jobs} == {"process_ccd"}
+        # A visit's CCDs are processed and warped in one job.
+        assert {rule for rule, _ in jobs} == {"process_ccd", "warp"}
         assert {wc["visit"] for _, wc in jobs} == {name.removeprefix("visit_")}
-        assert sorted(wc["detector"] for _, wc in jobs) == ["0", "1"]
+        for rule in ("process_ccd", "warp"):
+            assert sorted(wc["detector"] for r, wc in jobs if r == rule) == ["0", "1"]
+    patch_groups = {g: jobs for g, jobs in groups.items() if g.startswith("patch_")}
+    assert patch_groups, "per-patch coadds and Objects are grouped"
+    for jobs in patch_groups.values():
+        assert {rule for rule, _ in jobs} == {"deep_coadd", "template_coadd", "coadd_objects"}
+        assert len({(wc["tract"], wc["patch"]) for _, wc in jobs}) == 1
     calib_groups = {g: jobs for g, jobs in groups.items() if g.startswith("calib_")}
     assert sorted(calib_groups) == ["calib_0", "calib_1"]
     for name, jobs in calib_groups.items():
         rules = sorted(rule for rule, _ in jobs)
         assert rules == ["defects", "master_bias", "master_dark"] + ["master_flat"] * 3
         assert {wc["detector"] for _, wc in jobs} == {name.removeprefix("calib_")}
-    assert sorted(rule for rule, _ in groups["prepare"]) == ["ingest_raw", "shard_refcat"]
+    assert sorted(rule for rule, _ in groups["prepare"]) == [
+        "ingest_raw",
+        "make_skymap",
+        "shard_refcat",
+    ]
 
 
 def test_workflow_profile_resources_reach_the_jobs(profile_dry_run):
