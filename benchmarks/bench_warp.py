@@ -38,7 +38,6 @@ import importlib.util  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -47,6 +46,8 @@ from dataclasses import replace  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
+
+from benchmarks.harness import run_once  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,7 +132,7 @@ def swarp_binary() -> str | None:
 
 
 def run_swarp(binary: str, calexp, target, shape, work: Path):  # type: ignore[no-untyped-def]
-    """SWarp's warp of the calexp onto the patch grid: (image, x0, y0), wall, CPU seconds."""
+    """SWarp's warp onto the patch grid: (image, x0, y0), wall s, CPU s, peak RSS MiB."""
     from astropy.io import fits
 
     header = calexp.wcs.to_header(relax=True)
@@ -152,19 +153,15 @@ def run_swarp(binary: str, calexp, target, shape, work: Path):  # type: ignore[n
         "-VERBOSE_TYPE", "QUIET", "-DELETE_TMPFILES", "N",
     ]  # fmt: skip
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    w0 = time.perf_counter()
-    done = subprocess.run(command, cwd=work, capture_output=True, text=True)
-    wall = time.perf_counter() - w0
+    wall, peak_rss = run_once(command, cwd=str(work))  # raises with SWarp's stderr on failure
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
-    if done.returncode != 0:
-        raise RuntimeError(f"SWarp failed ({done.returncode}):\n{done.stderr[-3000:]}")
     with fits.open(work / "in.resamp.fits") as hdul:
         out = hdul[0].data.astype(np.float64)
         # The resampled image is the patch grid cut to the overlap: its CRPIX says where.
         x0 = round(head["CRPIX1"] - hdul[0].header["CRPIX1"])
         y0 = round(head["CRPIX2"] - hdul[0].header["CRPIX2"])
-    return (out, x0, y0), wall, cpu
+    return (out, x0, y0), wall, cpu, peak_rss
 
 
 def compare(ours, other: np.ndarray, x0: int, y0: int, sigma: float) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -259,11 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         print("  SWarp: no 'swarp' or 'SWarp' on the PATH (apt-get install swarp); skipped")
     else:
         with tempfile.TemporaryDirectory(prefix="bench-warp-") as tmp:
-            walls, cpus = [], []
+            walls, cpus, rss = [], [], 0.0
             for _ in range(args.repeats):
-                (out, x0, y0), wall, cpu = run_swarp(binary, calexp, target, shape, Path(tmp))
+                (out, x0, y0), wall, cpu, peak = run_swarp(binary, calexp, target, shape, Path(tmp))
                 walls.append(wall)
                 cpus.append(cpu)
+                rss = max(rss, peak)
             swarp_wall, swarp_cpu = statistics.median(walls), statistics.median(cpus)
             rows.append(("SWarp lanczos3 (incl. FITS I/O)", swarp_wall, swarp_cpu))
             # SWarp ignores SIP terms (it reads TPV distortions): compare the outputs on
@@ -272,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
             tan.sip = None
             tan.wcs.ctype = ["RA---TAN", "DEC--TAN"]
             plain = replace(calexp, wcs=tan)
-            (out, x0, y0), _, _ = run_swarp(binary, plain, target, shape, Path(tmp))
+            (out, x0, y0), *_ = run_swarp(binary, plain, target, shape, Path(tmp))
             accuracy["SWarp (TAN WCS)"] = compare(
                 warp_exposure(plain, target, bbox), out, x0, y0, sigma
             )

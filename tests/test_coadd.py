@@ -622,13 +622,13 @@ def test_inputs_table(survey, deep):
     assert (table["noise_correlation"] > 1.2).all()
     header = deep.exposure.metadata
     assert header["REJECT"] == "COMPAREWARP" and header["NVISITS"] == len(VISITS)
-    assert header["BAND"] == "r" and header["COADDTYP"] == "DIRECT"
+    assert header["BAND"] == "r" and header["REJINPUT"] == "PARTNER"
 
 
 def test_template_coadd_from_psf_matched_warps(survey):
     result = assemble_coadd(wrap(survey.matched), shape=SHAPE, wcs=None)
     e = result.exposure
-    assert e.metadata["COADDTYP"] == "PSFMATCHED" and e.metadata["REJECT"] == "COMPAREWARP"
+    assert e.metadata["REJINPUT"] == "SELF" and e.metadata["REJECT"] == "COMPAREWARP"
     # The coadd PSF is the model PSF everywhere.
     model = fwhm_of_image(psf_model(MODEL_SIGMA).kernel_at(0, 0))
     for x, y in [(30, 30), (135, 115), (240, 200)]:
@@ -784,3 +784,28 @@ def test_pure_noise_is_not_clipped_and_byte_order_does_not_matter():
         rejection_inputs=[BigEndianRows(e) for e in matched], strip_rows=50,
     )  # fmt: skip
     assert_same_coadd(result, swapped)
+
+
+def split_rows(e: Exposure, at: int) -> list[Exposure]:
+    """Two 'detectors' of one visit: the rows below and above ``at``."""
+    parts = []
+    for detector, rows in ((7, slice(0, at)), (8, slice(at, e.shape[0]))):
+        meta = e.metadata.copy()
+        meta["DETECTOR"] = detector
+        origin = (e.origin[0], e.origin[1] + rows.start)
+        parts.append(Exposure(e.image[rows], e.variance[rows], e.mask[rows], psf=e.psf,
+                              metadata=meta, origin=origin))  # fmt: skip
+    return parts
+
+
+def test_visit_split_into_detectors_gives_the_same_coadd(survey, deep):
+    direct = split_rows(survey.direct[0], 115) + survey.direct[1:]
+    matched = split_rows(survey.matched[0], 115) + survey.matched[1:]
+    split = assemble_coadd(wrap(direct), shape=SHAPE, wcs=None, rejection_inputs=wrap(matched))
+    assert list(split.inputs["detector"][:2]) == [7, 8]
+    assert split.inputs["n_used"][:2].sum() == deep.inputs["n_used"][0]
+    # Identical wherever neither clipped (each detector measures its own noise correlation).
+    same = ~(split.exposure.mask_of("CLIPPED") | deep.exposure.mask_of("CLIPPED"))
+    assert same.mean() > 0.75
+    np.testing.assert_array_equal(split.exposure.image[same], deep.exposure.image[same])
+    np.testing.assert_array_equal(split.n_image, deep.n_image)

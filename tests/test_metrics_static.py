@@ -215,6 +215,11 @@ def test_detection_completeness_reaches_the_predicted_depth():
     image, variance = render_band(shape, scene, "r", profile, sky_sigma=sky, rng=rng)
     coadd = exposure_from(image, variance, wcs=wcs, psf=psf)
     detections = objects.detect_coadd_sources(coadd)
+    # The depth of the real coadd with its measured noise factor (white noise here, but
+    # 250 undetected stars in 420^2 pixels add ~15% of confusion noise), as detection uses.
+    measured = objects.coadd_psf_depth(coadd)
+    assert 1.0 <= measured["noise_factor"] < 1.3
+    depth = measured["depth_median"]
     merged = objects.merge_detections({"r": detections}, wcs)
     table = objects.measure_objects({"r": coadd}, merged, id_base=0)
     ra, dec = wcs.all_pix2world(x, y, 0)
@@ -225,3 +230,35 @@ def test_detection_completeness_reaches_the_predicted_depth():
                                                region=inner)  # fmt: skip
     assert result["passed"], result
     assert result["c_max"] > 0.9
+    # Against the variance-plane depth (no noise factor) too.
+    plain = objects.coadd_psf_depth(coadd, noise_factor=1.0)["depth_median"]
+    assert abs(result["m50"] - plain) <= 0.3
+
+
+def test_systematic_floor_of_bright_star_pulls():
+    rng = np.random.default_rng(7)
+    truth = _truth(rng, n_star=500, n_gal=0)
+    truth["r_mag"] = rng.uniform(17.0, 20.0, len(truth))
+    table = _objects_from(truth, truth.index, rng=rng)
+    rows = _forced_rows(truth, table, rng)
+    true = 10 ** (-0.4 * (truth.set_index("id").loc[1000 + rows["objectId"] - 1, "r_mag"] - 31.4))
+    # A 2% calibration scatter on top of the (correct) statistical errors.
+    rows["psfFlux"] += rng.normal(0.0, 0.02, len(rows)) * true.to_numpy()
+    result = metrics.forced_photometry_pulls(rows, table, truth)
+    assert result["systematic_floor_mmag"] == pytest.approx(21.7, rel=0.1)
+    assert result["by_snr"]["100-1e+09"]["sigma"] > 2.0
+
+
+def test_completeness_not_reaching_half_gives_a_lower_limit():
+    rng = np.random.default_rng(9)
+    truth = _truth(rng, n_star=800, n_gal=0)
+    truth["r_mag"] = rng.uniform(18.0, 24.0, len(truth))
+    table = _objects_from(truth, truth.index, rng=rng)  # all found
+    region = lambda ra, dec: np.ones(np.size(ra), dtype=bool)  # noqa: E731
+    deep = metrics.point_source_completeness(table, truth, band="r", depth_mag=26.0, region=region)
+    assert not deep["m50_reached"] and np.isnan(deep["m50"])
+    assert deep["m50_lower_limit"] == pytest.approx(23.4, abs=0.1)
+    assert deep["passed"] is None
+    shallow = metrics.point_source_completeness(table, truth, band="r", depth_mag=22.0,
+                                                region=region)  # fmt: skip
+    assert shallow["passed"] is False

@@ -410,7 +410,9 @@ def test_mask_planes_propagate_through_rotation() -> None:
     mask = np.zeros(shape, np.int32)
     mask[100, 90] = planes.bitmask("CR")
     mask[20:40, 150:170] = planes.bitmask("NO_DATA")
-    calexp = Exposure(np.ones(shape), np.ones(shape), mask, wcs=wcs)
+    image = np.ones(shape)
+    image[150, 60] = np.nan  # a non-finite pixel must not spread: it becomes BAD
+    calexp = Exposure(image, np.ones(shape), mask, wcs=wcs)
     target = patch_wcs((400, 400), (56.0, -30.0))
     warp = warp_exposure(calexp, target, (0, 0, 400, 400))
     # CR: the 2x2 bilinear footprint around the pixel's image in the warp.
@@ -423,6 +425,11 @@ def test_mask_planes_propagate_through_rotation() -> None:
     ra, dec = wcs.all_pix2world([160.0], [30.0], 0)
     bx, by = (round(float(v[0])) for v in warp.wcs.all_world2pix(ra, dec, 0))
     assert warp.mask_of("NO_DATA")[by - 6 : by + 7, bx - 6 : bx + 7].all()
+    assert np.isfinite(warp.image).all() and np.isfinite(warp.variance).all()
+    ra, dec = wcs.all_pix2world([60.0], [150.0], 0)
+    nx_, ny_ = (float(v[0]) for v in warp.wcs.all_world2pix(ra, dec, 0))
+    ys, xs = np.nonzero(warp.mask_of("BAD"))
+    assert 16 <= len(xs) <= 49 and np.all(np.hypot(xs - nx_, ys - ny_) < 4.5)
 
 
 def test_agrees_with_reproject() -> None:
@@ -625,13 +632,20 @@ def test_psf_matching_propagates_variance_and_masks() -> None:
     calexp.image[:] = rng.normal(0.0, sigma, shape)
     calexp.variance[:] = sigma**2
     calexp.set_mask("CR", np.pad(np.ones((1, 1), bool), ((200, 199), (150, 249))))
+    dead = np.zeros(shape, bool)
+    dead[300:310, 280:290] = True
+    calexp.set_mask("NO_DATA", dead)
+    calexp.image[dead] = 0.0
     matched = psf_match_exposure(calexp, model_psf(4.5), grid_spacing=200)
-    grow = matched.metadata["PSFMGROW"]
-    assert 2 <= grow <= 20
+    grow, edge = matched.metadata["PSFMGROW"], matched.metadata["PSFMEDGE"]
+    assert 2 <= grow <= edge <= 20
     good = ~matched.mask_of("NO_DATA")
-    assert (
-        not good[:grow].any() and not good[:, -grow:].any() and good[grow:-grow, grow:-grow].all()
-    )
+    assert not good[:edge].any() and not good[:, -edge:].any()
+    hole = ~good[edge:-edge, edge:-edge]
+    ys, xs = np.nonzero(hole)
+    assert (ys.min() + edge, ys.max() + edge) == (300 - edge, 309 + edge)
+    assert (xs.min() + edge, xs.max() + edge) == (280 - edge, 289 + edge)
+    assert hole.sum() == (10 + 2 * edge) ** 2
     # Per-pixel variance of convolved white noise is sigma^2 sum K^2: the plane says so.
     ratio = np.var(matched.image[good]) / np.mean(matched.variance[good])
     assert abs(ratio - 1.0) < 0.05

@@ -6,15 +6,20 @@ which all share one model PSF, so a star looks the same in every one of them
 whatever the seeing of its visit: each warp is compared with a robust
 reference (median-seeded, sigma-clipped weighted mean) and the significant
 parts of its difference, if they appear in only a minority of the epochs
-covering a pixel, are rejected. The coadd itself is then a plain weighted mean
-of the *direct* warps without those pixels, so bright-star cores of visits
-with different seeing are never clipped and the coadd PSF (the same weighted
-mean of the input PSFs) describes the stars.
+covering a pixel, are rejected (:mod:`workflow_lib.compare_warp`). The coadd
+itself is then a plain weighted mean of the *direct* warps without those
+pixels, so bright-star cores of visits with different seeing are never
+clipped and the coadd PSF (the same weighted mean of the input PSFs,
+:mod:`workflow_lib.coadd_psf`) describes the stars. Direct pixels whose
+PSF-matched partner has no data (the border the matching kernel eats) could
+hide artifacts and are left out, as LSST does with PSF-matched valid polygons;
+with fewer than three epochs nothing can be rejected and every pixel is used.
 
 Everything is done in row strips: memory is bounded by strip rows x patch
-width x the number of overlapping inputs, never by the patch area times the
-number of inputs. Inputs implement :class:`WarpInput` (an in-memory one here,
-a FITS-backed one in ``workflow_lib.io.warp_input``).
+width x the number of overlapping inputs (:mod:`workflow_lib.coadd_inputs`),
+never by the patch area times the number of inputs. Inputs implement
+:class:`WarpInput` (in memory: :class:`ExposureWarpInput`; from FITS files:
+``workflow_lib.io.warp_input.FitsWarpInput``).
 """
 
 from __future__ import annotations
@@ -642,7 +647,10 @@ def _coadd_header(
     if np.isfinite(table["mjd"]).any():
         header["MJDMIN"] = (float(np.nanmin(table["mjd"])), "earliest input MJD")
         header["MJDMAX"] = (float(np.nanmax(table["mjd"])), "latest input MJD")
-    header["COADDTYP"] = ("PSFMATCHED" if template_mode else "DIRECT", "warp type of the inputs")
+    header["REJINPUT"] = (
+        "SELF" if template_mode else "PARTNER",
+        "artifacts found on the inputs themselves or on partner warps",
+    )
     header["STATISTC"] = ("MEAN", "inverse-variance weighted mean")
     header["REJECT"] = ("NONE" if reject_reason else "COMPAREWARP", "artifact rejection")
     if reject_reason:

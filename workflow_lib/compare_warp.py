@@ -55,6 +55,9 @@ class Reference:
 
 @dataclass(frozen=True)
 class RejectionParams:
+    """Settings of the rejection (see ``assemble_coadd``); ``smoothing`` is the 1-d
+    Gaussian of the model PSF, ``grow_radius`` in pixels, ``n_iter`` clip iterations."""
+
     clip_sigma: float
     detect_sigma: float
     model_error: float
@@ -213,10 +216,10 @@ def find_artifacts(
         if not valid.any():
             continue
         z = difference_z(stack, layer, reference, params, cs)
-        for index, lay, _, rcs in stack.regions:
+        for index, lay, rs, rcs in stack.regions:
             if lay == layer:  # each input's own noise correlation
-                sub = slice(rcs.start - cs.start, rcs.stop - cs.start)
-                z[:, sub] /= np.float32(prepared[index].noise_correlation)
+                sub = (rs, slice(rcs.start - cs.start, rcs.stop - cs.start))
+                z[sub] /= np.float32(prepared[index].noise_correlation)
         significance = smooth(z, params.smoothing) / white
         candidates = (np.abs(significance) > params.detect_sigma) & valid
         if candidates.any():

@@ -163,35 +163,51 @@ def build_entities(
     return entities
 
 
-def monotonic_template(template: np.ndarray, cx: int, cy: int) -> np.ndarray:
-    """``template`` made non-increasing outwards from pixel (cx, cy) (local coordinates).
+def monotonic_plan(h: int, w: int, cx: int, cy: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Rings of an (h, w) grid around pixel (cx, cy): for ring r = 1, 2, ... the flat
+    indices of its pixels and of each one's inward neighbour (one step towards the peak
+    along the dominant axis, and along the other too when the ray is near a diagonal)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    dx, dy = xx - cx, yy - cy
+    ring = np.maximum(np.abs(dx), np.abs(dy)).ravel()
+    inner_x = np.clip(xx - (2 * np.abs(dx) >= np.maximum(np.abs(dx), np.abs(dy))) * np.sign(dx),
+                      0, w - 1)  # fmt: skip
+    inner_y = np.clip(yy - (2 * np.abs(dy) >= np.maximum(np.abs(dx), np.abs(dy))) * np.sign(dy),
+                      0, h - 1)  # fmt: skip
+    inner = (inner_y * w + inner_x).ravel()
+    order = np.argsort(ring, kind="stable")
+    bounds = np.searchsorted(ring[order], np.arange(1, int(ring.max()) + 2))
+    return [(order[bounds[r - 1] : bounds[r]], inner[order[bounds[r - 1] : bounds[r]]])
+            for r in range(1, int(ring.max()) + 1)]  # fmt: skip
 
-    Each pixel is capped by its inward neighbour (one step towards the peak
-    along the dominant axis, and along the other axis too when the ray is
-    closer to the diagonal); rings of growing Chebyshev distance are done in
-    turn, so a capped pixel caps the next ring. Light of an unrelated source
-    that a symmetric template picks up is removed this way.
+
+def monotonic_template(
+    template: np.ndarray,
+    cx: int,
+    cy: int,
+    *,
+    plan: list[tuple[np.ndarray, np.ndarray]] | None = None,
+) -> np.ndarray:
+    """Non-negative ``template`` made non-increasing outwards from pixel (cx, cy).
+
+    Each pixel is capped by its inward neighbour (:func:`monotonic_plan`, which
+    may be given to save recomputing it); rings of growing Chebyshev distance
+    are done in turn, so a capped pixel caps the next ring, and once a whole
+    ring is zero so is everything beyond. Light of an unrelated source that a
+    symmetric template picks up is removed this way.
     """
     out = np.array(template, dtype=np.float64, copy=True)
     h, w = out.shape
-    yy, xx = np.mgrid[0:h, 0:w]
-    dx, dy = xx - cx, yy - cy
-    ring = np.maximum(np.abs(dx), np.abs(dy))
-    step_x = (2 * np.abs(dx) >= ring) * np.sign(dx)
-    step_y = (2 * np.abs(dy) >= ring) * np.sign(dy)
-    inner_y, inner_x = yy - step_y, xx - step_x
-    order = np.argsort(ring, axis=None, kind="stable")
-    sorted_ring = ring.ravel()[order]
-    bounds = np.searchsorted(sorted_ring, np.arange(1, int(sorted_ring[-1]) + 2))
+    if plan is None:
+        plan = monotonic_plan(h, w, cx, cy)
     flat = out.ravel()
-    iy, ix = inner_y.ravel(), inner_x.ravel()
-    for r in range(1, int(sorted_ring[-1]) + 1):
-        idx = order[bounds[r - 1] : bounds[r]]
-        qy, qx = iy[idx], ix[idx]
-        inside = (qy >= 0) & (qy < h) & (qx >= 0) & (qx < w)
-        cap = np.full(idx.size, np.inf)
-        cap[inside] = flat[qy[inside] * w + qx[inside]]
-        flat[idx] = np.minimum(flat[idx], cap)
+    for k, (idx, inner) in enumerate(plan):
+        capped = np.minimum(flat[idx], flat[inner])
+        flat[idx] = capped
+        if not capped.any():
+            for rest, _ in plan[k + 1 :]:
+                flat[rest] = 0.0
+            break
     return out
 
 
@@ -258,16 +274,17 @@ def deblend_fractions(
         ry, rx = np.clip(ry, 0, h - 1), np.clip(rx, 0, w - 1)
         valid &= own[ry, rx] & own
         centre = (int(np.floor(cx + 0.5)) - x0, int(np.floor(cy + 0.5)) - y0)
-        mirrors.append((ry, rx, valid, centre))
+        mirrors.append((ry, rx, valid, centre, monotonic_plan(h, w, *centre)))
         distance2 = ((xx - cx) ** 2 + (yy - cy) ** 2) / max(fwhm, 1.0) ** 2
         floors[k] = floor / (1.0 + distance2)
 
     def shares(images: np.ndarray) -> np.ndarray:
         weights = np.empty((n, h, w))
-        for k, (ry, rx, valid, centre) in enumerate(mirrors):
+        for k, (ry, rx, valid, centre, plan) in enumerate(mirrors):
             image = images[k]
             template = np.where(valid, np.minimum(image, image[ry, rx]), 0.0)
-            weights[k] = monotonic_template(np.maximum(template, 0.0), *centre) + floors[k]
+            template = monotonic_template(np.maximum(template, 0.0), *centre, plan=plan)
+            weights[k] = template + floors[k]
         weights *= own
         total = weights.sum(axis=0)
         return np.where(own, weights / np.where(total > 0, total, 1.0), 0.0)

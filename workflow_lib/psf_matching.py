@@ -28,10 +28,12 @@ warps. Here:
   at the nodes and sums to one everywhere. The variance is convolved with K^2
   the same way (K^2 blended bilinearly, a second-order approximation of the
   square of the blended kernel).
-* Mask bits are grown by the kernel's effective radius (the box holding 99%
-  of sum |K| at every node; the far wings of K are tiny); pixels that close
-  to the image border (where the convolution ran off the image) and those
-  grown from NO_DATA are NO_DATA with image and variance 0.
+* Mask bits are grown by the kernel's effective radius (the box holding 95%
+  of sum |K| at every node: K is peaked with a low, broad pedestal that would
+  otherwise grow every cosmic ray by the whole kernel). Missing data biases
+  fluxes, so NO_DATA grows by the 99% radius and the border strip of that
+  width (where the convolution ran off the image) is NO_DATA too; NO_DATA
+  pixels have image and variance 0.
 
 The result's PSF is ``model``.
 """
@@ -193,7 +195,8 @@ class MatchingKernels:
     gains: np.ndarray  # (len(ys), len(xs))
     psf_fwhm: np.ndarray  # (len(ys), len(xs))
     model_fwhm: np.ndarray
-    radius: int
+    radius: int  # box half-size holding 95% of sum |K| (mask growth)
+    edge_radius: int  # ... 99% (NO_DATA growth and the border strip)
 
 
 def _node_positions(n: int, spacing: float) -> np.ndarray:
@@ -227,7 +230,7 @@ def fit_matching_kernels(
     constant_model = model.order == 0
     m_fixed = model.kernel_at(0.0, 0.0) if constant_model else None
     fm_fixed = _core_fwhm(m_fixed) if constant_model else None
-    radius = 0
+    radius = edge_radius = 0
     for j, y in enumerate(ys):
         for i, x in enumerate(xs):
             p = psf.kernel_at(float(x), float(y))
@@ -257,8 +260,11 @@ def fit_matching_kernels(
             kernels[j, i] = k
             residuals[j, i] = res
             gains[j, i] = gain
-            radius = max(radius, _effective_radius(k))
-    return MatchingKernels(xs, ys, kernels, residuals, gains, psf_fwhm, model_fwhm, radius)
+            radius = max(radius, _effective_radius(k, 0.95))
+            edge_radius = max(edge_radius, _effective_radius(k, 0.99))
+    return MatchingKernels(
+        xs, ys, kernels, residuals, gains, psf_fwhm, model_fwhm, radius, edge_radius
+    )
 
 
 # --------------------------------------------------------------------------
@@ -381,12 +387,15 @@ def psf_match_exposure(
         image = np.where(unusable, np.float32(0), image)
         variance = np.where(unusable, np.float32(0), variance)
     out_img, out_var = convolve_varying(image, variance, kernels)
-    r = kernels.radius
-    out_mask = _dilate_bits(mask.astype(MASK_DTYPE), r)
-    if r > 0:
+    r, r_edge = kernels.radius, kernels.edge_radius
+    mask = mask.astype(MASK_DTYPE)
+    out_mask = _dilate_bits(mask & np.int32(~no_data), r)
+    if (mask & no_data).any():
+        out_mask |= _dilate_bits(mask & np.int32(no_data), r_edge)
+    if r_edge > 0:
         edge = np.zeros(out_mask.shape, dtype=bool)
-        edge[:r] = edge[-r:] = True
-        edge[:, :r] = edge[:, -r:] = True
+        edge[:r_edge] = edge[-r_edge:] = True
+        edge[:, :r_edge] = edge[:, -r_edge:] = True
         out_mask[edge] |= np.int32(no_data)
     dead = (out_mask & no_data) != 0
     out_img[dead] = 0.0
@@ -398,7 +407,8 @@ def psf_match_exposure(
     metadata["PSFMGAIN"] = (float(kernels.gains.max()), "max frequency gain of the kernels")
     metadata["PSFMRES"] = (float(kernels.residuals.max()), "max relative residual of the match")
     metadata["PSFMKSZ"] = (int(kernels.kernels.shape[-1]), "[px] matching kernel size")
-    metadata["PSFMGROW"] = (int(r), "[px] mask growth (kernel effective radius)")
+    metadata["PSFMGROW"] = (int(r), "[px] mask growth (box with 95% of sum |K|)")
+    metadata["PSFMEDGE"] = (int(r_edge), "[px] NO_DATA growth and border (99% of sum |K|)")
     log.debug(
         "PSF matching: %d nodes, FWHM %.2f-%.2f -> %.2f px, residual <= %.3g, radius %d",
         kernels.residuals.size, kernels.psf_fwhm.min(), kernels.psf_fwhm.max(),

@@ -468,8 +468,8 @@ def warp_psf(
 ) -> PsfModel:
     """``psf`` (source pixels) seen in the pixels of a warp at ``origin`` of ``target_wcs``.
 
-    At a grid of (order+3)^2 positions spread over the *source* image (where
-    the source model is valid; their images in the warp cover the warp's
+    At a grid of (order+3)^2 positions spread over the part of the *source*
+    image under the warp (where the source model is valid and the warp has
     data), the source kernel is resampled through the local Jacobian
     d(source)/d(target) with the warping kernel (what warping does to a
     star), and a polynomial of ``order`` (default: the source model's) in the
@@ -479,8 +479,14 @@ def warp_psf(
     sny, snx = source_shape
     order = psf.order if order is None else int(order)
     n_side = order + 3
+    # Sample where the warp has data: the source region under the warp's bbox.
+    ex = origin[0] + np.array([-0.5, nx - 0.5, nx - 0.5, -0.5, (nx - 1) / 2.0, (nx - 1) / 2.0])
+    ey = origin[1] + np.array([-0.5, -0.5, ny - 0.5, ny - 0.5, -0.5, ny - 0.5])
+    cx, cy = exact_source_pixels(source_wcs, target_wcs, ex, ey)
+    lo_x, hi_x = np.clip([cx.min(), cx.max()], 0, snx - 1)
+    lo_y, hi_y = np.clip([cy.min(), cy.max()], 0, sny - 1)
     gsx, gsy = (g.ravel() for g in np.meshgrid(
-        np.linspace(0, snx - 1, n_side), np.linspace(0, sny - 1, n_side)
+        np.linspace(lo_x, hi_x, n_side), np.linspace(lo_y, hi_y, n_side)
     ))  # fmt: skip
     ra, dec = source_wcs.all_pix2world(gsx, gsy, 0)
     tx, ty = target_wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=100, quiet=True)
