@@ -55,6 +55,7 @@ from astropy.wcs import WCS
 from scipy import ndimage
 
 from workflow_lib.background import dilate_mask, native_float
+from workflow_lib.coadd_psf import CoaddPsf
 from workflow_lib.deblend import (
     KIND_ISOLATED,
     KIND_PARENT,
@@ -615,6 +616,7 @@ def measure_objects(
     ref_band_priority: Sequence[str] = REF_BAND_PRIORITY,
     id_base: int = 0,
     bands: Sequence[str] | None = None,
+    coadd_psfs: Mapping[str, CoaddPsf | None] | None = None,
     ap_flux_radius_arcsec: float = 2.4,
     calib_aperture_radius_arcsec: float = 4.0,
     min_ref_snr: float = 10.0,
@@ -639,8 +641,12 @@ def measure_objects(
     the patch's inner bbox (always true without a patch);
     ``detect_isTractInner``: ``tract.in_inner_region`` (or ``skymap`` finds
     this tract; true without either); ``detect_isPrimary``: both, and not a
-    deblended parent. ``attrs`` holds per band the noise correlation factors
-    and the aperture correction at the patch centre.
+    deblended parent. ``coadd_psfs`` (per band, optional): the exact
+    :class:`~workflow_lib.coadd_psf.CoaddPsf` of each coadd, used for the PSF
+    fluxes in place of the coadd's smooth PSF model, which cannot follow the
+    PSF's jumps where the inputs' coverage changes. ``attrs`` holds per band
+    the noise correlation factors and the aperture correction at the patch
+    centre.
     """
     from workflow_lib.measure import fit_aperture_correction
 
@@ -674,6 +680,7 @@ def measure_objects(
     r_cal = calib_aperture_radius_arcsec / scale
     id_seed = [int(seed), int(id_base) >> 32, int(id_base) & 0xFFFFFFFF]
     common = dict(fit_radius_fwhm=fit_radius_fwhm, max_masked_fraction=max_masked_fraction)
+    exact = {b: p for b, p in (coadd_psfs or {}).items() if p is not None}
 
     # Pass 1, unforced: each band's centroid and S/N, for the reference band.
     factors: dict[str, dict[str, float]] = {}
@@ -683,7 +690,7 @@ def measure_objects(
     clean1: dict[str, np.ndarray] = {}
     for bi, band in enumerate(present):
         images = BandImages(coadds[band], labels, ents, px, py, seed=[*id_seed, bi],
-                            fwhm=fwhms[band])  # fmt: skip
+                            fwhm=fwhms[band], coadd_psf=exact.get(band))  # fmt: skip
         shares[band] = images.shares
         factors[band] = {"psf": 1.0, "ap": 1.0}
         if correct_noise_correlation:
@@ -735,7 +742,7 @@ def measure_objects(
             continue
         images = BandImages(
             coadds[band], labels, ents, px, py, seed=[*id_seed, present.index(band)],
-            fwhm=fwhms[band], shares=shares.pop(band),
+            fwhm=fwhms[band], shares=shares.pop(band), coadd_psf=exact.get(band),
         )  # fmt: skip
         res = measure_band(images, ents, x_ref, y_ref, centroid=False,
                             aperture_radii=(r_ap,), **common)  # fmt: skip
