@@ -57,6 +57,7 @@ from scipy import ndimage
 from workflow_lib.background import dilate_mask, native_float
 from workflow_lib.coadd_psf import CoaddPsf
 from workflow_lib.deblend import (
+    KIND_CHILD,
     KIND_ISOLATED,
     KIND_PARENT,
     BandImages,
@@ -606,6 +607,37 @@ def _choose_ref_band(
     return ref, fallback
 
 
+def _converged_children(
+    ents: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    snr: Mapping[str, np.ndarray],
+    ref_index: np.ndarray,
+    priority: Sequence[str],
+    *,
+    min_separation: float,
+) -> np.ndarray:
+    """Children closer than ``min_separation`` pixels to a brighter sibling (in their
+    reference band's S/N): the entities whose peaks should go."""
+    from scipy.spatial import cKDTree
+
+    child = np.flatnonzero(ents["kind"] == KIND_CHILD)
+    if child.size < 2 or min_separation <= 0:
+        return np.zeros(0, dtype=np.int64)
+    ref_snr = np.full(len(ents["kind"]), -np.inf)
+    for k, band in enumerate(priority):
+        sel = ref_index == k
+        ref_snr[sel] = np.nan_to_num(snr[band][sel], nan=-np.inf)
+    tree = cKDTree(np.column_stack([x[child], y[child]]))
+    pairs = tree.query_pairs(min_separation, output_type="ndarray")
+    drop = set()
+    for a, b in child[pairs] if len(pairs) else []:
+        if ents["parent"][a] != ents["parent"][b] or a in drop or b in drop:
+            continue
+        drop.add(int(b) if ref_snr[a] >= ref_snr[b] else int(a))
+    return np.asarray(sorted(drop), dtype=np.int64)
+
+
 def measure_objects(
     coadds: Mapping[str, Exposure],
     merged: pd.DataFrame,
@@ -617,6 +649,7 @@ def measure_objects(
     id_base: int = 0,
     bands: Sequence[str] | None = None,
     coadd_psfs: Mapping[str, CoaddPsf | None] | None = None,
+    min_child_separation_fwhm: float = 0.5,
     ap_flux_radius_arcsec: float = 2.4,
     calib_aperture_radius_arcsec: float = 4.0,
     min_ref_snr: float = 10.0,
@@ -644,7 +677,10 @@ def measure_objects(
     deblended parent. ``coadd_psfs`` (per band, optional): the exact
     :class:`~workflow_lib.coadd_psf.CoaddPsf` of each coadd, used for the PSF
     fluxes in place of the coadd's smooth PSF model, which cannot follow the
-    PSF's jumps where the inputs' coverage changes. ``attrs`` holds per band
+    PSF's jumps where the inputs' coverage changes. Children of one parent
+    whose centroids land within ``min_child_separation_fwhm`` FWHM of each
+    other are one source: the fainter peak is dropped and the parent
+    deblended again. ``attrs`` holds per band
     the noise correlation factors and the aperture correction at the patch
     centre.
     """
@@ -720,6 +756,28 @@ def measure_objects(
         take = (ref_index == k) & ~cflag
         x_ref[take], y_ref[take] = cx[take], cy[take]
     ref_band = np.asarray(priority, dtype=object)[ref_index]
+    duplicates = _converged_children(ents, x_ref, y_ref, snr1, ref_index, priority,
+                                     min_separation=min_child_separation_fwhm * fwhm)  # fmt: skip
+    if duplicates.size:
+        # Two peaks of one parent whose children centroid onto the same place are one
+        # source split in two (each would get part of its flux, and forced photometry
+        # could not separate them): deblend again without the fainter peak.
+        log.info("%d deblended children converged onto a sibling; deblending again",
+                 duplicates.size)  # fmt: skip
+        keep = np.ones(len(merged), dtype=bool)
+        keep[ents["peak"][duplicates]] = False
+        return measure_objects(
+            coadds, merged[keep].reset_index(drop=True), tract=tract, patch=patch,
+            skymap=skymap, ref_band_priority=ref_band_priority, id_base=id_base, bands=bands,
+            coadd_psfs=coadd_psfs, min_child_separation_fwhm=min_child_separation_fwhm,
+            ap_flux_radius_arcsec=ap_flux_radius_arcsec,
+            calib_aperture_radius_arcsec=calib_aperture_radius_arcsec, min_ref_snr=min_ref_snr,
+            fit_radius_fwhm=fit_radius_fwhm, max_masked_fraction=max_masked_fraction,
+            max_children=max_children, max_deblend_pixels=max_deblend_pixels,
+            correct_noise_correlation=correct_noise_correlation,
+            aperture_correction=aperture_correction, min_apcorr_snr=min_apcorr_snr,
+            min_apcorr_stars=min_apcorr_stars, seed=seed,
+        )  # fmt: skip
 
     # Pass 2, forced: every band at the reference position.
     columns: dict[str, np.ndarray] = {}
