@@ -462,3 +462,23 @@ def test_exact_coadd_psf_removes_the_bias_at_a_coverage_edge():
     # ... the exact coadd PSF can, on both sides of it, and it is right far from it too.
     assert np.abs(jumps(exact)).max() < 0.003, exact
     assert np.abs(exact).max() < 0.01, exact
+
+
+def test_a_masked_star_core_gives_one_peak_not_a_ring():
+    # A bright star whose core is masked in the coadd (saturated in every input).
+    shape = (120, 120)
+    profile = moffat_psf(3.5)
+    scene = Scene(np.array([60.3]), np.array([59.7]), {"r": np.array([5e6])},
+                  np.array(["star"]), np.zeros(1))  # fmt: skip
+    image, variance = render_band(shape, scene, "r", profile, sky_sigma=5.0,
+                                  rng=np.random.default_rng(8))  # fmt: skip
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    core = np.hypot(xx - 60.3, yy - 59.7) < 5.0
+    coadd = exposure_from(image, variance, wcs=tan_wcs(shape),
+                          psf=PsfModel.constant(psf_kernel(profile)), no_data=core)  # fmt: skip
+    ring = objects.detect_coadd_sources(coadd, hole_radius_fwhm=0.0)
+    filled = objects.detect_coadd_sources(coadd)
+    assert len(ring) > 1  # the hole's rim makes false peaks when left empty
+    assert len(filled) == 1
+    assert np.hypot(filled["x"][0] - 60.3, filled["y"][0] - 59.7) < 1.0
+    assert filled["snr"][0] > 100

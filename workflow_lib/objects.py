@@ -311,8 +311,13 @@ def detect_coadd_sources(
     sharp_prominence_sigma: float = 5.0,
     max_peaks_per_footprint: int = 500,
     correct_noise_correlation: bool = True,
+    hole_radius_fwhm: float = 8.0,
 ) -> pd.DataFrame:
     """Peaks above ``threshold_sigma`` in the coadd filtered by its own PSF.
+
+    Enclosed masked holes smaller than a disc of ``hole_radius_fwhm`` FWHM
+    (typically a bright star's core saturated in every input) are filled
+    (:func:`fill_holes`) before filtering, so their rims give no false peaks.
 
     The image is convolved with the PSF kernel (the matched filter, cropped
     to ``kernel_radius_fwhm`` FWHM); its S/N map uses the convolved variance
@@ -346,7 +351,10 @@ def detect_coadd_sources(
     kernel = kernel / kernel.sum()
     data = np.where(bad, 0.0, coadd.image).astype(np.float64)
     var = np.where(bad, 0.0, coadd.variance).astype(np.float64)
-    filtered = fft_convolve(data, kernel)
+    # Peaks come from an image whose small enclosed holes (the cores of stars saturated in
+    # every input) are filled: left at zero, each would ring the hole with false peaks.
+    filled, holes = fill_holes(data, bad, max_area=np.pi * (hole_radius_fwhm * fwhm) ** 2)
+    filtered = fft_convolve(filled, kernel)
     base_noise = np.sqrt(np.maximum(fft_convolve(var, kernel**2), 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         snr_map = np.where((base_noise > 0) & ~bad, filtered / base_noise, 0.0)
@@ -360,7 +368,7 @@ def detect_coadd_sources(
         factor = correlation_factor(correlation, kernel)
     snr_map /= factor
     noise = factor * base_noise
-    above = snr_map >= threshold_sigma
+    above = (snr_map >= threshold_sigma) | (holes > 0)
     labels, n_labels = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
     if n_labels:
         sizes = np.bincount(labels.ravel(), minlength=n_labels + 1)
@@ -371,11 +379,12 @@ def detect_coadd_sources(
     px, py = _find_peaks(filtered, noise, labels, min_sigma=min_prominence_sigma,
                          max_per_footprint=max_peaks_per_footprint)  # fmt: skip
     x, y = _subpixel_peaks(filtered, px, py)
+    x, y = _hole_centres(holes, px, py, x, y)
     if peak_smoothing_fwhm is not None:
         # Companions on a bright neighbour's slope are mere shoulders after the matched
         # filter (which widens the PSF by sqrt 2): look for them in a sharper image too.
         sharp_kernel = _gaussian_kernel(peak_smoothing_fwhm * fwhm)
-        sharp = fft_convolve(data, sharp_kernel)
+        sharp = fft_convolve(filled, sharp_kernel)
         sharp_noise = np.sqrt(np.maximum(fft_convolve(var, sharp_kernel**2), 0.0))
         if correct_noise_correlation:
             sharp_noise *= correlation_factor(correlation, sharp_kernel)
@@ -388,9 +397,15 @@ def detect_coadd_sources(
             new = dist > 0.5 * fwhm
             sx, sy = sx[new], sy[new]
         if sx.size:
-            fx, fy = _subpixel_peaks(sharp, sx, sy)
+            fx, fy = _hole_centres(holes, sx, sy, *_subpixel_peaks(sharp, sx, sy))
             px, py = np.concatenate([px, sx]), np.concatenate([py, sy])
             x, y = np.concatenate([x, fx]), np.concatenate([y, fy])
+    peak_snr = snr_map[py, px]
+    in_hole = holes[py, px] > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A filled hole's S/N from the plateau and the noise its rim's variance spreads in.
+        hole_snr = filtered[py, px] / noise[py, px]
+    peak_snr = np.where(in_hole & np.isfinite(hole_snr), hole_snr, peak_snr)
     grown = grow_footprints(footprints, grow_fwhm * fwhm) & ~bad
     bit = coadd.mask_planes.add("DETECTED")
     coadd.mask &= np.int32(~(1 << bit))
@@ -405,7 +420,7 @@ def detect_coadd_sources(
             "y": y,
             "ra": np.asarray(ra, dtype=np.float64),
             "dec": np.asarray(dec, dtype=np.float64),
-            "snr": snr_map[py, px],
+            "snr": peak_snr,
             "footprint": labels[py, px].astype(np.int64),
         }
     )
@@ -413,6 +428,53 @@ def detect_coadd_sources(
     out.attrs["threshold_sigma"] = float(threshold_sigma)
     log.debug("coadd detection: %d peaks, noise correlation factor %.3f", len(out), factor)
     return out
+
+
+def fill_holes(
+    data: np.ndarray, bad: np.ndarray, *, max_area: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` with each connected ``bad`` region of at most ``max_area`` pixels that does
+    not touch the image border set to the highest value on its rim (a plateau, which
+    holds one peak); larger regions (chip gaps, edges) stay as given. Also returns the
+    labels of the filled regions (0 elsewhere)."""
+    labels, n = ndimage.label(bad)
+    holes = np.zeros(data.shape, dtype=np.int32)
+    if n == 0:
+        return data, holes
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    small = area <= max_area
+    small[0] = False
+    small[border] = False
+    if not small.any():
+        return data, holes
+    out = data.copy()
+    for k, region in enumerate(ndimage.find_objects(labels), start=1):
+        if not small[k] or region is None:
+            continue
+        sy = slice(max(region[0].start - 1, 0), region[0].stop + 1)
+        sx = slice(max(region[1].start - 1, 0), region[1].stop + 1)
+        hole = labels[sy, sx] == k
+        rim = ndimage.binary_dilation(hole, structure=np.ones((3, 3), dtype=bool)) & ~bad[sy, sx]
+        if rim.any():
+            out[sy, sx][hole] = data[sy, sx][rim].max()
+            holes[sy, sx][hole] = k
+    return out, holes
+
+
+def _hole_centres(
+    holes: np.ndarray, px: np.ndarray, py: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Peaks on a filled hole's plateau placed at the hole's centre (their pixel is arbitrary)."""
+    inside = holes[py, px] > 0
+    if not inside.any():
+        return x, y
+    x, y = x.copy(), y.copy()
+    ids = holes[py[inside], px[inside]]
+    centres = ndimage.center_of_mass(np.ones(holes.shape), holes, ids)
+    x[inside] = [c[1] for c in centres]
+    y[inside] = [c[0] for c in centres]
+    return x, y
 
 
 def _gaussian_kernel(fwhm: float) -> np.ndarray:
