@@ -262,3 +262,30 @@ def test_completeness_not_reaching_half_gives_a_lower_limit():
     shallow = metrics.point_source_completeness(table, truth, band="r", depth_mag=22.0,
                                                 region=region)  # fmt: skip
     assert shallow["passed"] is False
+
+
+@pytest.mark.parametrize("coadd_loss", [1.0, 1.3])
+def test_depth_gain_compares_coadd_errors_with_the_inputs_combined(coadd_loss):
+    # 50 point sources seen on 4 to 12 calexps of unequal depth; the coadd error is the
+    # inverse-variance combination times coadd_loss (1: the full sqrt(N) gain).
+    rng = np.random.default_rng(3)
+    rows, ids, coadd_err = [], np.arange(1, 51), []
+    for obj in ids:
+        n = int(rng.integers(4, 13))
+        err = rng.uniform(80.0, 160.0, n)
+        coadd_err.append(coadd_loss / np.sqrt(np.sum(1.0 / err**2)))
+        rows.append(pd.DataFrame({"objectId": obj, "band": "r", "psfFlux": 1e3,
+                                  "psfFluxErr": err, "flags": 0}))  # fmt: skip
+    forced = pd.concat(rows, ignore_index=True)
+    coadd_err = np.array(coadd_err)
+    table = pd.DataFrame({
+        "objectId": ids, "detect_isPrimary": True, "refExtendedness": 0.0,
+        "r_psfFlux": 20.0 * coadd_err, "r_psfFluxErr": coadd_err, "r_flags": 0,
+    })  # fmt: skip
+    gain = metrics.coadd_depth_gain(table, forced, band="r")
+    assert gain["n"] == 50
+    assert gain["ratio"] == pytest.approx(coadd_loss, rel=1e-6)
+    assert gain["passed"] == (coadd_loss == 1.0)
+    # Equal-ish inputs: the gain in magnitudes follows 1.25 log10(N) when nothing is lost.
+    if coadd_loss == 1.0:
+        assert gain["gain_mag"] == pytest.approx(gain["expected_gain_mag"], abs=0.1)

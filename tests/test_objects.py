@@ -9,7 +9,15 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 from scipy.spatial import cKDTree
-from synthetic_sky import Scene, exposure_from, moffat_psf, psf_kernel, render_band, tan_wcs
+from synthetic_sky import (
+    Scene,
+    add_model_star,
+    exposure_from,
+    moffat_psf,
+    psf_kernel,
+    render_band,
+    tan_wcs,
+)
 
 from workflow_lib import objects
 from workflow_lib.deblend import deblend_fractions, monotonic_template
@@ -395,3 +403,82 @@ def test_errors_account_for_correlated_coadd_noise():
             assert (dist < 1.0).sum() > 0.9 * n
     assert 0.8 < pulls[True] < 1.2
     assert pulls[False] > 1.15 * pulls[True]
+
+
+def test_exact_coadd_psf_removes_the_bias_at_a_coverage_edge():
+    # Two inputs of equal weight: A covers the whole coadd, B (a much wider PSF) only its
+    # right half, so the coadd PSF jumps at x = EDGE from PSF_A to (PSF_A + PSF_B) / 2.
+    from workflow_lib.coadd_psf import block_sums, build_coadd_psf
+
+    shape, edge, block = (200, 320), 160, 8
+    kernel_a, kernel_b = psf_kernel(moffat_psf(3.0)), psf_kernel(moffat_psf(6.0))
+    psf_a, psf_b = PsfModel.constant(kernel_a), PsfModel.constant(kernel_b)
+    used_a = np.ones(shape, dtype=bool)
+    used_b = np.zeros(shape, dtype=bool)
+    used_b[:, edge:] = True
+    coadd_psf = build_coadd_psf(
+        [psf_a, psf_b], np.array([1.0, 1.0]), [(0, 0), (0, 0)],
+        [block_sums(used_a, 0, 0, block), block_sums(used_b[:, edge:], 0, edge, block)],
+        [(0, 0), (edge // block, 0)], block=block, shape=shape, cell_size=64,
+    )  # fmt: skip
+    # Bright isolated stars 12 pixels left and right of the edge (alternate rows) and far
+    # from it on either side.
+    ys = np.arange(20.0, 185.0, 30.0) + 0.3
+    near = np.where(np.arange(ys.size) % 2 == 0, edge - 12.3, edge + 11.7)
+    x = np.concatenate([near, np.full(ys.size, 60.4), np.full(ys.size, 260.1)])
+    y = np.tile(ys, 3)
+    flux = np.full(x.size, 2e5)
+    image = np.zeros(shape)
+    for xi, yi, f in zip(x, y, flux, strict=True):
+        kernel = kernel_a if xi < edge else 0.5 * (kernel_a + kernel_b)
+        add_model_star(image, PsfModel.constant(kernel), xi, yi, f)
+    rng = np.random.default_rng(5)
+    sigma = 2.0
+    image += rng.normal(0.0, sigma, shape)
+    coadd = exposure_from(image, np.full(shape, sigma**2), wcs=tan_wcs(shape), psf=coadd_psf.model)
+    merged = objects.merge_detections({"r": objects.detect_coadd_sources(coadd)}, coadd.wcs)
+
+    def bias(**kwargs: object) -> np.ndarray:
+        table = objects.measure_objects({"r": coadd}, merged, aperture_correction=False, **kwargs)
+        tree = cKDTree(np.column_stack([table["x"], table["y"]]))
+        dist, index = tree.query(np.column_stack([x, y]))
+        assert (dist < 1.0).all()
+        return -2.5 * np.log10(table["r_psfFlux"].to_numpy()[index] / flux)
+
+    left, right = (x < edge) & (np.abs(x - edge) < 20), (x > edge) & (np.abs(x - edge) < 20)
+    far_left, far_right = x < 100, x > 220
+
+    def jumps(bias_mag: np.ndarray) -> np.ndarray:
+        # How far sources near the edge are off from the far ones on their own side.
+        return np.array([
+            np.median(bias_mag[left]) - np.median(bias_mag[far_left]),
+            np.median(bias_mag[right]) - np.median(bias_mag[far_right]),
+        ])  # fmt: skip
+
+    smooth = bias()
+    exact = bias(coadd_psfs={"r": coadd_psf})
+    # The smooth model cannot follow the jump (the test means something) ...
+    assert np.abs(jumps(smooth)).max() > 0.02
+    # ... the exact coadd PSF can, on both sides of it, and it is right far from it too.
+    assert np.abs(jumps(exact)).max() < 0.003, exact
+    assert np.abs(exact).max() < 0.01, exact
+
+
+def test_a_masked_star_core_gives_one_peak_not_a_ring():
+    # A bright star whose core is masked in the coadd (saturated in every input).
+    shape = (120, 120)
+    profile = moffat_psf(3.5)
+    scene = Scene(np.array([60.3]), np.array([59.7]), {"r": np.array([5e6])},
+                  np.array(["star"]), np.zeros(1))  # fmt: skip
+    image, variance = render_band(shape, scene, "r", profile, sky_sigma=5.0,
+                                  rng=np.random.default_rng(8))  # fmt: skip
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    core = np.hypot(xx - 60.3, yy - 59.7) < 5.0
+    coadd = exposure_from(image, variance, wcs=tan_wcs(shape),
+                          psf=PsfModel.constant(psf_kernel(profile)), no_data=core)  # fmt: skip
+    ring = objects.detect_coadd_sources(coadd, hole_radius_fwhm=0.0)
+    filled = objects.detect_coadd_sources(coadd)
+    assert len(ring) > 1  # the hole's rim makes false peaks when left empty
+    assert len(filled) == 1
+    assert np.hypot(filled["x"][0] - 60.3, filled["y"][0] - 59.7) < 1.0
+    assert filled["snr"][0] > 100

@@ -18,6 +18,7 @@ import pandas as pd
 from scipy import ndimage
 
 from workflow_lib.background import native_float
+from workflow_lib.coadd_psf import CoaddPsf
 from workflow_lib.exposure import Exposure
 from workflow_lib.flags import ObjectFlag
 from workflow_lib.forced import model_stamps, psf_centroid_offset, psf_fit_half_size
@@ -44,6 +45,44 @@ def psf_of(exposure: Exposure) -> PsfModel:
     if exposure.psf is None:
         raise ValueError("coadd measurement needs a PSF model")
     return exposure.psf
+
+
+def coadd_psf_model_stamps(
+    coadd_psf: CoaddPsf,
+    fallback: PsfModel,
+    x: np.ndarray,
+    y: np.ndarray,
+    half: int,
+    *,
+    offset: tuple[float, float],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Like :func:`workflow_lib.forced.model_stamps`, with the exact coadd PSF at each source.
+
+    The coadd PSF is the weighted mixture of the PSFs of the inputs that
+    covered each place, so it jumps at the inputs' edges, where a smooth
+    model (``fallback``, used where the coadd PSF has no data) is biased.
+    """
+    from workflow_lib.measure import LANCZOS_ORDER, shift_stamps
+
+    x = np.asarray(x, dtype=np.float64) - offset[0]
+    y = np.asarray(y, dtype=np.float64) - offset[1]
+    ix = np.floor(x + 0.5).astype(np.int64)
+    iy = np.floor(y + 0.5).astype(np.int64)
+    need = half + LANCZOS_ORDER
+    kernels = coadd_psf.kernels_at(x, y)
+    size = kernels.shape[1]
+    if size < 2 * need + 1:
+        pad = (2 * need + 1 - size) // 2
+        kernels = np.pad(kernels, ((0, 0), (pad, pad), (pad, pad)))
+    elif size > 2 * need + 1:
+        cut = (size - 2 * need - 1) // 2
+        kernels = kernels[:, cut : cut + 2 * need + 1, cut : cut + 2 * need + 1]
+    stamps = shift_stamps(kernels, -(x - ix), -(y - iy))
+    empty = ~(np.abs(kernels).sum(axis=(1, 2)) > 0)
+    if empty.any():
+        stamps[empty] = model_stamps(fallback, x[empty] + offset[0], y[empty] + offset[1], half,
+                                     offset=offset)[0]  # fmt: skip
+    return stamps, ix, iy
 
 
 def disk(radius: float) -> np.ndarray:
@@ -312,10 +351,19 @@ class BandImages:
         seed: Sequence[int],
         fwhm: float | None = None,
         shares: dict[int, tuple[int, int, np.ndarray]] | None = None,
+        coadd_psf: CoaddPsf | None = None,
     ) -> None:
         self.psf = psf_of(coadd)
+        self.coadd_psf = coadd_psf
         self.fwhm = self.psf.fwhm_at(self.psf.x_center, self.psf.y_center) if fwhm is None else fwhm
-        self.offset = psf_centroid_offset(self.psf, fwhm=self.fwhm)
+        centre_psf = self.psf
+        if coadd_psf is not None:
+            # The smooth model's kernel can be a blend of PSFs no source sees (an input's
+            # edge nearby); the centring convention comes from a real mixture.
+            kernel = coadd_psf.kernel_at(self.psf.x_center, self.psf.y_center)
+            if kernel.sum() > 0:
+                centre_psf = PsfModel.constant(kernel)
+        self.offset = psf_centroid_offset(centre_psf, fwhm=self.fwhm)
         self.bad = bad_pixels(coadd, MEASUREMENT_BAD_PLANES)
         self.sat = coadd.mask_of("SAT") if "SAT" in coadd.mask_planes.bits else None
         self.data = np.where(self.bad, 0.0, coadd.image).astype(np.float32)
@@ -469,7 +517,11 @@ def measure_band(
             xs, ys = xl + ix - half, yl + iy - half
             out["x"][sl], out["y"][sl] = xs, ys
         # PSF flux at (xs, ys): the model stamp sits at most max_shift pixels off the stamp centre.
-        models, jx, jy = model_stamps(psf, xs, ys, hf, offset=images.offset)
+        if images.coadd_psf is not None:
+            models, jx, jy = coadd_psf_model_stamps(images.coadd_psf, psf, xs, ys, hf,
+                                                    offset=images.offset)  # fmt: skip
+        else:
+            models, jx, jy = model_stamps(psf, xs, ys, hf, offset=images.offset)
         offx = np.clip(jx - ix, hf - half, half - hf)
         offy = np.clip(jy - iy, hf - half, half - hf)
         rows = half + offy[:, None] - hf + np.arange(2 * hf + 1)[None, :]

@@ -151,6 +151,7 @@ STATIC_SKY_TARGETS: dict[str, float] = {
     "bright_star_bias_max_abs_mmag": 5.0,
     "forced_pull_sigma_min": 0.9,
     "forced_pull_sigma_max": 1.1,
+    "depth_gain_ratio_max_abs_diff": 0.1,
 }
 
 
@@ -479,6 +480,70 @@ def bright_star_flux_bias(
     }
 
 
+def coadd_depth_gain(
+    objects: pd.DataFrame,
+    forced: pd.DataFrame,
+    *,
+    band: str,
+    min_snr: float = 5.0,
+    max_snr: float = 50.0,
+) -> dict[str, Any]:
+    """Is the coadd as deep as its N inputs together (errors down by sqrt(N))?
+
+    For primary point-like Objects with clean ``band`` measurements at coadd
+    S/N in [``min_snr``, ``max_snr``] (sky-limited), compares the coadd
+    psfFluxErr with the inverse-variance combination of the same Object's
+    forced psfFluxErr on the N calexps (``1 / sqrt(sum 1 / err_i^2)``; equal
+    inputs: ``err_1 / sqrt(N)``). ``ratio`` is the median of coadd error over
+    that combination (1 = the full sqrt(N) gain; target within 0.1 of 1);
+    ``gain_mag`` the median 2.5 log10(median single error / coadd error),
+    ``expected_gain_mag`` the median 1.25 log10(N).
+    """
+    nan = float("nan")
+    out: dict[str, Any] = {
+        "band": band, "n": 0, "ratio": nan, "gain_mag": nan, "expected_gain_mag": nan,
+        "median_n_inputs": nan, "passed": False,
+    }  # fmt: skip
+    if len(objects) == 0 or len(forced) == 0 or f"{band}_psfFluxErr" not in objects:
+        return out
+    primary = _primary(objects)
+    flux, err = primary[f"{band}_psfFlux"].to_numpy(), primary[f"{band}_psfFluxErr"].to_numpy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = flux / err
+    keep = (snr >= min_snr) & (snr <= max_snr)
+    if f"{band}_flags" in primary:
+        keep &= (primary[f"{band}_flags"].to_numpy() & _BAD_OBJECT_BAND) == 0
+    if "refExtendedness" in primary:
+        keep &= primary["refExtendedness"].to_numpy() == 0
+    coadd = pd.Series(err[keep], index=primary["objectId"].to_numpy()[keep])
+    rows = forced[(forced["band"] == band) & ((forced["flags"].to_numpy() & _BAD_FORCED) == 0)]
+    rows = rows[rows["objectId"].isin(coadd.index) & (rows["psfFluxErr"] > 0)]
+    if len(rows) == 0:
+        return out
+    inv = 1.0 / rows["psfFluxErr"].to_numpy() ** 2
+    per = pd.DataFrame({"objectId": rows["objectId"].to_numpy(), "inv": inv,
+                        "err": rows["psfFluxErr"].to_numpy()}).groupby("objectId")  # fmt: skip
+    combined = 1.0 / np.sqrt(per["inv"].sum())
+    n_inputs = per["inv"].size()
+    single = per["err"].median()
+    coadd = coadd.loc[combined.index]
+    ratio = coadd / combined
+    out.update(
+        {
+            "n": len(ratio),
+            "ratio": float(np.median(ratio)),
+            "ratio_p16_p84": [float(v) for v in np.percentile(ratio, [16, 84])],
+            "gain_mag": float(np.median(2.5 * np.log10(single / coadd))),
+            "expected_gain_mag": float(np.median(1.25 * np.log10(n_inputs))),
+            "median_n_inputs": float(np.median(n_inputs)),
+        }
+    )
+    out["passed"] = bool(
+        abs(out["ratio"] - 1.0) <= STATIC_SKY_TARGETS["depth_gain_ratio_max_abs_diff"]
+    )
+    return out
+
+
 def forced_photometry_pulls(
     forced: pd.DataFrame,
     objects: pd.DataFrame,
@@ -691,6 +756,7 @@ def static_sky_metrics(
         band: bright_star_flux_bias(objects, truth, band=band) for band in depths
     }
     if forced is not None:
+        out["depth_gain"] = {band: coadd_depth_gain(objects, forced, band=band) for band in depths}
         out["forced_pulls"] = forced_photometry_pulls(
             forced, objects, truth, truth_lightcurve=truth_lightcurve
         )

@@ -55,7 +55,9 @@ from astropy.wcs import WCS
 from scipy import ndimage
 
 from workflow_lib.background import dilate_mask, native_float
+from workflow_lib.coadd_psf import CoaddPsf
 from workflow_lib.deblend import (
+    KIND_CHILD,
     KIND_ISOLATED,
     KIND_PARENT,
     BandImages,
@@ -309,8 +311,13 @@ def detect_coadd_sources(
     sharp_prominence_sigma: float = 5.0,
     max_peaks_per_footprint: int = 500,
     correct_noise_correlation: bool = True,
+    hole_radius_fwhm: float = 8.0,
 ) -> pd.DataFrame:
     """Peaks above ``threshold_sigma`` in the coadd filtered by its own PSF.
+
+    Enclosed masked holes smaller than a disc of ``hole_radius_fwhm`` FWHM
+    (typically a bright star's core saturated in every input) are filled
+    (:func:`fill_holes`) before filtering, so their rims give no false peaks.
 
     The image is convolved with the PSF kernel (the matched filter, cropped
     to ``kernel_radius_fwhm`` FWHM); its S/N map uses the convolved variance
@@ -344,7 +351,10 @@ def detect_coadd_sources(
     kernel = kernel / kernel.sum()
     data = np.where(bad, 0.0, coadd.image).astype(np.float64)
     var = np.where(bad, 0.0, coadd.variance).astype(np.float64)
-    filtered = fft_convolve(data, kernel)
+    # Peaks come from an image whose small enclosed holes (the cores of stars saturated in
+    # every input) are filled: left at zero, each would ring the hole with false peaks.
+    filled, holes = fill_holes(data, bad, max_area=np.pi * (hole_radius_fwhm * fwhm) ** 2)
+    filtered = fft_convolve(filled, kernel)
     base_noise = np.sqrt(np.maximum(fft_convolve(var, kernel**2), 0.0))
     with np.errstate(divide="ignore", invalid="ignore"):
         snr_map = np.where((base_noise > 0) & ~bad, filtered / base_noise, 0.0)
@@ -358,7 +368,7 @@ def detect_coadd_sources(
         factor = correlation_factor(correlation, kernel)
     snr_map /= factor
     noise = factor * base_noise
-    above = snr_map >= threshold_sigma
+    above = (snr_map >= threshold_sigma) | (holes > 0)
     labels, n_labels = ndimage.label(above, structure=np.ones((3, 3), dtype=bool))
     if n_labels:
         sizes = np.bincount(labels.ravel(), minlength=n_labels + 1)
@@ -369,11 +379,12 @@ def detect_coadd_sources(
     px, py = _find_peaks(filtered, noise, labels, min_sigma=min_prominence_sigma,
                          max_per_footprint=max_peaks_per_footprint)  # fmt: skip
     x, y = _subpixel_peaks(filtered, px, py)
+    x, y = _hole_centres(holes, px, py, x, y)
     if peak_smoothing_fwhm is not None:
         # Companions on a bright neighbour's slope are mere shoulders after the matched
         # filter (which widens the PSF by sqrt 2): look for them in a sharper image too.
         sharp_kernel = _gaussian_kernel(peak_smoothing_fwhm * fwhm)
-        sharp = fft_convolve(data, sharp_kernel)
+        sharp = fft_convolve(filled, sharp_kernel)
         sharp_noise = np.sqrt(np.maximum(fft_convolve(var, sharp_kernel**2), 0.0))
         if correct_noise_correlation:
             sharp_noise *= correlation_factor(correlation, sharp_kernel)
@@ -386,9 +397,15 @@ def detect_coadd_sources(
             new = dist > 0.5 * fwhm
             sx, sy = sx[new], sy[new]
         if sx.size:
-            fx, fy = _subpixel_peaks(sharp, sx, sy)
+            fx, fy = _hole_centres(holes, sx, sy, *_subpixel_peaks(sharp, sx, sy))
             px, py = np.concatenate([px, sx]), np.concatenate([py, sy])
             x, y = np.concatenate([x, fx]), np.concatenate([y, fy])
+    peak_snr = snr_map[py, px]
+    in_hole = holes[py, px] > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        # A filled hole's S/N from the plateau and the noise its rim's variance spreads in.
+        hole_snr = filtered[py, px] / noise[py, px]
+    peak_snr = np.where(in_hole & np.isfinite(hole_snr), hole_snr, peak_snr)
     grown = grow_footprints(footprints, grow_fwhm * fwhm) & ~bad
     bit = coadd.mask_planes.add("DETECTED")
     coadd.mask &= np.int32(~(1 << bit))
@@ -403,7 +420,7 @@ def detect_coadd_sources(
             "y": y,
             "ra": np.asarray(ra, dtype=np.float64),
             "dec": np.asarray(dec, dtype=np.float64),
-            "snr": snr_map[py, px],
+            "snr": peak_snr,
             "footprint": labels[py, px].astype(np.int64),
         }
     )
@@ -411,6 +428,53 @@ def detect_coadd_sources(
     out.attrs["threshold_sigma"] = float(threshold_sigma)
     log.debug("coadd detection: %d peaks, noise correlation factor %.3f", len(out), factor)
     return out
+
+
+def fill_holes(
+    data: np.ndarray, bad: np.ndarray, *, max_area: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """``data`` with each connected ``bad`` region of at most ``max_area`` pixels that does
+    not touch the image border set to the highest value on its rim (a plateau, which
+    holds one peak); larger regions (chip gaps, edges) stay as given. Also returns the
+    labels of the filled regions (0 elsewhere)."""
+    labels, n = ndimage.label(bad)
+    holes = np.zeros(data.shape, dtype=np.int32)
+    if n == 0:
+        return data, holes
+    area = np.bincount(labels.ravel(), minlength=n + 1)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    small = area <= max_area
+    small[0] = False
+    small[border] = False
+    if not small.any():
+        return data, holes
+    out = data.copy()
+    for k, region in enumerate(ndimage.find_objects(labels), start=1):
+        if not small[k] or region is None:
+            continue
+        sy = slice(max(region[0].start - 1, 0), region[0].stop + 1)
+        sx = slice(max(region[1].start - 1, 0), region[1].stop + 1)
+        hole = labels[sy, sx] == k
+        rim = ndimage.binary_dilation(hole, structure=np.ones((3, 3), dtype=bool)) & ~bad[sy, sx]
+        if rim.any():
+            out[sy, sx][hole] = data[sy, sx][rim].max()
+            holes[sy, sx][hole] = k
+    return out, holes
+
+
+def _hole_centres(
+    holes: np.ndarray, px: np.ndarray, py: np.ndarray, x: np.ndarray, y: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Peaks on a filled hole's plateau placed at the hole's centre (their pixel is arbitrary)."""
+    inside = holes[py, px] > 0
+    if not inside.any():
+        return x, y
+    x, y = x.copy(), y.copy()
+    ids = holes[py[inside], px[inside]]
+    centres = ndimage.center_of_mass(np.ones(holes.shape), holes, ids)
+    x[inside] = [c[1] for c in centres]
+    y[inside] = [c[0] for c in centres]
+    return x, y
 
 
 def _gaussian_kernel(fwhm: float) -> np.ndarray:
@@ -605,6 +669,37 @@ def _choose_ref_band(
     return ref, fallback
 
 
+def _converged_children(
+    ents: dict[str, np.ndarray],
+    x: np.ndarray,
+    y: np.ndarray,
+    snr: Mapping[str, np.ndarray],
+    ref_index: np.ndarray,
+    priority: Sequence[str],
+    *,
+    min_separation: float,
+) -> np.ndarray:
+    """Children closer than ``min_separation`` pixels to a brighter sibling (in their
+    reference band's S/N): the entities whose peaks should go."""
+    from scipy.spatial import cKDTree
+
+    child = np.flatnonzero(ents["kind"] == KIND_CHILD)
+    if child.size < 2 or min_separation <= 0:
+        return np.zeros(0, dtype=np.int64)
+    ref_snr = np.full(len(ents["kind"]), -np.inf)
+    for k, band in enumerate(priority):
+        sel = ref_index == k
+        ref_snr[sel] = np.nan_to_num(snr[band][sel], nan=-np.inf)
+    tree = cKDTree(np.column_stack([x[child], y[child]]))
+    pairs = tree.query_pairs(min_separation, output_type="ndarray")
+    drop = set()
+    for a, b in child[pairs] if len(pairs) else []:
+        if ents["parent"][a] != ents["parent"][b] or a in drop or b in drop:
+            continue
+        drop.add(int(b) if ref_snr[a] >= ref_snr[b] else int(a))
+    return np.asarray(sorted(drop), dtype=np.int64)
+
+
 def measure_objects(
     coadds: Mapping[str, Exposure],
     merged: pd.DataFrame,
@@ -615,6 +710,8 @@ def measure_objects(
     ref_band_priority: Sequence[str] = REF_BAND_PRIORITY,
     id_base: int = 0,
     bands: Sequence[str] | None = None,
+    coadd_psfs: Mapping[str, CoaddPsf | None] | None = None,
+    min_child_separation_fwhm: float = 0.5,
     ap_flux_radius_arcsec: float = 2.4,
     calib_aperture_radius_arcsec: float = 4.0,
     min_ref_snr: float = 10.0,
@@ -639,8 +736,15 @@ def measure_objects(
     the patch's inner bbox (always true without a patch);
     ``detect_isTractInner``: ``tract.in_inner_region`` (or ``skymap`` finds
     this tract; true without either); ``detect_isPrimary``: both, and not a
-    deblended parent. ``attrs`` holds per band the noise correlation factors
-    and the aperture correction at the patch centre.
+    deblended parent. ``coadd_psfs`` (per band, optional): the exact
+    :class:`~workflow_lib.coadd_psf.CoaddPsf` of each coadd, used for the PSF
+    fluxes in place of the coadd's smooth PSF model, which cannot follow the
+    PSF's jumps where the inputs' coverage changes. Children of one parent
+    whose centroids land within ``min_child_separation_fwhm`` FWHM of each
+    other are one source: the fainter peak is dropped and the parent
+    deblended again. ``attrs`` holds per band
+    the noise correlation factors and the aperture correction at the patch
+    centre.
     """
     from workflow_lib.measure import fit_aperture_correction
 
@@ -674,6 +778,7 @@ def measure_objects(
     r_cal = calib_aperture_radius_arcsec / scale
     id_seed = [int(seed), int(id_base) >> 32, int(id_base) & 0xFFFFFFFF]
     common = dict(fit_radius_fwhm=fit_radius_fwhm, max_masked_fraction=max_masked_fraction)
+    exact = {b: p for b, p in (coadd_psfs or {}).items() if p is not None}
 
     # Pass 1, unforced: each band's centroid and S/N, for the reference band.
     factors: dict[str, dict[str, float]] = {}
@@ -683,7 +788,7 @@ def measure_objects(
     clean1: dict[str, np.ndarray] = {}
     for bi, band in enumerate(present):
         images = BandImages(coadds[band], labels, ents, px, py, seed=[*id_seed, bi],
-                            fwhm=fwhms[band])  # fmt: skip
+                            fwhm=fwhms[band], coadd_psf=exact.get(band))  # fmt: skip
         shares[band] = images.shares
         factors[band] = {"psf": 1.0, "ap": 1.0}
         if correct_noise_correlation:
@@ -713,6 +818,28 @@ def measure_objects(
         take = (ref_index == k) & ~cflag
         x_ref[take], y_ref[take] = cx[take], cy[take]
     ref_band = np.asarray(priority, dtype=object)[ref_index]
+    duplicates = _converged_children(ents, x_ref, y_ref, snr1, ref_index, priority,
+                                     min_separation=min_child_separation_fwhm * fwhm)  # fmt: skip
+    if duplicates.size:
+        # Two peaks of one parent whose children centroid onto the same place are one
+        # source split in two (each would get part of its flux, and forced photometry
+        # could not separate them): deblend again without the fainter peak.
+        log.info("%d deblended children converged onto a sibling; deblending again",
+                 duplicates.size)  # fmt: skip
+        keep = np.ones(len(merged), dtype=bool)
+        keep[ents["peak"][duplicates]] = False
+        return measure_objects(
+            coadds, merged[keep].reset_index(drop=True), tract=tract, patch=patch,
+            skymap=skymap, ref_band_priority=ref_band_priority, id_base=id_base, bands=bands,
+            coadd_psfs=coadd_psfs, min_child_separation_fwhm=min_child_separation_fwhm,
+            ap_flux_radius_arcsec=ap_flux_radius_arcsec,
+            calib_aperture_radius_arcsec=calib_aperture_radius_arcsec, min_ref_snr=min_ref_snr,
+            fit_radius_fwhm=fit_radius_fwhm, max_masked_fraction=max_masked_fraction,
+            max_children=max_children, max_deblend_pixels=max_deblend_pixels,
+            correct_noise_correlation=correct_noise_correlation,
+            aperture_correction=aperture_correction, min_apcorr_snr=min_apcorr_snr,
+            min_apcorr_stars=min_apcorr_stars, seed=seed,
+        )  # fmt: skip
 
     # Pass 2, forced: every band at the reference position.
     columns: dict[str, np.ndarray] = {}
@@ -735,7 +862,7 @@ def measure_objects(
             continue
         images = BandImages(
             coadds[band], labels, ents, px, py, seed=[*id_seed, present.index(band)],
-            fwhm=fwhms[band], shares=shares.pop(band),
+            fwhm=fwhms[band], shares=shares.pop(band), coadd_psf=exact.get(band),
         )  # fmt: skip
         res = measure_band(images, ents, x_ref, y_ref, centroid=False,
                             aperture_radii=(r_ap,), **common)  # fmt: skip

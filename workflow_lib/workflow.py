@@ -417,6 +417,10 @@ class WorkflowPlan:
                 str(self.paths.path("deepCoadd", tract=tract, patch=patch, band=b))
                 for b in self.patch_bands(tract, patch)
             ],
+            "coadd_psf_paths": [
+                str(self.paths.path("deepCoaddPsf", tract=tract, patch=patch, band=b))
+                for b in self.patch_bands(tract, patch)
+            ],
             "skymap_path": str(self.paths.path("skyMap")),
         }
 

@@ -40,6 +40,19 @@ def empty_object_table(bands: list[str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
+def read_coadd_psf_or_none(path: str) -> Any:
+    """The exact coadd PSF in ``path``, or None for a failure record."""
+    from astropy.io import fits
+
+    from workflow_lib.io.coadd_psf import read_coadd_psf
+
+    header = fits.getheader(path, 0)
+    if header.get("PROCSTAT") == "FAILED":
+        log.warning("%s: no coadd PSF (%s)", path, header.get("PROCFAIL", "failed"))
+        return None
+    return read_coadd_psf(path)
+
+
 def measure_patch_objects(
     *,
     coadd_paths: list[str],
@@ -49,8 +62,14 @@ def measure_patch_objects(
     patch: int,
     bands: list[str],
     objects: dict[str, Any],
+    coadd_psf_paths: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Detect, merge, deblend and measure the Objects of one patch."""
+    """Detect, merge, deblend and measure the Objects of one patch.
+
+    ``coadd_psf_paths`` (the coadds' exact CoaddPsf files, in the order of
+    ``coadd_paths``) give the PSF fluxes the exact coadd PSF; without them
+    the coadds' smooth PSF models are used.
+    """
     from workflow_lib.objects import (
         detect_coadd_sources,
         measure_objects,
@@ -63,18 +82,24 @@ def measure_patch_objects(
     sky = read_skymap(skymap_path)
     tract_info = sky.tract(tract)
     patch_info = tract_info.patch(patch)
+    if coadd_psf_paths is not None and len(coadd_psf_paths) != len(coadd_paths):
+        raise ValueError("coadd_psf_paths must pair with coadd_paths")
     coadds = {}
-    for path in coadd_paths:
+    coadd_psfs = {}
+    for k, path in enumerate(coadd_paths):
         try:
             exposure = read_exposure(path)
         except ProcessingFailed as err:
             log.warning("skipped: %s", err)
             continue
-        coadds[str(exposure.metadata["BAND"]).strip()] = exposure
+        band = str(exposure.metadata["BAND"]).strip()
+        coadds[band] = exposure
+        if coadd_psf_paths is not None:
+            coadd_psfs[band] = read_coadd_psf_or_none(coadd_psf_paths[k])
     provenance = {
         "package_version": __version__,
         "step": "measure_patch_objects",
-        "inputs": coadd_paths,
+        "inputs": [*coadd_paths, *(coadd_psf_paths or [])],
         "objects": objects,
     }
     if not coadds:
@@ -98,6 +123,7 @@ def measure_patch_objects(
         ref_band_priority=cfg.ref_band_priority,
         id_base=object_id_base(tract, patch),
         bands=bands,
+        coadd_psfs=coadd_psfs,
     )
     log.info(
         "tract %d patch %d: %d Objects (%d primary)",

@@ -21,13 +21,12 @@ log = logging.getLogger(__name__)
 
 
 def coadd_depths(butler: Butler, coadd_type: str = "deepCoadd") -> dict[str, dict[str, float]]:
-    """Predicted 5-sigma point-source depth per band: the median over the band's patches."""
-    from workflow_lib.deblend import bad_pixels, psf_of
-    from workflow_lib.objects import (
-        DETECTION_BAD_PLANES,
-        coadd_psf_depth,
-        noise_correlation_factor,
-    )
+    """Predicted 5-sigma point-source depth per band: the median over the band's patches.
+
+    Each coadd's sources are detected first (as the Object step does), so that
+    the noise-correlation factor is measured on empty sky, not on star wings.
+    """
+    from workflow_lib.objects import coadd_psf_depth, detect_coadd_sources
 
     per_band: dict[str, list[dict[str, float]]] = {}
     for ids in butler.list(coadd_type).to_dict("records"):
@@ -35,18 +34,14 @@ def coadd_depths(butler: Butler, coadd_type: str = "deepCoadd") -> dict[str, dic
             coadd = butler.get(coadd_type, **ids)
         except ProcessingFailed:
             continue
-        psf = psf_of(coadd)
-        kernel = psf.kernel_at(psf.x_center, psf.y_center)
-        exclude = bad_pixels(coadd, (*DETECTION_BAD_PLANES, "DETECTED"))
-        factor = noise_correlation_factor(coadd.image, coadd.variance, exclude, kernel)
-        depth = coadd_psf_depth(coadd, noise_factor=factor)
-        depth["noise_correlation"] = factor
+        detect_coadd_sources(coadd)  # sets the DETECTED plane
+        depth = coadd_psf_depth(coadd)
         depth["n_inputs"] = int(coadd.metadata.get("NINPUTS", 0))
         per_band.setdefault(str(ids["band"]), []).append(depth)
     return {
         band: {
             "depth_median": float(np.nanmedian([d["depth_median"] for d in rows])),
-            "noise_correlation": float(np.median([d["noise_correlation"] for d in rows])),
+            "noise_correlation": float(np.median([d["noise_factor"] for d in rows])),
             "n_patches": len(rows),
             "max_inputs": max(d["n_inputs"] for d in rows),
         }
@@ -63,17 +58,22 @@ def template_objects(butler: Butler, *, bands: list[str], threshold_sigma: float
         object_id_base,
     )
     from workflow_lib.steps.coadd import read_skymap
+    from workflow_lib.steps.objects import read_coadd_psf_or_none
 
     sky = read_skymap(butler.path("skyMap"))
     found = butler.list("templateCoadd")
     tables = []
     for (tract, patch), rows in found.groupby(["tract", "patch"]):
-        coadds = {}
+        coadds, coadd_psfs = {}, {}
         for band in rows["band"]:
+            ids = {"tract": tract, "patch": patch, "band": band}
             try:
-                coadds[str(band)] = butler.get("templateCoadd", tract=tract, patch=patch, band=band)
+                coadds[str(band)] = butler.get("templateCoadd", **ids)
             except ProcessingFailed:
                 continue
+            psf_path = butler.path("templateCoaddPsf", **ids)
+            if os.path.exists(psf_path):
+                coadd_psfs[str(band)] = read_coadd_psf_or_none(str(psf_path))
         if not coadds:
             continue
         tract_info = sky.tract(int(tract))
@@ -90,6 +90,7 @@ def template_objects(butler: Butler, *, bands: list[str], threshold_sigma: float
                 skymap=sky,
                 id_base=object_id_base(int(tract), int(patch)),
                 bands=bands,
+                coadd_psfs=coadd_psfs,
             )
         )
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
