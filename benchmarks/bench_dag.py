@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,21 +64,35 @@ class SyntheticSurvey:
     def n_jobs(self) -> int:
         """Jobs of a full dry run: see rules/*.smk for raw input."""
         per_detector = 2 + len(BANDS) + 1  # bias, dark, a flat per band, defects
-        singles = 5  # ingest_raw, shard_refcat, ccdvisit_table, source_table, run_summary
+        # ingest_raw, shard_refcat, ccdvisit_table, source_table, run_summary,
+        # object_table, forced_source_table (no job needs the sky map)
+        singles = 7
         return self.n_ccds + self.n_detectors * per_detector + singles + 1  # + all
 
 
 def registry_records(n_visits: int, n_detectors: int) -> list[dict]:
     """Registry rows of a survey in every band, plus calibration frames per detector."""
     records = []
+    # LSSTCam-like CCDs (4k pixels of 0.2", 0.227 deg) on a square grid around
+    # the boresight; the header-WCS corners place them on the sky map.
+    side = 4096 * 0.2 / 3600.0
+    n_columns = int(np.ceil(np.sqrt(n_detectors)))
+    cos_dec = np.cos(np.deg2rad(-30.0))
     for i in range(n_visits):
         visit = FIRST_VISIT + i
         band = BANDS[i % len(BANDS)]
+        ra0, dec0 = 55.0 + 0.01 * (i % 100), -30.0
         for detector in range(n_detectors):
+            cx = (detector % n_columns - (n_columns - 1) / 2) * side
+            cy = (detector // n_columns - (n_columns - 1) / 2) * side
+            corners = [(cx + dx * side / 2, cy + dy * side / 2)
+                       for dx, dy in ((-1, -1), (1, -1), (1, 1), (-1, 1))]  # fmt: skip
             records.append({
                 "exposure": visit, "visit": visit, "detector": detector, "obstype": "science",
                 "band": band, "mjd": 60000.0 + i * 0.01, "exptime": 30.0, "darktime": 30.0,
-                "ra": 55.0 + 0.01 * (i % 100), "dec": -30.0, "n_amplifiers": 16,
+                "ra": ra0, "dec": dec0, "n_amplifiers": 16,
+                **{f"corner_ra_{k + 1}": ra0 + x / cos_dec for k, (x, _) in enumerate(corners)},
+                **{f"corner_dec_{k + 1}": dec0 + y for k, (_, y) in enumerate(corners)},
             })  # fmt: skip
     calib_types = [("bias", "", 0.0)] + [("dark", "", 30.0)] + [("flat", b, 1.0) for b in BANDS]
     exposure = 1
@@ -89,6 +104,7 @@ def registry_records(n_visits: int, n_detectors: int) -> list[dict]:
                     "obstype": obstype, "band": band, "mjd": 59999.0, "exptime": exptime,
                     "darktime": exptime, "ra": float("nan"), "dec": float("nan"),
                     "n_amplifiers": 16,
+                    **{f"corner_{c}_{k}": float("nan") for c in ("ra", "dec") for k in range(1, 5)},
                 })  # fmt: skip
             exposure += 1
     return records
@@ -120,6 +136,10 @@ def make_synthetic_survey(root: Path, n_visits: int, n_detectors: int) -> Synthe
             "registry": str(registry_path),
             "refcat": str(refcat),
         },
+        # The single-frame part of the DAG, the part the bare Snakefile mirrors:
+        # no tract 1 exists on the discrete sky map, so no coadd, Object or
+        # forced-photometry job (only the two empty tables).
+        "select": {"tract": [1]},
     }
     configfile = root / "config.yaml"
     configfile.write_text(yaml.safe_dump(config))
