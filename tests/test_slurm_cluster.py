@@ -123,6 +123,10 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
         # Poll often: the jobs here take seconds, not hours.
         "--slurm-init-seconds-before-status-checks", "2",
         "--seconds-between-status-checks", "3",
+        # The profile sizes the whole-survey tables for DC2 (up to 16 GB); a
+        # test node may have less, and a job asking for more never starts.
+        "--set-resources", *(f"{rule}:mem_mb=2000" for rule in (
+            "ccdvisit_table", "source_table", "object_table", "forced_source_table")),
         "--verbose",
     ]  # fmt: skip
     result = _run_bounded(command, slurm_env, tmp_path)
