@@ -150,8 +150,11 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
     # Per visit also one job of forced photometry; per patch one job of coadds
     # and Objects; prepare (ingest, refcat, sky map) one job; the four tables
     # and the run summary one each.
-    n_patches = len(set(re.findall(r"patch_\d+_\d+", comments)))
-    assert n_patches >= 1, comments
+    patches = set(re.findall(r"patch_\d+_\d+", comments))
+    assert patches, comments
+    for patch in patches:
+        assert comments.count(f"{patch}_") == 1, comments
+    n_patches = len(patches)
     for visit in visits:
         assert comments.count(f"forced_{visit}") == 1, comments
     assert len(jobs) == 2 * len(visits) + len(detectors) + n_patches + 1 + 5, comments
