@@ -315,6 +315,7 @@ class CoaddConfig:
 
     model_psf_fwhm_arcsec: float
     rejection_psf_fwhm_arcsec: float
+    reject_artifacts: bool
     clip_sigma: float
     do_interp: bool
 
@@ -333,6 +334,7 @@ class CoaddConfig:
         return cls(
             model_psf_fwhm_arcsec=fwhm,
             rejection_psf_fwhm_arcsec=float(section["rejection_psf_fwhm_arcsec"]),
+            reject_artifacts=bool(section["reject_artifacts"]),
             clip_sigma=float(section["clip_sigma"]),
             do_interp=bool(section["do_interp"]),
         )

@@ -118,6 +118,8 @@ def make_warps(
                 "rejectionWarp": coadd_cfg.rejection_psf_fwhm_arcsec,
             }
             for flavour, fwhm_arcsec in models.items():
+                if flavour == "rejectionWarp" and not coadd_cfg.reject_artifacts:
+                    continue
                 if flavour == "psfMatchedWarp":
                     # Only template-eligible CCDs: in the MJD window and sharp enough.
                     if not _in_template_window(float(row["midpointMjdTai"]), template_cfg):
@@ -251,7 +253,7 @@ def assemble_deep_coadd(
     shape, wcs = _patch_geometry(sky, tract, patch)
     keys = sorted(direct)
     unprotected = [k for k in keys if k not in rejection]
-    if unprotected:
+    if unprotected and coadd_cfg.reject_artifacts:
         log.warning(
             "%d of %d inputs have no PSF-matched warp to find artifacts with (PSF wider than "
             "the rejection model): they are coadded without artifact rejection: %s",
@@ -262,6 +264,7 @@ def assemble_deep_coadd(
         shape=shape,
         wcs=wcs,
         rejection_inputs=[FitsWarpInput(rejection[k]) for k in keys if k in rejection],
+        do_reject=coadd_cfg.reject_artifacts,
         clip_sigma=coadd_cfg.clip_sigma,
         do_interp=coadd_cfg.do_interp,
     )
@@ -328,6 +331,7 @@ def assemble_template_coadd(
         shape=shape,
         wcs=wcs,
         rejection_inputs=None,  # the PSF-matched inputs themselves
+        do_reject=coadd_cfg.reject_artifacts,
         clip_sigma=coadd_cfg.clip_sigma,
         do_interp=coadd_cfg.do_interp,
     )
