@@ -49,6 +49,7 @@ rule deep_coadd:
     params:
         step="coadd:assemble_deep_coadd",
         coadd=plan.section("coadd"),
+        template=plan.section("template"),
     log:
         paths.root / "logs/coadd/{tract}/{patch}/deepCoadd_{tract}_{patch}_{band}.log",
     benchmark:
@@ -61,7 +62,7 @@ rule deep_coadd:
 
 rule template_coadd:
     input:
-        unpack(plan.coadd_inputs),
+        unpack(plan.template_coadd_inputs),
     output:
         coadd_path=paths.pattern("templateCoadd"),
         coadd_psf_path=paths.pattern("templateCoaddPsf"),

@@ -22,6 +22,7 @@ from workflow_lib.coadd_psf import CoaddPsf
 from workflow_lib.exposure import Exposure
 from workflow_lib.flags import ObjectFlag
 from workflow_lib.forced import model_stamps, psf_centroid_offset, psf_fit_half_size
+from workflow_lib.measure import windowed_moments
 from workflow_lib.psf import PsfModel, cut_stamps
 
 FWHM_TO_SIGMA = 1.0 / 2.3548200450309493
@@ -430,34 +431,6 @@ def _mosaic(stamps: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mosaic = padded.reshape(rows, cols, s, s).transpose(0, 2, 1, 3).reshape(rows * s, cols * s)
     k = np.arange(n)
     return np.ascontiguousarray(mosaic), (k % cols) * s, (k // cols) * s
-
-
-def windowed_moments(
-    data: np.ndarray, good: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Second moments (xx, yy, xy; pixels^2) with a Gaussian window of ``sigma`` removed.
-
-    ``x``, ``y`` are positions in stamp pixels. For a Gaussian source the
-    windowed moments are ``(C^-1 + W^-1)^-1``; inverting that gives C, so the
-    result does not depend on the window. Returns NaN and a flag where the
-    moments are not positive-definite.
-    """
-    size = data.shape[1]
-    off = np.arange(size, dtype=np.float64)
-    dx = off[None, None, :] - x[:, None, None]
-    dy = off[None, :, None] - y[:, None, None]
-    weighted = np.exp(-(dx**2 + dy**2) / (2.0 * sigma**2)) * good * data
-    s0 = weighted.sum(axis=(1, 2))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mxx = (weighted * dx**2).sum(axis=(1, 2)) / s0
-        myy = (weighted * dy**2).sum(axis=(1, 2)) / s0
-        mxy = (weighted * dx * dy).sum(axis=(1, 2)) / s0
-        det = mxx * myy - mxy**2
-        ixx, iyy, ixy = myy / det - 1 / sigma**2, mxx / det - 1 / sigma**2, -mxy / det
-        det2 = ixx * iyy - ixy**2
-        cxx, cyy, cxy = iyy / det2, ixx / det2, -ixy / det2
-    ok = (s0 > 0) & (det > 0) & (det2 > 0) & (cxx > 0) & (cyy > 0)
-    return np.where(ok, cxx, np.nan), np.where(ok, cyy, np.nan), np.where(ok, cxy, np.nan), ~ok
 
 
 def measure_band(

@@ -31,6 +31,7 @@ from workflow_lib.background import native_float
 from workflow_lib.exposure import Exposure
 from workflow_lib.flags import ForcedSourceFlag
 from workflow_lib.psf import PsfModel, cut_stamps, kernel_centroid
+from workflow_lib.single_frame import pixel_scale_arcsec
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +223,6 @@ def _joint_fit(mg, d, v, ix, iy, half, flux, err, a_diag, b, noise_diag, solo, m
         err[target] = np.sqrt(np.maximum(np.diag(cov), 0.0))
         group_size[idx] = idx.size
     return flux, err, group_size
-
-
-def pixel_scale_arcsec(wcs: WCS) -> float:
-    """Mean pixel side in arcsec at the reference pixel."""
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
-    return float(np.mean(proj_plane_pixel_scales(wcs.celestial)) * 3600.0)
 
 
 def _on_image_candidates(wcs: WCS, shape: tuple[int, int], ra: np.ndarray, dec: np.ndarray):

@@ -105,27 +105,32 @@ def _model_central_differences(
     return mx, my
 
 
-def _window_stats(data, var, good, xc, yc, ix, iy, sigma):
-    """Gaussian-windowed second moments (deconvolved from the window)."""
-    half = data.shape[1] // 2
-    off = np.arange(-half, half + 1, dtype=np.float64)
-    dxg = (ix - xc)[:, None, None] + off[None, None, :]
-    dyg = (iy - yc)[:, None, None] + off[None, :, None]
-    w = np.exp(-(dxg**2 + dyg**2) / (2.0 * sigma**2)) * good
-    wd = w * data
-    s0 = wd.sum(axis=(1, 2))
+def windowed_moments(
+    data: np.ndarray, good: np.ndarray, x: np.ndarray, y: np.ndarray, sigma: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Second moments (xx, yy, xy; pixels^2) with a Gaussian window of ``sigma`` removed.
+
+    ``x``, ``y`` are positions in stamp pixels. For a Gaussian source the
+    windowed moments are ``(C^-1 + W^-1)^-1``; inverting that gives C, so the
+    result does not depend on the window. Returns NaN and a flag where the
+    moments are not positive-definite.
+    """
+    size = data.shape[1]
+    off = np.arange(size, dtype=np.float64)
+    dx = off[None, None, :] - x[:, None, None]
+    dy = off[None, :, None] - y[:, None, None]
+    weighted = np.exp(-(dx**2 + dy**2) / (2.0 * sigma**2)) * good * data
+    s0 = weighted.sum(axis=(1, 2))
     with np.errstate(divide="ignore", invalid="ignore"):
-        mxx = (wd * dxg**2).sum(axis=(1, 2)) / s0
-        myy = (wd * dyg**2).sum(axis=(1, 2)) / s0
-        mxy = (wd * dxg * dyg).sum(axis=(1, 2)) / s0
-        # Windowed moments of a Gaussian C are (C^-1 + W^-1)^-1, W = sigma^2 I.
+        mxx = (weighted * dx**2).sum(axis=(1, 2)) / s0
+        myy = (weighted * dy**2).sum(axis=(1, 2)) / s0
+        mxy = (weighted * dx * dy).sum(axis=(1, 2)) / s0
         det = mxx * myy - mxy**2
         ixx, iyy, ixy = myy / det - 1 / sigma**2, mxx / det - 1 / sigma**2, -mxy / det
         det2 = ixx * iyy - ixy**2
         cxx, cyy, cxy = iyy / det2, ixx / det2, -ixy / det2
     ok = (s0 > 0) & (det > 0) & (det2 > 0) & (cxx > 0) & (cyy > 0)
-    nan = np.nan
-    return np.where(ok, cxx, nan), np.where(ok, cyy, nan), np.where(ok, cxy, nan), ~ok
+    return np.where(ok, cxx, np.nan), np.where(ok, cyy, np.nan), np.where(ok, cxy, np.nan), ~ok
 
 
 def encircled_energy(psf: PsfModel, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
@@ -327,8 +332,8 @@ def measure_sources(
     jx, jy = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
     gs = ~cut_stamps(bad, jx, jy, sh, fill=True)
     ds = _clean_stamps(image, jx, jy, sh, gs)
-    vs = _clean_stamps(variance, jx, jy, sh, gs)
-    cxx, cyy, cxy, sflag = _window_stats(ds, vs, gs, x, y, jx, jy, sigma)
+    # Positions in stamp pixels: the stamps are centred on (jx, jy).
+    cxx, cyy, cxy, sflag = windowed_moments(ds, gs, x - jx + sh, y - jy + sh, sigma)
     out["shape_xx"], out["shape_yy"], out["shape_xy"] = cxx, cyy, cxy
     out["shape_flag"] = sflag
 

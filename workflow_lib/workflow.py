@@ -394,20 +394,28 @@ class WorkflowPlan:
             "skymap_path": str(self.paths.path("skyMap")),
         }
 
-    @property
-    def warped_ccds(self) -> list[tuple[int, int]]:
-        return sorted(ccd for ccd, pairs in self._ccd_patches.items() if pairs)
+    def _coadd_ccds(self, wildcards: Mapping[str, str]) -> list[tuple[int, int]]:
+        key = (int(wildcards["tract"]), int(wildcards["patch"]), str(wildcards["band"]))
+        return self._patch_ccds.get(key, [])
 
     def coadd_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
-        """Warp directories and CcdVisit rows of the CCDs that may overlap a coadd."""
-        key = (int(wildcards["tract"]), int(wildcards["patch"]), str(wildcards["band"]))
-        ccds = self._patch_ccds.get(key, [])
+        """Warp directories of the CCDs that may overlap a coadd, and the sky map."""
         return {
-            "warp_dirs": [str(self.paths.path("warpDir", visit=v, detector=d)) for v, d in ccds],
-            "ccdvisit_paths": [
-                str(self.paths.path("ccdVisit", visit=v, detector=d)) for v, d in ccds
+            "warp_dirs": [
+                str(self.paths.path("warpDir", visit=v, detector=d))
+                for v, d in self._coadd_ccds(wildcards)
             ],
             "skymap_path": str(self.paths.path("skyMap")),
+        }
+
+    def template_coadd_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        """A coadd's inputs plus the CcdVisit rows the template selection ranks."""
+        return {
+            **self.coadd_inputs(wildcards),
+            "ccdvisit_paths": [
+                str(self.paths.path("ccdVisit", visit=v, detector=d))
+                for v, d in self._coadd_ccds(wildcards)
+            ],
         }
 
     def objects_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:

@@ -20,7 +20,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from workflow_lib import __version__
@@ -56,13 +55,6 @@ def read_skymap(path: str | os.PathLike[str]) -> Any:
     return SkyMap.from_dict(json.loads(Path(path).read_text()))
 
 
-def _pixel_scale_arcsec(wcs: Any, x: float, y: float) -> float:
-    from astropy.wcs.utils import proj_plane_pixel_scales
-
-    del x, y  # the local scale of a TAN-SIP calexp differs from the mean by < 0.1 %
-    return float(np.sqrt(np.prod(proj_plane_pixel_scales(wcs.celestial))) * 3600.0)
-
-
 def _in_template_window(mjd: float, template: TemplateConfig) -> bool:
     if template.mjd_min is not None and mjd < template.mjd_min:
         return False
@@ -82,6 +74,7 @@ def make_warps(
     template: dict[str, Any],
 ) -> dict[str, Any]:
     """Warp one calexp onto each listed (tract, patch); returns the manifest."""
+    from workflow_lib.single_frame import pixel_scale_arcsec
     from workflow_lib.warp import model_psf, psf_match_exposure, warp_exposure
 
     template_cfg = TemplateConfig.from_dict(template)
@@ -111,7 +104,7 @@ def make_warps(
             calexp = None
         if calexp is not None and patches:
             flavours = {"directWarp": calexp}
-            scale = _pixel_scale_arcsec(calexp.wcs, *np.array(calexp.shape[::-1]) / 2)
+            scale = pixel_scale_arcsec(calexp.wcs)
             seeing = float(row["seeing"])
             models = {
                 "psfMatchedWarp": coadd_cfg.model_psf_fwhm_arcsec,
@@ -181,18 +174,15 @@ def _warp_file_name(flavour: str, **data_id: int) -> str:
     return Path(dataset_type(flavour).template.format(**data_id)).name
 
 
-def _warps_for_patch(
-    warp_dirs: list[str], flavour: str, tract: int, patch: int
-) -> dict[tuple[int, int], Path]:
-    """(visit, detector) -> file of ``flavour`` on (tract, patch), from the manifests."""
-    found: dict[tuple[int, int], Path] = {}
+def _warps_for_patch(warp_dirs: list[str], tract: int, patch: int) -> dict[str, dict]:
+    """flavour -> {(visit, detector): file} of the warps on (tract, patch), from the manifests."""
+    found: dict[str, dict[tuple[int, int], Path]] = {f: {} for f in WARP_FLAVOURS}
     for directory in warp_dirs:
         manifest = json.loads((Path(directory) / MANIFEST).read_text())
+        ccd = (int(manifest["visit"]), int(manifest["detector"]))
         for warp in manifest["warps"]:
-            if (warp["flavour"], warp["tract"], warp["patch"]) == (flavour, tract, patch):
-                found[(int(manifest["visit"]), int(manifest["detector"]))] = (
-                    Path(directory) / warp["file"]
-                )
+            if (warp["tract"], warp["patch"]) == (tract, patch):
+                found[warp["flavour"]][ccd] = Path(directory) / warp["file"]
     return found
 
 
@@ -215,6 +205,15 @@ def _write_coadd(
     write_exposure(exposure, coadd_path, provenance=provenance)
 
 
+def _write_skipped_coadd(
+    coadd_path: str, coadd_psf_path: str, ids: dict[str, Any], reason: str
+) -> None:
+    """A coadd that cannot be made: both products become failure records saying why."""
+    log.warning(reason)
+    write_failure_record(coadd_psf_path, _failure_header(ids), reason=reason)
+    write_failure_record(coadd_path, _failure_header(ids), reason=reason)
+
+
 def _patch_geometry(sky: Any, tract: int, patch: int) -> tuple[tuple[int, int], Any]:
     info = sky.tract(tract).patch(patch)
     _, _, nx, ny = info.outer_bbox
@@ -224,7 +223,6 @@ def _patch_geometry(sky: Any, tract: int, patch: int) -> tuple[tuple[int, int], 
 def assemble_deep_coadd(
     *,
     warp_dirs: list[str],
-    ccdvisit_paths: list[str],
     skymap_path: str,
     coadd_path: str,
     coadd_psf_path: str,
@@ -232,22 +230,20 @@ def assemble_deep_coadd(
     patch: int,
     band: str,
     coadd: dict[str, Any],
+    template: dict[str, Any],
 ) -> None:
     """Deep coadd of every direct warp on the patch; artifacts found on PSF-matched warps."""
     from workflow_lib.coadd import assemble_coadd
     from workflow_lib.io.warp_input import FitsWarpInput
 
-    del ccdvisit_paths  # the deep coadd takes every visit; the rows drive the template
-    coadd_cfg = CoaddConfig.from_dict(coadd, TemplateConfig(None, None, 0.0, 1))
+    coadd_cfg = CoaddConfig.from_dict(coadd, TemplateConfig.from_dict(template))
     ids = {"tract": tract, "patch": patch, "band": band, "coaddtyp": "deep"}
-    direct = _warps_for_patch(warp_dirs, "directWarp", tract, patch)
-    rejection = _warps_for_patch(warp_dirs, "rejectionWarp", tract, patch)
+    warps = _warps_for_patch(warp_dirs, tract, patch)
+    direct, rejection = warps["directWarp"], warps["rejectionWarp"]
     provenance = {"step": "assemble_deep_coadd", "n_warps": len(direct), "coadd": coadd}
     if not direct:
         reason = f"no warp of band {band} reaches tract {tract} patch {patch}"
-        log.warning(reason)
-        write_failure_record(coadd_psf_path, _failure_header(ids), reason=reason)
-        write_failure_record(coadd_path, _failure_header(ids), reason=reason)
+        _write_skipped_coadd(coadd_path, coadd_psf_path, ids, reason)
         return
     sky = read_skymap(skymap_path)
     shape, wcs = _patch_geometry(sky, tract, patch)
@@ -292,7 +288,7 @@ def assemble_template_coadd(
     template_cfg = TemplateConfig.from_dict(template)
     coadd_cfg = CoaddConfig.from_dict(coadd, template_cfg)
     ids = {"tract": tract, "patch": patch, "band": band, "coaddtyp": "template"}
-    matched = _warps_for_patch(warp_dirs, "psfMatchedWarp", tract, patch)
+    matched = _warps_for_patch(warp_dirs, tract, patch)["psfMatchedWarp"]
     rows = pd.concat([read_table(p) for p in ccdvisit_paths], ignore_index=True)
     ccds = zip(rows["visit"], rows["detector"], strict=True)
     rows = rows[[(int(v), int(d)) in matched for v, d in ccds]]
@@ -320,9 +316,7 @@ def assemble_template_coadd(
             f"selection (MJD {template_cfg.mjd_min}..{template_cfg.mjd_max}, "
             f"PSF FWHM <= {template_cfg.max_psf_fwhm} arcsec)"
         )
-        log.warning(reason)
-        write_failure_record(coadd_psf_path, _failure_header(ids), reason=reason)
-        write_failure_record(coadd_path, _failure_header(ids), reason=reason)
+        _write_skipped_coadd(coadd_path, coadd_psf_path, ids, reason)
         return
     sky = read_skymap(skymap_path)
     shape, wcs = _patch_geometry(sky, tract, patch)

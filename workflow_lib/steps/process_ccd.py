@@ -69,6 +69,8 @@ def reuse_freed_memory() -> Iterator[None]:
         malloc_trim(0)
 
 
+# Freed memory is kept for reuse for the whole step (see reuse_freed_memory).
+@reuse_freed_memory()
 def process_ccd(
     *,
     raw_path: str,
@@ -87,33 +89,6 @@ def process_ccd(
     defects_path: str | None = None,
 ) -> None:
     """Process one CCD and write its three products (always all three)."""
-    with reuse_freed_memory():
-        _process_ccd(
-            raw_path=raw_path, refcat_manifest_path=refcat_manifest_path,
-            calexp_path=calexp_path, src_path=src_path, ccdvisit_path=ccdvisit_path,
-            visit=visit, detector=detector, image_format=image_format, isr=isr,
-            calibrate=calibrate, bias_path=bias_path, dark_path=dark_path,
-            flat_path=flat_path, defects_path=defects_path,
-        )  # fmt: skip
-
-
-def _process_ccd(
-    *,
-    raw_path: str,
-    refcat_manifest_path: str,
-    calexp_path: str,
-    src_path: str,
-    ccdvisit_path: str,
-    visit: int,
-    detector: int,
-    image_format: str,
-    isr: dict[str, Any],
-    calibrate: dict[str, Any],
-    bias_path: str | None,
-    dark_path: str | None,
-    flat_path: str | None,
-    defects_path: str | None,
-) -> None:
     from workflow_lib import isr as isr_numerics
     from workflow_lib.steps.calibs import read_defects, read_master
     from workflow_lib.steps.refcat import load_refcat_region
