@@ -21,6 +21,7 @@ from synthetic_sky import (
 
 from workflow_lib import objects
 from workflow_lib.deblend import deblend_fractions, monotonic_template
+from workflow_lib.exposure import Exposure
 from workflow_lib.flags import ObjectFlag
 from workflow_lib.psf import PsfModel, shift_stamps
 
@@ -482,3 +483,67 @@ def test_a_masked_star_core_gives_one_peak_not_a_ring():
     assert len(filled) == 1
     assert np.hypot(filled["x"][0] - 60.3, filled["y"][0] - 59.7) < 1.0
     assert filled["snr"][0] > 100
+
+
+def test_psf_fluxes_take_the_inputs_aperture_corrections():
+    # Input A (sharp) covers the coadd, B (wide) its right half; each input's PSF model
+    # holds 1 / A_i of a calibrated star's light, so stars are drawn at F / A_i per input.
+    # The PSF fluxes times the inputs' corrections, mixed as the coadd mixed them, are F.
+    from workflow_lib.coadd_psf import block_sums, build_coadd_psf
+
+    shape, edge, block = (200, 320), 160, 8
+    kernel_a, kernel_b = psf_kernel(moffat_psf(3.0)), psf_kernel(moffat_psf(6.0))
+    apcorr = np.array([1.02, 1.12])
+    used_b = np.zeros(shape, dtype=bool)
+    used_b[:, edge:] = True
+    inputs = dict(
+        psfs=[PsfModel.constant(kernel_a), PsfModel.constant(kernel_b)],
+        weights=np.array([1.0, 1.0]), origins=[(0, 0), (0, 0)],
+        coverage=[block_sums(np.ones(shape, dtype=bool), 0, 0, block),
+                  block_sums(used_b[:, edge:], 0, edge, block)],
+        block_origin=[(0, 0), (edge // block, 0)],
+    )  # fmt: skip
+    with_apcorr = build_coadd_psf(*inputs.values(), block=block, shape=shape, cell_size=64,
+                                  aperture_corrections=apcorr)  # fmt: skip
+    without = build_coadd_psf(*inputs.values(), block=block, shape=shape, cell_size=64)
+    ys = np.arange(20.0, 185.0, 30.0) + 0.3
+    x = np.concatenate([np.full(ys.size, 60.4), np.full(ys.size, 260.1)])
+    y = np.tile(ys, 2)
+    flux, sigma = 2e5, 2.0
+
+    def coadd_of(ratios: np.ndarray) -> Exposure:
+        image = np.random.default_rng(6).normal(0.0, sigma, shape)
+        for xi, yi in zip(x, y, strict=True):
+            light = kernel_a / ratios[0]
+            if xi > edge:
+                light = 0.5 * (light + kernel_b / ratios[1])
+            add_model_star(image, PsfModel.constant(light / light.sum()), xi, yi,
+                           flux * light.sum())  # fmt: skip
+        return exposure_from(image, np.full(shape, sigma**2), wcs=tan_wcs(shape),
+                             psf=without.model)  # fmt: skip
+
+    def dmag(coadd: Exposure, coadd_psf, **kwargs: object) -> tuple[np.ndarray, pd.DataFrame]:
+        merged = objects.merge_detections({"r": objects.detect_coadd_sources(coadd)}, coadd.wcs)
+        table = objects.measure_objects({"r": coadd}, merged, coadd_psfs={"r": coadd_psf},
+                                        **kwargs)  # fmt: skip
+        dist, index = cKDTree(np.column_stack([table["x"], table["y"]])).query(
+            np.column_stack([x, y])
+        )
+        assert (dist < 1.0).all()
+        return -2.5 * np.log10(table["r_psfFlux"].to_numpy()[index] / flux), table
+
+    scaled = coadd_of(apcorr)
+    # What the measurement gives for stars whose PSF models hold all their light.
+    baseline, _ = dmag(coadd_of(np.ones(2)), without, aperture_correction=False)
+    raw, _ = dmag(scaled, with_apcorr, aperture_correction=False)
+    corrected, table = dmag(scaled, with_apcorr)
+    left, right = x < edge, x > edge
+    # Uncorrected: short by A_A on the left, by about the mean of both on the right.
+    np.testing.assert_allclose((raw - baseline)[left], 2.5 * np.log10(1.02), atol=2e-4)
+    assert np.all((raw - baseline)[right] > 2.5 * np.log10(1.05))
+    assert np.abs(corrected - baseline).max() < 5e-4, corrected - baseline
+    assert table.attrs["aperture_correction_source"] == {"r": "inputs"}
+    assert table.attrs["aperture_correction"]["r"] > 1.02
+    # Without the inputs' corrections the coadd's own bright stars give one.
+    _, fitted = dmag(scaled, without)
+    assert fitted.attrs["aperture_correction_source"] == {"r": "coadd"}

@@ -120,6 +120,13 @@ def test_missing_calibrations_are_skipped_and_recorded(ccd, tmp_path):
     assert row["flags"] & CcdVisitFlag.NO_BIAS and row["flags"] & CcdVisitFlag.NO_DARK
     calexp = read_exposure(tmp_path / "calexp.fits")
     assert calexp.metadata["ISR_BIAS"].startswith("skipped")
+    # The aperture correction travels with the calexp (its warps carry it to the coadd).
+    from workflow_lib.measure import ApertureCorrection
+
+    apcorr = ApertureCorrection.from_header(calexp.metadata)
+    ny, nx = calexp.shape
+    at_centre = apcorr.ratio_at(np.array([(nx - 1) / 2.0]), np.array([(ny - 1) / 2.0]))[0][0]
+    assert at_centre == pytest.approx(row["apCorr"], rel=1e-12)
 
 
 def test_butler_reads_the_consolidated_tables(tiny_run):

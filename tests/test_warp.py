@@ -12,6 +12,7 @@ import galsim
 import numpy as np
 import pytest
 import sep
+from astropy.io import fits
 from astropy.wcs import WCS, Sip
 from reproject import reproject_interp
 
@@ -665,3 +666,41 @@ def test_warp_of_psf_matched_exposure_carries_the_model() -> None:
     k = warp.psf.kernel_at(warp.shape[1] / 2, warp.shape[0] / 2)
     assert abs(fwhm_of_image(k) / fwhm_of_image(model.kernel_at(0, 0)) - 1) < 0.01
     assert warp.metadata["PSFMATCH"] is True and warp.metadata["VISIT"] == 1234
+
+
+def test_warp_carries_the_inputs_aperture_correction_at_its_centre() -> None:
+    # The calexp's correction map (a gradient across the CCD) becomes one number per
+    # warp: its value at the calexp pixel under the warp's centre. Its map cards, in
+    # the calexp's pixel frame, do not travel; nor does it survive PSF matching.
+    from workflow_lib.measure import ApertureCorrection
+
+    rng = np.random.default_rng(41)
+    shape = (300, 300)
+    wcs = tan_sip_wcs(shape, rotation_deg=33.0)
+    calexp, _ = make_calexp(rng, shape, wcs, n_stars=9, noise=5.0)
+    apcorr = ApertureCorrection(
+        coefficients=np.array([1.02, 0.01, -0.004]), covariance=np.zeros((3, 3)), order=1,
+        x_center=149.5, y_center=149.5, x_scale=150.0, y_scale=150.0, n_used=20,
+        scatter=0.002, used=np.zeros(0, dtype=bool),
+    )  # fmt: skip
+    for key, value, comment in apcorr.to_cards():
+        calexp.metadata[key] = (value, comment)
+    back = ApertureCorrection.from_header(calexp.metadata)
+    np.testing.assert_array_equal(back.coefficients, apcorr.coefficients)
+    target = patch_wcs((600, 600), (56.0, -30.0))
+    for bbox in [(0, 0, 600, 600), (250, 260, 40, 30)]:
+        warp = warp_exposure(calexp, target, bbox)
+        x0, y0 = warp.origin
+        ny, nx = warp.shape
+        ra, dec = target.all_pix2world([x0 + (nx - 1) / 2.0], [y0 + (ny - 1) / 2.0], 0)
+        sx, sy = wcs.all_world2pix(ra, dec, 0)
+        expected = apcorr.ratio_at(np.clip(sx, 0, 299), np.clip(sy, 0, 299))[0][0]
+        assert warp.metadata["APCORR"] == pytest.approx(expected, rel=1e-12)
+        assert "APCORD" not in warp.metadata and "APC0" not in warp.metadata
+    small, big = (warp_exposure(calexp, target, b).metadata["APCORR"]
+                  for b in [(250, 260, 40, 30), (0, 0, 600, 600)])  # fmt: skip
+    assert small != pytest.approx(big, abs=1e-4)  # the gradient is seen
+    matched = psf_match_exposure(calexp, model_psf(5.0, 41), grid_spacing=150)
+    assert ApertureCorrection.from_header(matched.metadata) is None
+    assert "APCORR" not in warp_exposure(matched, target, (0, 0, 600, 600)).metadata
+    assert ApertureCorrection.from_header(fits.Header({"EXPID": 1})) is None

@@ -407,10 +407,12 @@ def assemble_coadd(
         out.mask[no_data] |= bit["INTRP"]
 
     weights = np.array([p.weight for p in direct])
+    apcorr = [header_value(p.source.metadata, ["APCORR"]) for p in direct]
     coadd_psf = build_coadd_psf(
         [p.source.psf for p in direct], weights, [(p.x0, p.y0) for p in direct],
         out.coverage, out.block_origin, block=out.block, shape=(ny, nx),
         cell_size=psf_cell_size, order=psf_order,
+        aperture_corrections=[float("nan") if a is None else float(a) for a in apcorr],
     )  # fmt: skip
     table = _input_table(direct, rejection, partner, out.stats)
     header = _coadd_header(
@@ -676,4 +678,9 @@ def _coadd_header(
         header["PSFFRES"] = (residual, "max rms residual / peak of the PSF fit")
         pure = round(coadd_psf.pure_cell_fraction, 4)
         header["PSFPURE"] = (pure, "fraction of PSF fit cells of uniform coverage")
+        ny, nx = coadd_psf.shape
+        centre = coadd_psf.aperture_correction_at(np.array([(nx - 1) / 2.0]),
+                                                  np.array([(ny - 1) / 2.0]))[0]  # fmt: skip
+        if np.isfinite(centre):
+            header["APCORR"] = (round(float(centre), 6), "inputs' aperture correction at centre")
     return header

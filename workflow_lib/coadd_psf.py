@@ -63,6 +63,9 @@ class CoaddPsf:
     max_rms_residual: float  # of the POLYPIX fit against the cell mixtures, / peak
     median_rms_residual: float
     pure_cell_fraction: float  # of the fit's cells, those no coverage edge crosses
+    # Each input's aperture correction (reference-aperture / PSF flux on its calexp);
+    # NaN where unknown, None if no input had one.
+    aperture_corrections: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -91,6 +94,21 @@ class CoaddPsf:
         """Coadd PSF kernels (n, s, s), unit sum, at coadd positions; zeros where no data."""
         return self._mixture(self.fractions(x, y), x, y)
 
+    def _input_kernels(
+        self, fractions: np.ndarray, x: np.ndarray, y: np.ndarray
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(input i, rows it covers, its kernels there padded to ``size``) for each input."""
+        size = self.size
+        for i, psf in enumerate(self.psfs):
+            sel = np.flatnonzero(fractions[:, i] * self.weights[i] > 0)
+            if psf is None or sel.size == 0:
+                continue
+            k = evaluate_kernels(psf, x[sel] - self.origins[i][0], y[sel] - self.origins[i][1])
+            pad = (size - psf.size) // 2
+            if pad:
+                k = np.pad(k, ((0, 0), (pad, pad), (pad, pad)))
+            yield i, sel, k
+
     def _mixture(self, fractions: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Kernels sum_i w_i f_i K_i(x, y) / sum_i w_i f_i for each row of ``fractions``."""
         x = np.atleast_1d(np.asarray(x, dtype=np.float64))
@@ -98,17 +116,49 @@ class CoaddPsf:
         frac = fractions * self.weights[None, :]
         size = self.size
         acc = np.zeros((x.size, size, size))
-        for i, psf in enumerate(self.psfs):
-            sel = np.flatnonzero(frac[:, i] > 0)
-            if psf is None or sel.size == 0:
-                continue
-            k = evaluate_kernels(psf, x[sel] - self.origins[i][0], y[sel] - self.origins[i][1])
-            pad = (size - psf.size) // 2
-            if pad:
-                k = np.pad(k, ((0, 0), (pad, pad), (pad, pad)))
+        for i, sel, k in self._input_kernels(fractions, x, y):
             acc[sel] += frac[sel, i, None, None] * k
         total = frac.sum(axis=1)
         return np.divide(acc, total[:, None, None], out=acc, where=total[:, None, None] > 0)
+
+    def aperture_correction_at(
+        self, x: np.ndarray, y: np.ndarray, *, chunk: int = 256
+    ) -> np.ndarray:
+        """The coadd's aperture correction at coadd positions: NaN where no input covers
+        the place or a covering input's correction is unknown.
+
+        Input i holds a star of calibrated flux F as (F / A_i) K_i, so the coadd
+        holds F sum_i v_i K_i / A_i (v_i the normalised weights of the inputs
+        used there) and a fit of the coadd PSF M = sum_i v_i K_i gives
+        F sum_i c_i / A_i with c_i = v_i <K_i, M> / <M, M> (the c_i sum to 1):
+        sharper inputs count for more. The correction is that mean's inverse;
+        LSST's CoaddApCorrMap takes the plain weighted mean of the A_i, which is
+        off by the spread of the A_i times the spread of the c_i / v_i.
+        """
+        x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+        y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+        out = np.full(x.size, np.nan)
+        if self.aperture_corrections is None:
+            return out
+        frac = self.fractions(x, y)
+        inverse = 1.0 / np.asarray(self.aperture_corrections, dtype=np.float64)
+        known = np.isfinite(inverse) & (inverse > 0)
+        used = frac * self.weights[None, :] > 0
+        ok = used.any(axis=1) & ~used[:, ~known].any(axis=1)
+        index = np.flatnonzero(ok)
+        for start in range(0, index.size, chunk):
+            rows = index[start : start + chunk]
+            mixture = self._mixture(frac[rows], x[rows], y[rows])
+            overlap = np.zeros(rows.size)
+            weighted = np.zeros(rows.size)
+            for i, sel, kernels in self._input_kernels(frac[rows], x[rows], y[rows]):
+                dot = frac[rows[sel], i] * self.weights[i] * np.einsum(
+                    "nij,nij->n", kernels, mixture[sel]
+                )
+                overlap[sel] += dot
+                weighted[sel] += dot * inverse[i]
+            out[rows] = overlap / weighted
+        return out
 
     def kernel_at(self, x: float, y: float) -> np.ndarray:
         return self.kernels_at(np.array([x]), np.array([y]))[0]
@@ -152,6 +202,11 @@ class CoaddPsf:
                 "block_nx": [c.shape[1] for c in self.coverage],
                 "block_ny": [c.shape[0] for c in self.coverage],
                 "has_psf": [p is not None for p in self.psfs],
+                "apCorr": (
+                    np.full(len(self.psfs), np.nan)
+                    if self.aperture_corrections is None
+                    else self.aperture_corrections
+                ),
             }
         )
 
@@ -168,6 +223,7 @@ def build_coadd_psf(
     cell_size: int,
     order: int = 3,
     full_fraction: float = 0.9,
+    aperture_corrections: Sequence[float] | None = None,
 ) -> CoaddPsf | None:
     """The coadd PSF from the inputs' block coverage, with its POLYPIX fit.
 
@@ -177,10 +233,18 @@ def build_coadd_psf(
     by 10 less where a coverage edge crosses them (an input there has less
     than ``full_fraction`` of the best-covered input's pixels), as such a
     mixture is what no star sees. Returns None if no input has a PSF or
-    nothing is covered.
+    nothing is covered. ``aperture_corrections`` (per input, NaN where
+    unknown) make :meth:`CoaddPsf.aperture_correction_at`.
     """
     if not any(p is not None for p in psfs):
         return None
+    apcorr = None
+    if aperture_corrections is not None:
+        apcorr = np.asarray(aperture_corrections, dtype=np.float64).reshape(-1)
+        if apcorr.size != len(psfs):
+            raise ValueError(f"{apcorr.size} aperture corrections for {len(psfs)} inputs")
+        if not np.isfinite(apcorr).any():
+            apcorr = None
     ny, nx = shape
     per_cell = max(1, int(cell_size) // block)
     ncy, ncx = -(-ny // (per_cell * block)), -(-nx // (per_cell * block))
@@ -251,4 +315,5 @@ def build_coadd_psf(
         shape=(int(ny), int(nx)), model=model, order=fit_order,
         max_rms_residual=float(rel.max()), median_rms_residual=float(np.median(rel)),
         pure_cell_fraction=float(np.mean(purity[good] > 0.99)),
+        aperture_corrections=apcorr,
     )  # fmt: skip

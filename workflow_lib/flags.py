@@ -59,7 +59,8 @@ class ObjectFlag(IntFlag):
     NO_DATA_CENTER = 1 << 5  # NO_DATA or BAD pixel in the central 3x3
     MASKED = 1 << 6  # too much of the PSF-fit stamp is masked
     SATURATED_CENTER = 1 << 7  # SAT pixel in the central 3x3
-    APCORR_FAILED = 1 << 8  # too few stars for this coadd's aperture correction (none applied)
+    APCORR_FAILED = 1 << 8  # no aperture correction applied: an input's is unknown here, or
+    # (inputs without any) too few stars to fit one on the coadd
     NO_COADD = 1 << 9  # no coadd of this band in the patch
     SHAPE_FAILED = 1 << 10  # windowed moments not positive-definite
     EXTENDEDNESS_FAILED = 1 << 11  # extendedness could not be decided

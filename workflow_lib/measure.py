@@ -15,12 +15,15 @@ itself cannot bias it; its error comes from the variance plane.
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import sep
+from astropy.io import fits
 
 from workflow_lib.background import native_float
 from workflow_lib.psf import (
@@ -385,6 +388,18 @@ def _clean_stamps(
     return stamps
 
 
+_APCORR_CARD = re.compile(r"^APC(ORD|XC|YC|XS|YS|NUSED|SCAT|\d+)$")
+
+
+def without_aperture_correction(header: fits.Header) -> fits.Header:
+    """``header`` less the cards of :meth:`ApertureCorrection.to_cards` (for images whose
+    PSF or pixel frame is no longer the one the correction was measured for)."""
+    out = header.copy()
+    for key in [k for k in out.keys() if _APCORR_CARD.match(k)]:
+        del out[key]
+    return out
+
+
 @dataclass(frozen=True)
 class ApertureCorrection:
     """Smooth map of (reference-aperture flux / PSF flux) over the image.
@@ -413,6 +428,47 @@ class ApertureCorrection:
         value = t @ self.coefficients
         err = np.sqrt(np.maximum(np.einsum("nk,kl,nl->n", t, self.covariance, t), 0.0))
         return value, err
+
+    def to_cards(self) -> list[tuple[str, Any, str]]:
+        """Header cards that carry the correction with the image it was measured on
+        (``APC*``; read back with :meth:`from_header`)."""
+        cards: list[tuple[str, Any, str]] = [
+            ("APCORD", int(self.order), "aperture correction: polynomial order"),
+            ("APCXC", float(self.x_center), "aperture correction: x centre, pixels"),
+            ("APCYC", float(self.y_center), "aperture correction: y centre, pixels"),
+            ("APCXS", float(self.x_scale), "aperture correction: x scale, pixels"),
+            ("APCYS", float(self.y_scale), "aperture correction: y scale, pixels"),
+            ("APCNUSED", int(self.n_used), "aperture correction: stars used"),
+            ("APCSCAT", float(self.scatter), "aperture correction: fractional scatter"),
+        ]
+        cards += [
+            (f"APC{k}", float(c), "aperture correction: coefficient")
+            for k, c in enumerate(self.coefficients)
+        ]
+        return cards
+
+    @classmethod
+    def from_header(cls, header: Mapping[str, Any]) -> ApertureCorrection | None:
+        """The correction written by :meth:`to_cards`, or None if the header has none."""
+        if "APCORD" not in header:
+            return None
+        order = int(header["APCORD"])
+        n_terms = len(monomial_exponents(order))
+        keys = [f"APC{k}" for k in range(n_terms)]
+        if any(key not in header for key in keys):
+            raise ValueError(f"aperture correction cards {keys} incomplete in the header")
+        return cls(
+            coefficients=np.array([float(header[key]) for key in keys]),
+            covariance=np.zeros((n_terms, n_terms)),
+            order=order,
+            x_center=float(header["APCXC"]),
+            y_center=float(header["APCYC"]),
+            x_scale=float(header["APCXS"]),
+            y_scale=float(header["APCYS"]),
+            n_used=int(header.get("APCNUSED", 0)),
+            scatter=float(header.get("APCSCAT", float("nan"))),
+            used=np.zeros(0, dtype=bool),
+        )
 
     def apply(
         self, x: np.ndarray, y: np.ndarray, flux: np.ndarray, err: np.ndarray

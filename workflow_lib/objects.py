@@ -742,9 +742,13 @@ def measure_objects(
     PSF's jumps where the inputs' coverage changes. Children of one parent
     whose centroids land within ``min_child_separation_fwhm`` FWHM of each
     other are one source: the fainter peak is dropped and the parent
-    deblended again. ``attrs`` holds per band
-    the noise correlation factors and the aperture correction at the patch
-    centre.
+    deblended again. ``aperture_correction``: PSF fluxes are corrected to
+    the inputs' calibration aperture with the inputs' own corrections where
+    the exact coadd PSF carries them (LSST's CoaddApCorrMap; NaN coverage
+    flags ``APCORR_FAILED``), else with one fitted on the coadd's bright
+    stars. ``attrs`` holds per band the noise correlation factors, the
+    aperture correction at the patch centre and its source (``inputs`` or
+    ``coadd``).
     """
     from workflow_lib.measure import fit_aperture_correction
 
@@ -847,6 +851,7 @@ def measure_objects(
     shapes = {key: np.full(n, np.nan) for key in ("shape_xx", "shape_yy", "shape_xy")}
     ref_ext = np.full(n, np.nan)
     apcorr_at_centre: dict[str, float] = {}
+    apcorr_source: dict[str, str] = {}
     for band in all_bands:
         flags = np.zeros(n, dtype=np.int64)
         if band not in coadds:
@@ -872,7 +877,25 @@ def measure_objects(
             snr = flux / err
         ext = _extendedness(res["ext_ratio"], res["ext_ratio_err"] * f_psf, snr,
                             ~res["psf_flag"] & (flux > 0))  # fmt: skip
-        if aperture_correction:
+        propagated = exact.get(band)
+        if propagated is not None and propagated.aperture_corrections is None:
+            propagated = None
+        if aperture_correction and propagated is not None:
+            # The inputs' own corrections, weighted as the coadd weighted them: the
+            # coadd's calibration is theirs, so nothing is re-measured on it.
+            ratio = propagated.aperture_correction_at(x_ref, y_ref)
+            known = np.isfinite(ratio)
+            flux = np.where(known, flux * ratio, flux)
+            err = np.where(known, err * ratio, err)
+            flags |= np.where(known, 0, int(ObjectFlag.APCORR_FAILED))
+            centre = propagated.aperture_correction_at(
+                np.array([(nx - 1) / 2.0]), np.array([(ny - 1) / 2.0])
+            )[0]
+            if np.isfinite(centre):
+                apcorr_at_centre[band] = float(centre)
+            apcorr_source[band] = "inputs"
+        elif aperture_correction:
+            apcorr_source[band] = "coadd"
             cand = np.flatnonzero(
                 (ents["kind"] == KIND_ISOLATED) & (ents["flags"] == 0) & (ext == 0)
                 & (snr > min_apcorr_snr) & ~res["psf_flag"] & ~res["edge"] & ~res["center_bad"]
@@ -933,7 +956,8 @@ def measure_objects(
         ents, columns, band_flags, shapes, ref_ext, ref_band, fallback, x_ref, y_ref,
         all_bands=all_bands, wcs=wcs, origin=first.origin, tract=tract,
         patch=patch, skymap=skymap, id_base=id_base,
-        attrs={"noise_correlation_factor": factors, "aperture_correction": apcorr_at_centre},
+        attrs={"noise_correlation_factor": factors, "aperture_correction": apcorr_at_centre,
+               "aperture_correction_source": apcorr_source},
     )  # fmt: skip
 
 

@@ -49,6 +49,7 @@ from scipy.optimize import brentq
 from scipy.signal import fftconvolve
 
 from workflow_lib.exposure import MASK_DTYPE, Exposure, MaskPlanes
+from workflow_lib.measure import without_aperture_correction
 from workflow_lib.psf import PsfModel, fwhm_of_image
 
 log = logging.getLogger(__name__)
@@ -400,7 +401,8 @@ def psf_match_exposure(
     dead = (out_mask & no_data) != 0
     out_img[dead] = 0.0
     out_var[dead] = 0.0
-    metadata = exposure.metadata.copy()
+    # The input's aperture correction was measured for its own PSF, not the model's.
+    metadata = without_aperture_correction(exposure.metadata)
     metadata["PSFMATCH"] = (True, "PSF-matched to a model PSF")
     metadata["PSFMFWHM"] = (float(kernels.model_fwhm.max()), "[px] FWHM of the model PSF")
     metadata["PSFMIFWH"] = (float(kernels.psf_fwhm.max()), "[px] max FWHM of the input PSF")

@@ -13,7 +13,7 @@ import logging
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -25,6 +25,9 @@ from workflow_lib.config import CalibrateConfig
 from workflow_lib.exposure import Exposure, PhotoCalib
 from workflow_lib.flags import UNRELIABLE_SOURCE, CcdVisitFlag, SourceFlag
 from workflow_lib.timing import PhaseClock
+
+if TYPE_CHECKING:
+    from workflow_lib.measure import ApertureCorrection
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +328,7 @@ def _process(
         photo_calib=PhotoCalib(
             1.0, zero_point=zp_fit.zero_point, zero_point_err=zp_fit.zero_point_err
         ),
-        metadata=_calexp_metadata(exposure.metadata),
+        metadata=_calexp_metadata(exposure.metadata, apcorr),
         mask_planes=exposure.mask_planes,
         origin=exposure.origin,
     )
@@ -444,8 +447,9 @@ def _reference_mag_column(stars: pd.DataFrame, band: str) -> str:
     return available[0]
 
 
-def _calexp_metadata(raw_header: Mapping[str, Any]) -> fits.Header:
-    """Raw primary cards minus the pointing-hint WCS (the fitted one is in every HDU)."""
+def _calexp_metadata(raw_header: Mapping[str, Any], apcorr: ApertureCorrection) -> fits.Header:
+    """Raw primary cards minus the pointing-hint WCS (the fitted one is in every HDU),
+    plus the aperture correction (warps carry it on to the coadd's)."""
     header = fits.Header()
     for key, value in raw_header.items():
         if key in HEADER_WCS_KEYS or key in (
@@ -460,6 +464,8 @@ def _calexp_metadata(raw_header: Mapping[str, Any]) -> fits.Header:
             continue
         header[key] = value
     header["BUNIT"] = "nJy"
+    for key, value, comment in apcorr.to_cards():
+        header[key] = (value, comment)
     return header
 
 

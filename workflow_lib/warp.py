@@ -58,6 +58,7 @@ from scipy import sparse
 from scipy.interpolate import BSpline, make_interp_spline
 
 from workflow_lib.exposure import MASK_DTYPE, Exposure, MaskPlanes
+from workflow_lib.measure import ApertureCorrection, without_aperture_correction
 from workflow_lib.psf import PsfModel, polynomial_terms
 from workflow_lib.psf_matching import PsfMatchingError, model_psf, psf_match_exposure
 
@@ -696,6 +697,19 @@ def warp_exposure(
         WARPMERR=(mapping.max_error, "[px] max error of the interpolated mapping"),
         WARPVCOR=(vcor if np.isfinite(vcor) else -1.0, "mean per-pixel noise variance factor"),
     )
+    apcorr = ApertureCorrection.from_header(exposure.metadata)
+    if apcorr is not None:
+        # The input's correction (in its own pixels) at the input pixel under the
+        # warp's centre: the coadd's correction is the inputs' weighted mean.
+        ra, dec = target_wcs.all_pix2world([x0 + (nx - 1) / 2.0], [y0 + (ny - 1) / 2.0], 0)
+        sx, sy = exposure.wcs.all_world2pix(ra, dec, 0)
+        sx = np.clip(np.asarray(sx, dtype=np.float64), 0.0, snx - 1.0)
+        sy = np.clip(np.asarray(sy, dtype=np.float64), 0.0, sny - 1.0)
+        metadata = without_aperture_correction(metadata)
+        metadata["APCORR"] = (
+            float(apcorr.ratio_at(sx, sy)[0][0]),
+            "aperture correction at the warp centre",
+        )
     log.debug(
         "warp: crop %s, grid %.0f px (max error %.2g px), kernel %s",
         (x0, y0, nx, ny), mapping.grid_step, mapping.max_error, kernel,
