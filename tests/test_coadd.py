@@ -299,6 +299,36 @@ def test_cosmic_rays_and_trail_are_removed(survey, deep, truth_coadd):
     assert (table.loc[clean, "clipped_fraction"] < 2e-3).all()
 
 
+def test_bad_bits_spread_by_psf_matching_do_not_stop_the_check(survey, deep):
+    # PSF matching spreads each interpolated defect's BAD bit over the matching kernel:
+    # scattered hot pixels flag much of a PSF-matched warp. Those pixels still hold
+    # (interpolated, convolved) sky, so the direct pixels under them are checked and
+    # used, and artifacts there are still found.
+    rng = np.random.default_rng(12)
+    flagged = []
+    for e in survey.matched:
+        bad = np.zeros(e.shape, bool)
+        bad[rng.integers(0, e.shape[0], 60), rng.integers(0, e.shape[1], 60)] = True
+        bad = ndimage.binary_dilation(bad, np.ones((21, 21), bool))
+        mask = e.mask | np.where(bad, np.int32(1 << e.mask_planes.bits["BAD"]), 0).astype(
+            e.mask.dtype
+        )
+        flagged.append(Exposure(e.image, e.variance, mask, psf=e.psf, metadata=e.metadata,
+                                origin=e.origin, mask_planes=e.mask_planes))  # fmt: skip
+    assert np.mean([f.mask_of("BAD").mean() for f in flagged]) > 0.25
+    result = assemble_coadd(wrap(survey.direct), shape=SHAPE, wcs=None,
+                            rejection_inputs=wrap(flagged))  # fmt: skip
+    np.testing.assert_array_equal(result.inputs["n_used"], deep.inputs["n_used"])
+    np.testing.assert_array_equal(
+        result.exposure.mask_of("CLIPPED"), deep.exposure.mask_of("CLIPPED")
+    )
+    # Reading BAD as missing data would leave those direct pixels unchecked, hence unused.
+    strict = assemble_coadd(wrap(survey.direct), shape=SHAPE, wcs=None,
+                            rejection_inputs=wrap(flagged),
+                            rejection_bad_mask_planes=("NO_DATA", "BAD"))  # fmt: skip
+    assert strict.inputs["n_used"].sum() < 0.8 * deep.inputs["n_used"].sum()
+
+
 def test_bright_star_cores_are_not_clipped(survey, deep):
     clipped = deep.exposure.mask_of("CLIPPED")
     yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]

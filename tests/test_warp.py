@@ -625,6 +625,20 @@ def test_psf_matching_refuses_a_narrower_model() -> None:
         psf_match_exposure(elongated, model_psf(3.3))
 
 
+def test_a_wide_model_needs_its_own_kernel_size() -> None:
+    # LSST's rejection model (7.7 px) is much wider than a sharp calexp PSF kept in a
+    # 41-pixel box: cut to that box its wing is lost and no kernel can match it, so
+    # the warp step builds the model at its own size (+-3.5 wing sigma).
+    from workflow_lib.psf_matching import fit_matching_kernels
+
+    psf = PsfModel.constant(moffat(4.2).drawImage(nx=41, ny=41, scale=1.0).array)
+    natural = model_psf(7.7)
+    assert natural.size > 41
+    assert fit_matching_kernels(psf, natural, (200, 200)).residuals.max() < 0.005
+    with pytest.raises(PsfMatchingError, match="cannot be matched"):
+        fit_matching_kernels(psf, model_psf(7.7, 41), (200, 200))
+
+
 def test_psf_matching_propagates_variance_and_masks() -> None:
     rng = np.random.default_rng(33)
     shape = (400, 400)

@@ -256,6 +256,7 @@ def assemble_coadd(
     grow_nsigma: float = 2.4,
     do_reject: bool = True,
     bad_mask_planes: Sequence[str] = DEFAULT_BAD_MASK_PLANES,
+    rejection_bad_mask_planes: Sequence[str] = ("NO_DATA",),
     mask_propagation: Mapping[str, float] | None = None,
     strip_rows: int | None = None,
     memory_limit_mb: float = 1024.0,
@@ -281,7 +282,11 @@ def assemble_coadd(
     tolerance) exceeds ``detect_sigma``, grown by ``grow_nsigma`` PSF sigmas,
     and at most min(low N, max_num_epochs + high N) of the N epochs there
     are candidates (with N < 3 nothing can be rejected; the metadata say so).
-    Pixels with ``bad_mask_planes`` never enter the coadd; ``mask_propagation``
+    Pixels with ``bad_mask_planes`` never enter the coadd; a rejection
+    input's pixels are compared wherever they lack ``rejection_bad_mask_planes``
+    (as LSST's PSF-matched valid polygons: the matching kernel spreads each
+    interpolated defect's BAD bit over ~30 x 30 pixels of interpolated sky,
+    which would leave a third of a CCD unchecked, hence unused). ``mask_propagation``
     (default SAT: 0.1) sets a bad plane where the inputs it excluded carry
     that fraction of the covering weight. The coadd mask is the OR of the
     used inputs' other planes, plus NO_DATA (nothing used: image and
@@ -314,7 +319,7 @@ def assemble_coadd(
             rejection_inputs,
             (ny, nx),
             planes,
-            bad_mask_planes,  # type: ignore[arg-type]
+            rejection_bad_mask_planes,  # type: ignore[arg-type]
         )
     )
 

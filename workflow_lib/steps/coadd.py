@@ -119,12 +119,11 @@ def make_warps(
                         continue
                     if not seeing <= template_cfg.max_psf_fwhm:
                         continue
-                model = model_psf(fwhm_arcsec / scale, calexp.psf.size)
-                # Warps that only serve to find artifacts tolerate a looser match:
-                # CompareWarp allows for a 5 % model error when it compares them.
-                tolerance = {"max_residual": 0.05} if flavour == "rejectionWarp" else {}
+                # The model at its own size (+-3.5 sigma of its wing): cut to the
+                # calexp PSF's box, a wide model loses its wing and no kernel matches it.
+                model = model_psf(fwhm_arcsec / scale)
                 try:
-                    flavours[flavour] = psf_match_exposure(calexp, model, **tolerance)
+                    flavours[flavour] = psf_match_exposure(calexp, model)
                 except ValueError as err:
                     note = f"{flavour}: not made ({err})"
                     manifest["notes"].append(note)
