@@ -289,3 +289,26 @@ def test_depth_gain_compares_coadd_errors_with_the_inputs_combined(coadd_loss):
     # Equal-ish inputs: the gain in magnitudes follows 1.25 log10(N) when nothing is lost.
     if coadd_loss == 1.0:
         assert gain["gain_mag"] == pytest.approx(gain["expected_gain_mag"], abs=0.1)
+
+
+def test_data_footprint_selects_stars_where_a_coadd_has_data():
+    from astropy.wcs import WCS
+
+    from workflow_lib.steps.quality import DataFootprint
+
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype = ["RA---TAN", "DEC--TAN"]
+    wcs.wcs.crval = [56.0, -31.0]
+    wcs.wcs.crpix = [50.5, 50.5]
+    wcs.wcs.cdelt = [-0.2 / 3600, 0.2 / 3600]
+    has_data = np.zeros((100, 100), dtype=bool)
+    has_data[:, :60] = True  # the right side of the coadd is a hole
+    footprint = DataFootprint()
+    footprint.add(wcs, has_data)
+    x = np.array([10.0, 59.4, 60.6, 95.0, 150.0])
+    ra, dec = wcs.all_pix2world(x, np.full(x.size, 40.0), 0)
+    np.testing.assert_array_equal(footprint(ra, dec), [True, True, False, False, False])
+    shifted = wcs.deepcopy()
+    shifted.wcs.crpix = [-49.5, 50.5]  # a second coadd further along, with data everywhere
+    footprint.add(shifted, np.ones((100, 100), dtype=bool))
+    np.testing.assert_array_equal(footprint(ra, dec), [True, True, False, False, True])

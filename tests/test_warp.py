@@ -668,6 +668,20 @@ def test_psf_matching_propagates_variance_and_masks() -> None:
     cr = matched.mask_of("CR")
     ys, xs = np.nonzero(cr)
     assert cr.sum() == (2 * grow + 1) ** 2 and ys.min() == 200 - grow and xs.min() == 150 - grow
+    # A repaired (interpolated) defect holds sky: its bits spread over the kernel's core
+    # only; an unrepaired one over the 95% box.
+    hot = np.zeros(shape, bool)
+    hot[100, 100] = hot[100, 300] = True
+    calexp.set_mask("BAD", hot)
+    calexp.set_mask("INTRP", hot & (np.arange(shape[1]) < 200)[None, :])
+    again = psf_match_exposure(calexp, model_psf(4.5), grid_spacing=200)
+    core = again.metadata["PSFMGRWI"]
+    assert 0 < core < grow
+    bad = again.mask_of("BAD")
+    assert bad[:, :200].sum() == (2 * core + 1) ** 2
+    assert bad[:, 200:].sum() == (2 * grow + 1) ** 2
+    assert again.mask_of("INTRP").sum() == (2 * core + 1) ** 2
+    np.testing.assert_array_equal(again.mask_of("CR"), cr)
 
 
 def test_warp_of_psf_matched_exposure_carries_the_model() -> None:

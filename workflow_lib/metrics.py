@@ -7,6 +7,7 @@ offset of bright stars, and photometric repeatability across visits (LSST's PA1)
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -742,13 +743,19 @@ def static_sky_metrics(
     template_objects: pd.DataFrame | None = None,
     template_window: tuple[float | None, float | None] | None = None,
     region=None,
+    completeness_regions: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The issue-4 figures in one dict: completeness vs depth per band (``depths``: band ->
     predicted 5-sigma depth), purity, bright-star bias per band, forced-photometry pulls,
-    and the template-transient check; each with its target and ``passed``."""
+    and the template-transient check; each with its target and ``passed``.
+    ``completeness_regions`` (band -> ``region(ra, dec)``, e.g. where that band's
+    coadds have data) select each band's truth stars in place of ``region``."""
     out: dict[str, Any] = {"targets": dict(STATIC_SKY_TARGETS)}
+    regions = dict(completeness_regions or {})
     out["completeness"] = {
-        band: point_source_completeness(objects, truth, band=band, depth_mag=depth, region=region)
+        band: point_source_completeness(
+            objects, truth, band=band, depth_mag=depth, region=regions.get(band, region)
+        )
         for band, depth in depths.items()
     }
     out["purity"] = object_purity(objects, truth)

@@ -30,7 +30,9 @@ warps. Here:
   square of the blended kernel).
 * Mask bits are grown by the kernel's effective radius (the box holding 95%
   of sum |K| at every node: K is peaked with a low, broad pedestal that would
-  otherwise grow every cosmic ray by the whole kernel). Missing data biases
+  otherwise grow every cosmic ray by the whole kernel); the BAD, CR and INTRP
+  bits of interpolated pixels (repaired defects and cosmic rays, which hold
+  sky) only by the 50% radius. Missing data biases
   fluxes, so NO_DATA grows by the 99% radius and the border strip of that
   width (where the convolution ran off the image) is NO_DATA too; NO_DATA
   pixels have image and variance 0.
@@ -198,6 +200,7 @@ class MatchingKernels:
     model_fwhm: np.ndarray
     radius: int  # box half-size holding 95% of sum |K| (mask growth)
     edge_radius: int  # ... 99% (NO_DATA growth and the border strip)
+    core_radius: int = 0  # ... 50% (growth of repaired pixels' bits)
 
 
 def _node_positions(n: int, spacing: float) -> np.ndarray:
@@ -231,7 +234,7 @@ def fit_matching_kernels(
     constant_model = model.order == 0
     m_fixed = model.kernel_at(0.0, 0.0) if constant_model else None
     fm_fixed = _core_fwhm(m_fixed) if constant_model else None
-    radius = edge_radius = 0
+    radius = edge_radius = core_radius = 0
     for j, y in enumerate(ys):
         for i, x in enumerate(xs):
             p = psf.kernel_at(float(x), float(y))
@@ -263,8 +266,9 @@ def fit_matching_kernels(
             gains[j, i] = gain
             radius = max(radius, _effective_radius(k, 0.95))
             edge_radius = max(edge_radius, _effective_radius(k, 0.99))
+            core_radius = max(core_radius, _effective_radius(k, 0.5))
     return MatchingKernels(
-        xs, ys, kernels, residuals, gains, psf_fwhm, model_fwhm, radius, edge_radius
+        xs, ys, kernels, residuals, gains, psf_fwhm, model_fwhm, radius, edge_radius, core_radius
     )
 
 
@@ -390,7 +394,20 @@ def psf_match_exposure(
     out_img, out_var = convolve_varying(image, variance, kernels)
     r, r_edge = kernels.radius, kernels.edge_radius
     mask = mask.astype(MASK_DTYPE)
-    out_mask = _dilate_bits(mask & np.int32(~no_data), r)
+    # Interpolated defects and cosmic rays carry sky: their bits spread over the
+    # kernel's core only. Over its 95% box, a CCD's scattered hot pixels would flag a
+    # third of the matched image (every other bit: SAT cores, EDGE, ... spreads fully).
+    repaired = 0
+    if "INTRP" in planes.bits:
+        repaired = planes.bitmask(*(p for p in ("BAD", "CR", "INTRP") if p in planes.bits))
+    interpolated = (mask & planes.bitmask("INTRP")) != 0 if repaired else None
+    if interpolated is not None and interpolated.any():
+        spread = np.where(interpolated, mask & np.int32(~repaired), mask)
+        out_mask = _dilate_bits(spread & np.int32(~no_data), r)
+        out_mask |= _dilate_bits(np.where(interpolated, mask & np.int32(repaired), 0)
+                                 .astype(MASK_DTYPE), kernels.core_radius)  # fmt: skip
+    else:
+        out_mask = _dilate_bits(mask & np.int32(~no_data), r)
     if (mask & no_data).any():
         out_mask |= _dilate_bits(mask & np.int32(no_data), r_edge)
     if r_edge > 0:
@@ -410,6 +427,7 @@ def psf_match_exposure(
     metadata["PSFMRES"] = (float(kernels.residuals.max()), "max relative residual of the match")
     metadata["PSFMKSZ"] = (int(kernels.kernels.shape[-1]), "[px] matching kernel size")
     metadata["PSFMGROW"] = (int(r), "[px] mask growth (box with 95% of sum |K|)")
+    metadata["PSFMGRWI"] = (int(kernels.core_radius), "[px] growth of interpolated pixels")
     metadata["PSFMEDGE"] = (int(r_edge), "[px] NO_DATA growth and border (99% of sum |K|)")
     log.debug(
         "PSF matching: %d nodes, FWHM %.2f-%.2f -> %.2f px, residual <= %.3g, radius %d",

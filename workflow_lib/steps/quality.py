@@ -20,11 +20,37 @@ from workflow_lib.io.exposure import ProcessingFailed
 log = logging.getLogger(__name__)
 
 
-def coadd_depths(butler: Butler, coadd_type: str = "deepCoadd") -> dict[str, dict[str, float]]:
+class DataFootprint:
+    """Where a band's coadds have data: ``region(ra, dec)`` for the completeness
+    (a star in a hole of the coverage cannot be found, whatever the depth)."""
+
+    def __init__(self) -> None:
+        self._maps: list[tuple[Any, np.ndarray]] = []
+
+    def add(self, wcs: Any, has_data: np.ndarray) -> None:
+        self._maps.append((wcs, np.asarray(has_data, dtype=bool)))
+
+    def __call__(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray:
+        ra, dec = np.asarray(ra, dtype=np.float64), np.asarray(dec, dtype=np.float64)
+        inside = np.zeros(ra.size, dtype=bool)
+        for wcs, has_data in self._maps:
+            x, y = wcs.all_world2pix(ra, dec, 0)
+            ix, iy = np.floor(x + 0.5).astype(np.int64), np.floor(y + 0.5).astype(np.int64)
+            on = (ix >= 0) & (iy >= 0) & (ix < has_data.shape[1]) & (iy < has_data.shape[0])
+            inside[on] |= has_data[iy[on], ix[on]]
+        return inside
+
+
+def coadd_depths(
+    butler: Butler,
+    coadd_type: str = "deepCoadd",
+    footprints: dict[str, DataFootprint] | None = None,
+) -> dict[str, dict[str, float]]:
     """Predicted 5-sigma point-source depth per band: the median over the band's patches.
 
     Each coadd's sources are detected first (as the Object step does), so that
     the noise-correlation factor is measured on empty sky, not on star wings.
+    ``footprints`` (filled per band if given) learns where the coadds have data.
     """
     from workflow_lib.objects import coadd_psf_depth, detect_coadd_sources
 
@@ -34,6 +60,10 @@ def coadd_depths(butler: Butler, coadd_type: str = "deepCoadd") -> dict[str, dic
             coadd = butler.get(coadd_type, **ids)
         except ProcessingFailed:
             continue
+        if footprints is not None:
+            footprints.setdefault(str(ids["band"]), DataFootprint()).add(
+                coadd.wcs, ~coadd.mask_of("NO_DATA")
+            )
         detect_coadd_sources(coadd)  # sets the DETECTED plane
         depth = coadd_psf_depth(coadd)
         depth["n_inputs"] = int(coadd.metadata.get("NINPUTS", 0))
@@ -105,7 +135,8 @@ def static_sky_quality(
     butler = Butler(output_dir)
     objects = butler.get("Object")
     bands = sorted({c.split("_", 1)[0] for c in objects.columns if c.endswith("_psfFlux")})
-    depths = coadd_depths(butler)
+    footprints: dict[str, DataFootprint] = {}
+    depths = coadd_depths(butler, footprints=footprints)
     result = static_sky_metrics(
         objects,
         butler.get("truth_object"),
@@ -114,6 +145,7 @@ def static_sky_quality(
         truth_lightcurve=butler.get("truth_lightcurve"),
         template_objects=template_objects(butler, bands=bands),
         template_window=template_window,
+        completeness_regions=footprints,
     )
     result["coadd_depths"] = depths
     return result
