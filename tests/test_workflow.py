@@ -186,10 +186,8 @@ def test_tiny_run_static_sky_quality_against_truth(tiny_run):
     q = static_sky_quality(tiny_run / "results", template_window=(None, 60630.0))
     assert q["purity"]["n_objects"] > 150 and q["purity"]["purity"] >= 0.96
     for band, bias in q["bright_star_bias"].items():
-        # Gross guard only: the coadd psfFlux of bright stars reads 10-23 mmag faint
-        # when inputs of very different seeing are mixed (the default survey; open,
-        # see test_tiny_run_coadd_bright_star_bias_target below).
-        assert bias["n_stars"] >= 20 and abs(bias["median_mmag"]) < 25.0, band
+        # The issue's 5 mmag target is test_tiny_run_coadd_bright_star_bias_target's.
+        assert bias["n_stars"] >= 20 and abs(bias["median_mmag"]) < 10.0, band
     for band, gain in q["depth_gain"].items():
         assert gain["n"] >= 30 and 0.85 < gain["ratio"] < 1.4, band
     pulls = q["forced_pulls"]
@@ -203,13 +201,9 @@ def test_tiny_run_static_sky_quality_against_truth(tiny_run):
     assert q["template_transients"]["passed"]
 
 
-@pytest.mark.xfail(
-    reason="open (issue 4): coadd psfFlux of bright stars is 10-23 mmag faint on coadds "
-    "mixing 0.6-1.3 arcsec seeing; calexp fluxes are within 1 mmag",
-    strict=False,
-)
 def test_tiny_run_coadd_bright_star_bias_target(tiny_run):
-    """The issue's target: bright-star psfFlux bias on the deep coadds within 5 mmag."""
+    """The issue's target: bright-star psfFlux bias on the deep coadds within 5 mmag (plus
+    twice the median's noise: the tiny run has few bright stars)."""
     from workflow_lib.metrics import bright_star_flux_bias
 
     butler = Butler(tiny_run / "results")
