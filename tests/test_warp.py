@@ -732,3 +732,17 @@ def test_warp_carries_the_inputs_aperture_correction_at_its_centre() -> None:
     assert ApertureCorrection.from_header(matched.metadata) is None
     assert "APCORR" not in warp_exposure(matched, target, (0, 0, 600, 600)).metadata
     assert ApertureCorrection.from_header(fits.Header({"EXPID": 1})) is None
+
+
+def test_warp_keeps_hierarch_cards_without_warnings() -> None:
+    import warnings
+
+    rng = np.random.default_rng(43)
+    shape = (120, 120)
+    calexp, _ = make_calexp(rng, shape, tan_sip_wcs(shape), n_stars=4, noise=5.0)
+    calexp.metadata["HIERARCH ISR C10 RDNOISE"] = (4.5, "read noise of amplifier C10")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        warp = warp_exposure(calexp, patch_wcs((300, 300), (56.0, -30.0)), (0, 0, 300, 300))
+    assert warp.metadata["ISR C10 RDNOISE"] == 4.5
+    assert warp.metadata.comments["ISR C10 RDNOISE"] == "read noise of amplifier C10"

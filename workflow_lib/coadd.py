@@ -656,7 +656,7 @@ def _coadd_header(
         header["MJDMAX"] = (float(np.nanmax(table["mjd"])), "latest input MJD")
     header["REJINPUT"] = (
         "SELF" if template_mode else "PARTNER",
-        "artifacts found on the inputs themselves or on partner warps",
+        "artifacts found on: the inputs (SELF), partner warps",
     )
     header["STATISTC"] = ("MEAN", "inverse-variance weighted mean")
     header["REJECT"] = ("NONE" if reject_reason else "COMPAREWARP", "artifact rejection")

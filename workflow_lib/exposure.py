@@ -8,7 +8,7 @@ photometric calibration to nanojansky.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,6 +16,21 @@ from astropy.io import fits
 from astropy.wcs import WCS
 
 from workflow_lib.psf import PsfModel
+
+
+def copy_cards(header: Mapping[str, object], drop: Callable[[str], bool]) -> fits.Header:
+    """The cards of ``header`` whose keyword ``drop`` does not reject, with their comments;
+    HIERARCH cards stay HIERARCH (setting them by keyword would warn for each)."""
+    out = fits.Header()
+    if isinstance(header, fits.Header):
+        for card in header.cards:
+            if not drop(card.keyword):
+                out.append(card)
+    else:
+        for key, value in header.items():
+            if not drop(key):
+                out.append(fits.Card(f"HIERARCH {key}" if len(key) > 8 else key, value))
+    return out
 
 # LSST's default plane order (afw Mask), then the planes the stages add.
 DEFAULT_MASK_PLANES: tuple[str, ...] = (

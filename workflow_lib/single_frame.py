@@ -22,7 +22,7 @@ from astropy.wcs import WCS, FITSFixedWarning
 from astropy.wcs.utils import proj_plane_pixel_scales
 
 from workflow_lib.config import CalibrateConfig
-from workflow_lib.exposure import Exposure, PhotoCalib
+from workflow_lib.exposure import Exposure, PhotoCalib, copy_cards
 from workflow_lib.flags import UNRELIABLE_SOURCE, CcdVisitFlag, SourceFlag
 from workflow_lib.timing import PhaseClock
 
@@ -450,19 +450,8 @@ def _reference_mag_column(stars: pd.DataFrame, band: str) -> str:
 def _calexp_metadata(raw_header: Mapping[str, Any], apcorr: ApertureCorrection) -> fits.Header:
     """Raw primary cards minus the pointing-hint WCS (the fitted one is in every HDU),
     plus the aperture correction (warps carry it on to the coadd's)."""
-    header = fits.Header()
-    for key, value in raw_header.items():
-        if key in HEADER_WCS_KEYS or key in (
-            "SIMPLE",
-            "BITPIX",
-            "NAXIS",
-            "EXTEND",
-            "COMMENT",
-            "HISTORY",
-            "",
-        ):
-            continue
-        header[key] = value
+    structural = ("SIMPLE", "BITPIX", "NAXIS", "EXTEND", "COMMENT", "HISTORY", "")
+    header = copy_cards(raw_header, lambda key: key in HEADER_WCS_KEYS or key in structural)
     header["BUNIT"] = "nJy"
     for key, value, comment in apcorr.to_cards():
         header[key] = (value, comment)

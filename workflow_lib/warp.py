@@ -57,7 +57,7 @@ from astropy.wcs import WCS
 from scipy import sparse
 from scipy.interpolate import BSpline, make_interp_spline
 
-from workflow_lib.exposure import MASK_DTYPE, Exposure, MaskPlanes
+from workflow_lib.exposure import MASK_DTYPE, Exposure, MaskPlanes, copy_cards
 from workflow_lib.measure import ApertureCorrection, without_aperture_correction
 from workflow_lib.psf import PsfModel, polynomial_terms
 from workflow_lib.psf_matching import PsfMatchingError, model_psf, psf_match_exposure
@@ -530,11 +530,10 @@ def _shifted_wcs(wcs: WCS, x0: int, y0: int, nx: int, ny: int) -> WCS:
 
 def _warp_metadata(exposure: Exposure, **cards: object) -> fits.Header:
     """The input's metadata minus WCS cards, with VISIT and BAND spelled out."""
-    header = fits.Header()
-    for card in exposure.metadata.cards:
-        if card.keyword in ("", "COMMENT", "HISTORY") or _WCS_KEY.match(card.keyword):
-            continue
-        header[card.keyword] = (card.value, card.comment)
+    header = copy_cards(
+        exposure.metadata,
+        lambda key: key in ("", "COMMENT", "HISTORY") or bool(_WCS_KEY.match(key)),
+    )
     if "VISIT" not in header and "EXPID" in header:
         header["VISIT"] = (int(header["EXPID"]), "visit id")
     if "BAND" not in header and "FILTER" in header:
