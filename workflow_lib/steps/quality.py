@@ -121,6 +121,8 @@ def template_objects(butler: Butler, *, bands: list[str], threshold_sigma: float
                 id_base=object_id_base(int(tract), int(patch)),
                 bands=bands,
                 coadd_psfs=coadd_psfs,
+                # Only detections matter here; PSF-matched inputs carry no correction.
+                aperture_correction=False,
             )
         )
     return pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
