@@ -68,12 +68,18 @@ def header_value(header: Mapping[str, object], keys: Sequence[str]) -> object | 
     return None
 
 
-def warp_ids(header: Mapping[str, object]) -> tuple[int, int]:
-    """(visit, detector) from a warp or calexp header (VISIT or EXPID, DETECTOR)."""
-    visit, detector = header_value(header, VISIT_KEYS), header_value(header, DETECTOR_KEYS)
+def warp_ids(
+    header: Mapping[str, object], *, visit: int | None = None, detector: int | None = None
+) -> tuple[int, int]:
+    """(visit, detector): the given ones, else from a warp or calexp header (VISIT or
+    EXPID, DETECTOR)."""
+    if visit is None:
+        visit = header_value(header, VISIT_KEYS)  # type: ignore[assignment]
+    if detector is None:
+        detector = header_value(header, DETECTOR_KEYS)  # type: ignore[assignment]
     if visit is None or detector is None:
         raise ValueError("warp header has no VISIT/EXPID or DETECTOR card")
-    return int(visit), int(detector)  # type: ignore[call-overload]
+    return int(visit), int(detector)
 
 
 class ExposureWarpInput:
@@ -83,12 +89,7 @@ class ExposureWarpInput:
         self, exposure: Exposure, *, visit: int | None = None, detector: int | None = None
     ) -> None:
         self.exposure = exposure
-        if visit is None or detector is None:
-            header_visit, header_detector = warp_ids(exposure.metadata)
-            visit = header_visit if visit is None else visit
-            detector = header_detector if detector is None else detector
-        self.visit = int(visit)
-        self.detector = int(detector)
+        self.visit, self.detector = warp_ids(exposure.metadata, visit=visit, detector=detector)
 
     @property
     def origin(self) -> tuple[int, int]:

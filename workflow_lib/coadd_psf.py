@@ -122,7 +122,7 @@ class CoaddPsf:
         return np.divide(acc, total[:, None, None], out=acc, where=total[:, None, None] > 0)
 
     def aperture_correction_at(
-        self, x: np.ndarray, y: np.ndarray, *, chunk: int = 256
+        self, x: np.ndarray, y: np.ndarray, *, chunk: int = 64
     ) -> np.ndarray:
         """The coadd's aperture correction at coadd positions: NaN where no input covers
         the place or a covering input's correction is unknown.
@@ -148,13 +148,16 @@ class CoaddPsf:
         index = np.flatnonzero(ok)
         for start in range(0, index.size, chunk):
             rows = index[start : start + chunk]
-            mixture = self._mixture(frac[rows], x[rows], y[rows])
+            # Each input's kernels once: they make the mixture M, then <K_i, M>.
+            parts = list(self._input_kernels(frac[rows], x[rows], y[rows]))
+            shares = [frac[rows[sel], i] * self.weights[i] for i, sel, _ in parts]
+            mixture = np.zeros((rows.size, self.size, self.size))
+            for (_, sel, kernels), share in zip(parts, shares, strict=True):
+                mixture[sel] += share[:, None, None] * kernels
             overlap = np.zeros(rows.size)
             weighted = np.zeros(rows.size)
-            for i, sel, kernels in self._input_kernels(frac[rows], x[rows], y[rows]):
-                dot = frac[rows[sel], i] * self.weights[i] * np.einsum(
-                    "nij,nij->n", kernels, mixture[sel]
-                )
+            for (i, sel, kernels), share in zip(parts, shares, strict=True):
+                dot = share * np.einsum("nij,nij->n", kernels, mixture[sel])
                 overlap[sel] += dot
                 weighted[sel] += dot * inverse[i]
             out[rows] = overlap / weighted

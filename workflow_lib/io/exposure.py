@@ -11,6 +11,7 @@ import json
 import os
 import warnings
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -75,26 +76,46 @@ def write_exposure(
     write_image_file(path, primary, extensions)
 
 
+@dataclass(frozen=True)
+class ExposureHeaders:
+    """What an exposure file says besides its pixels (see :func:`read_exposure_headers`)."""
+
+    metadata: fits.Header  # primary cards less LTV1, LTV2, PKGVERS
+    origin: tuple[int, int]
+    photo_calib: PhotoCalib | None
+    psf: PsfModel | None
+
+
+def read_exposure_headers(hdul: fits.HDUList, path: str | os.PathLike[str]) -> ExposureHeaders:
+    """Check an open exposure file's layout and read its metadata, origin, calibration and
+    PSF; raises ProcessingFailed for a failure record, ValueError for a missing HDU."""
+    primary = hdul[0].header.copy()
+    if primary.get("PROCSTAT") == "FAILED":
+        reason = primary.get("PROCFAIL", "unknown reason")
+        raise ProcessingFailed(f"{path}: processing failed ({reason}); no image")
+    names = {hdu.name.upper() for hdu in hdul}
+    for required in ("IMAGE", "MASK", "VARIANCE"):
+        if required not in names:
+            raise ValueError(f"{path}: no {required} HDU (found {', '.join(sorted(names))})")
+    psf = None
+    if "PSF" in names:
+        psf = PsfModel.from_header_and_cube(hdul["PSF"].header, to_native(hdul["PSF"].data))
+    origin = (-int(primary.get("LTV1", 0)), -int(primary.get("LTV2", 0)))
+    for key in ("LTV1", "LTV2", "PKGVERS"):
+        primary.remove(key, ignore_missing=True)
+    return ExposureHeaders(primary, origin, PhotoCalib.from_header(primary), psf)
+
+
 def read_exposure(path: str | os.PathLike[str]) -> Exposure:
     """Read an exposure written by ``write_exposure`` (or any file of the same layout)."""
     with fits.open(path, memmap=False) as hdul:
-        if hdul[0].header.get("PROCSTAT") == "FAILED":
-            reason = hdul[0].header.get("PROCFAIL", "unknown reason")
-            raise ProcessingFailed(f"{path}: processing failed ({reason}); no image")
-        names = {hdu.name.upper() for hdu in hdul}
-        for required in ("IMAGE", "MASK", "VARIANCE"):
-            if required not in names:
-                raise ValueError(f"{path}: no {required} HDU (found {', '.join(sorted(names))})")
-        primary = hdul[0].header.copy()
+        headers = read_exposure_headers(hdul, path)
         image_header = hdul["IMAGE"].header
         mask_header = hdul["MASK"].header
         # Read without memmap, so the arrays are ours: swap them in place.
         image = to_native(hdul["IMAGE"].data, in_place=True)
         mask = to_native(hdul["MASK"].data, in_place=True).astype(MASK_DTYPE, copy=False)
         variance = to_native(hdul["VARIANCE"].data, in_place=True)
-        psf = None
-        if "PSF" in names:
-            psf = PsfModel.from_header_and_cube(hdul["PSF"].header, to_native(hdul["PSF"].data))
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FITSFixedWarning)
             wcs = WCS(image_header, relax=True) if "CTYPE1" in image_header else None
@@ -102,19 +123,16 @@ def read_exposure(path: str | os.PathLike[str]) -> Exposure:
     file_planes = MaskPlanes.from_header(mask_header)
     planes = MaskPlanes()
     mask = file_planes.translate(mask, planes) if file_planes.bits != planes.bits else mask
-    origin = (-int(primary.get("LTV1", 0)), -int(primary.get("LTV2", 0)))
-    for key in ("LTV1", "LTV2", "PKGVERS"):
-        primary.remove(key, ignore_missing=True)
     return Exposure(
         image=image,
         variance=variance,
         mask=mask,
         wcs=wcs,
-        psf=psf,
-        photo_calib=PhotoCalib.from_header(primary),
-        metadata=primary,
+        psf=headers.psf,
+        photo_calib=headers.photo_calib,
+        metadata=headers.metadata,
         mask_planes=planes,
-        origin=origin,
+        origin=headers.origin,
     )
 
 

@@ -18,7 +18,7 @@ from astropy.io import fits
 
 from workflow_lib.coadd_inputs import WarpRows, warp_ids
 from workflow_lib.exposure import MASK_DTYPE, MaskPlanes, PhotoCalib
-from workflow_lib.io.exposure import ProcessingFailed
+from workflow_lib.io.exposure import read_exposure_headers
 from workflow_lib.io.fits import to_native
 from workflow_lib.psf import PsfModel
 
@@ -45,32 +45,15 @@ class FitsWarpInput:
         self.keep_open = keep_open
         self._fits: fitsio.FITS | None = None
         with fits.open(self.path, memmap=False, lazy_load_hdus=True) as hdul:
-            primary = hdul[0].header.copy()
-            if primary.get("PROCSTAT") == "FAILED":
-                reason = primary.get("PROCFAIL", "unknown reason")
-                raise ProcessingFailed(f"{self.path}: processing failed ({reason}); no image")
-            names = {hdu.name.upper() for hdu in hdul}
-            for required in ("IMAGE", "MASK", "VARIANCE"):
-                if required not in names:
-                    raise ValueError(f"{self.path}: no {required} HDU")
+            headers = read_exposure_headers(hdul, self.path)
             image_header = hdul["IMAGE"].header
             self._shape = (int(image_header["NAXIS2"]), int(image_header["NAXIS1"]))
             self._mask_planes = MaskPlanes.from_header(hdul["MASK"].header)
-            self._psf = None
-            if "PSF" in names:
-                psf_hdu = hdul["PSF"]
-                self._psf = PsfModel.from_header_and_cube(psf_hdu.header, to_native(psf_hdu.data))
-        self._origin = (-int(primary.get("LTV1", 0)), -int(primary.get("LTV2", 0)))
-        self._photo_calib = PhotoCalib.from_header(primary)
-        for key in ("LTV1", "LTV2", "PKGVERS"):
-            primary.remove(key, ignore_missing=True)
-        self._metadata = primary
-        if visit is None or detector is None:
-            header_visit, header_detector = warp_ids(primary)
-            visit = header_visit if visit is None else visit
-            detector = header_detector if detector is None else detector
-        self.visit = int(visit)
-        self.detector = int(detector)
+        self._psf = headers.psf
+        self._origin = headers.origin
+        self._photo_calib = headers.photo_calib
+        self._metadata = headers.metadata
+        self.visit, self.detector = warp_ids(headers.metadata, visit=visit, detector=detector)
 
     @property
     def origin(self) -> tuple[int, int]:
