@@ -5,7 +5,7 @@ import os
 
 from snakemake.utils import min_version
 
-from workflow_lib.paths import wildcard_constraints as dimension_constraints
+from workflow_lib.core.paths import wildcard_constraints as dimension_constraints
 from workflow_lib.workflow import WorkflowPlan
 
 min_version("9.0")
@@ -29,6 +29,7 @@ include: "rules/calibs.smk"
 include: "rules/process_ccd.smk"
 include: "rules/coadd.smk"
 include: "rules/objects.smk"
+include: "rules/diffim.smk"
 include: "rules/summary.smk"
 
 

@@ -49,9 +49,9 @@ def synthetic_image(size: int, n_sources: int, *, seed: int = 1):
 
 
 def bench(size: int, n_sources: int) -> dict[str, float]:
-    from workflow_lib.detection import detect_with_background, estimate_fwhm
-    from workflow_lib.measure import fit_aperture_correction, measure_sources
-    from workflow_lib.psf import fit_psf_model, select_psf_stars
+    from workflow_lib.single_frame.detection import detect_with_background, estimate_fwhm
+    from workflow_lib.single_frame.measure import fit_aperture_correction, measure_sources
+    from workflow_lib.single_frame.psf import fit_psf_model, select_psf_stars
 
     image, variance = synthetic_image(size, n_sources)
     mask = np.zeros(image.shape, dtype=bool)
@@ -64,7 +64,9 @@ def bench(size: int, n_sources: int) -> dict[str, float]:
     data = image - bkg.image
     t0 = time.perf_counter()
     fwhm = estimate_fwhm(det.table)
-    sel = select_psf_stars(det.table, data, variance, mask, fwhm=fwhm)
+    sel = select_psf_stars(
+        det.table, data, variance, mask, segmentation=det.segmentation, fwhm=fwhm
+    ).selected
     fit = fit_psf_model(
         data, variance, mask,
         det.table["x_win"].to_numpy()[sel], det.table["y_win"].to_numpy()[sel],

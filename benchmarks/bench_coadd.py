@@ -32,9 +32,9 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 import numpy as np  # noqa: E402
 from astropy.io import fits  # noqa: E402
 
-from workflow_lib.coadd import WarpRows  # noqa: E402
-from workflow_lib.exposure import MASK_DTYPE, Exposure, MaskPlanes  # noqa: E402
-from workflow_lib.psf import PsfModel  # noqa: E402
+from workflow_lib.core.exposure import MASK_DTYPE, Exposure, MaskPlanes  # noqa: E402
+from workflow_lib.core.psf_model import PsfModel  # noqa: E402
+from workflow_lib.static_sky.coadd import WarpRows  # noqa: E402
 
 TILE_ROWS = 97  # rows of noise a tile input repeats (prime, so strips do not alias)
 
@@ -113,7 +113,7 @@ def fits_inputs(patch: int, n_warps: int, size: int, seed: int, *, fwhm: float, 
 
 
 def bench(args: argparse.Namespace) -> dict[str, float]:
-    from workflow_lib.coadd import assemble_coadd
+    from workflow_lib.static_sky.coadd import assemble_coadd
 
     def make(fwhm: float, tag: str, directory: Path | None):
         if args.inputs == "fits":

@@ -112,8 +112,8 @@ def registry_records(n_visits: int, n_detectors: int) -> list[dict]:
 
 def make_synthetic_survey(root: Path, n_visits: int, n_detectors: int) -> SyntheticSurvey:
     """Write a registry, an empty file per input and a config using them under ``root``."""
+    from workflow_lib.core.registry import as_registry
     from workflow_lib.io import write_table
-    from workflow_lib.registry import as_registry
 
     raw_dir = root / "raw"
     records = registry_records(n_visits, n_detectors)
@@ -386,8 +386,8 @@ def bench_plan(work: Path, n_visits: int, n_detectors: int) -> dict[str, float]:
     """
     import resource
 
+    from workflow_lib.core.registry import as_registry
     from workflow_lib.io import write_table
-    from workflow_lib.registry import as_registry
     from workflow_lib.workflow import WorkflowPlan
 
     records = registry_records(n_visits, n_detectors)

@@ -8,7 +8,7 @@ current, defects, cosmic rays at the simulator's rate) and a field of Moffat
 stars drawn with numpy, written as a raw FITS file beside master bias, dark
 and flat files. Each repeat then runs in a fresh process pinned to one CPU
 with BLAS/OpenMP limited to one thread: it reads the raw and the masters and
-runs :func:`workflow_lib.isr.run_isr`, reporting seconds per sub-step and its
+runs :func:`workflow_lib.single_frame.isr.run_isr`, reporting seconds per sub-step and its
 own peak RSS. Setup is not timed.
 """
 
@@ -35,7 +35,7 @@ except (AttributeError, OSError):
 t0 = time.perf_counter()
 from workflow_lib.io import read_image_hdus
 from workflow_lib.steps.calibs import read_defects, read_master
-from workflow_lib.isr import run_isr
+from workflow_lib.single_frame.isr import run_isr
 d = sys.argv[1]
 t_import = time.perf_counter() - t0
 t = time.perf_counter()
@@ -80,7 +80,6 @@ def synthesise(out: Path, *, size: int, seed: int = 5) -> None:
     from astropy.io import fits
 
     from workflow_lib.io import write_raw_file
-    from workflow_lib.isr import MasterCalib
     from workflow_lib.sim.camera import amp_layouts, amplifier_electronics
     from workflow_lib.sim.instrument import (
         add_cosmic_rays,
@@ -90,6 +89,7 @@ def synthesise(out: Path, *, size: int, seed: int = 5) -> None:
         response_map,
     )
     from workflow_lib.sim.presets import get_preset
+    from workflow_lib.single_frame.isr import MasterCalib
     from workflow_lib.steps.calibs import write_defects, write_master
 
     preset = dataclasses.replace(

@@ -93,10 +93,10 @@ def main() -> None:
 
     from astropy.wcs import WCS
 
-    from workflow_lib import objects
-    from workflow_lib.exposure import Exposure, MaskPlanes
-    from workflow_lib.forced import forced_photometry
-    from workflow_lib.psf import PsfModel
+    from workflow_lib.core.exposure import Exposure, MaskPlanes
+    from workflow_lib.core.psf_model import PsfModel
+    from workflow_lib.objects import measure_objects as objects
+    from workflow_lib.objects.forced import forced_photometry
 
     rng = np.random.default_rng(args.seed)
     shape = (args.size, args.size)

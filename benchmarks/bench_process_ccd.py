@@ -32,8 +32,8 @@ PRESET = "bench4k"
 
 def prepare(work: Path) -> dict[str, str]:
     """Simulate the detector and build everything the per-CCD step reads."""
-    from workflow_lib.config import validate_config
-    from workflow_lib.paths import ProductPaths
+    from workflow_lib.core.config import validate_config
+    from workflow_lib.core.paths import ProductPaths
     from workflow_lib.sim.presets import get_preset, register_preset
     from workflow_lib.sim.survey import plan_survey
     from workflow_lib.sim.truth import phosim_refcat_columns

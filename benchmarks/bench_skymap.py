@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 
 def synthetic_registry(n: int, seed: int) -> pd.DataFrame:
     """``n`` science CCD rows with header-WCS corner columns."""
-    from workflow_lib.registry import CORNER_DEC_COLUMNS, CORNER_RA_COLUMNS
+    from workflow_lib.core.registry import CORNER_DEC_COLUMNS, CORNER_RA_COLUMNS
     from workflow_lib.sim.optics import tan_deproject
 
     rng = np.random.default_rng(seed)
@@ -61,7 +61,7 @@ def _timed(func: Callable[[], Any], repeats: int) -> tuple[float, float, Any]:
 
 
 def bench(n_ccds: int, repeats: int, seed: int) -> dict[str, float]:
-    from workflow_lib import skymap as sm
+    from workflow_lib.static_sky import skymap as sm
 
     out: dict[str, float] = {}
     registry = synthetic_registry(n_ccds, seed)

@@ -74,7 +74,7 @@ def _peak_rss_mib() -> float:
 
 def make_scene(size: int, seed: int = 1, *, sip: bool = True):  # type: ignore[no-untyped-def]
     """The calexp and the patch WCS (not timed)."""
-    from workflow_lib.exposure import Exposure, MaskPlanes, PhotoCalib
+    from workflow_lib.core.exposure import Exposure, MaskPlanes, PhotoCalib
 
     h = _helpers()
     rng = np.random.default_rng(seed)
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from reproject import reproject_interp
 
-    from workflow_lib.warp import (
+    from workflow_lib.static_sky.warp import (
         build_pixel_mapping,
         model_psf,
         psf_match_exposure,

@@ -12,8 +12,8 @@ import galsim
 import numpy as np
 from astropy.wcs import WCS
 
-from workflow_lib.exposure import Exposure, MaskPlanes
-from workflow_lib.psf import PsfModel
+from workflow_lib.core.exposure import Exposure, MaskPlanes
+from workflow_lib.core.psf_model import PsfModel
 
 PIXEL_SCALE = 0.2  # arcsec
 KERNEL_SIZE = 41

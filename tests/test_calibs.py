@@ -16,11 +16,11 @@ from astropy.io import fits
 from scipy import ndimage
 
 from workflow_lib.io import read_image_hdus, write_image_file, write_raw_file
-from workflow_lib.isr import eimage_exposure, process_amplifiers, run_isr
-from workflow_lib.master_calibs import build_master_bias
 from workflow_lib.sim.instrument import dark_rate_map, response_map
 from workflow_lib.sim.presets import get_preset
 from workflow_lib.sim.survey import plan_survey
+from workflow_lib.single_frame.isr import eimage_exposure, process_amplifiers, run_isr
+from workflow_lib.single_frame.master_calibs import build_master_bias
 from workflow_lib.steps.calibs import (
     make_defects,
     make_master_bias,

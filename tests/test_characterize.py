@@ -15,20 +15,23 @@ import pandas as pd
 import pytest
 from scipy.spatial import cKDTree
 
-from workflow_lib.background import estimate_background
-from workflow_lib.detection import detect_sources, detect_with_background, estimate_fwhm
-from workflow_lib.measure import (
+from workflow_lib.core.psf_model import PsfModel, fwhm_of_image
+from workflow_lib.single_frame.background import estimate_background
+from workflow_lib.single_frame.detection import (
+    detect_sources,
+    detect_with_background,
+    estimate_fwhm,
+)
+from workflow_lib.single_frame.measure import (
     ApertureCorrection,
     aperture_column,
     fit_aperture_correction,
     measure_sources,
     psf_model_stamps,
 )
-from workflow_lib.psf import (
+from workflow_lib.single_frame.psf import (
     PsfFitError,
-    PsfModel,
     fit_psf_model,
-    fwhm_of_image,
     kernel_centroid,
     select_psf_stars,
 )
@@ -102,7 +105,10 @@ def characterize(image, variance, *, kernel_size: int = 41):
     mask = np.zeros(image.shape, dtype=bool)
     bkg, det = detect_with_background(image, variance, mask, fwhm=3.5)
     data = image.astype(np.float64) - bkg.image
-    sel = select_psf_stars(det.table, data, variance, mask, fwhm=estimate_fwhm(det.table))
+    sel = select_psf_stars(
+        det.table, data, variance, mask, segmentation=det.segmentation,
+        fwhm=estimate_fwhm(det.table),
+    ).selected  # fmt: skip
     fit = fit_psf_model(
         data, variance, mask, det.table["x_win"][sel], det.table["y_win"][sel],
         kernel_size=kernel_size, segmentation=det.segmentation,
@@ -371,8 +377,9 @@ def test_psf_fit_degrades_order_and_fails_cleanly(field):
     xs, ys = det.table["x_win"][sel].to_numpy(), det.table["y_win"][sel].to_numpy()
     assert fit_psf_model(data, var, None, xs[:12], ys[:12], kernel_size=31).order == 1
     assert fit_psf_model(data, var, None, xs[:6], ys[:6], kernel_size=31).order == 0
+    assert fit_psf_model(data, var, None, xs[:2], ys[:2], kernel_size=31).order == 0
     with pytest.raises(PsfFitError):
-        fit_psf_model(data, var, None, xs[:3], ys[:3], kernel_size=31)
+        fit_psf_model(data, var, None, xs[:1], ys[:1], kernel_size=31)
     assert issubclass(PsfFitError, ValueError)
 
 
@@ -407,7 +414,10 @@ def test_psf_fwhm_matches_truth_seeing_on_tiny_eimages(tiny_eimages):
         mask = image > 9.0e4
         bkg, det = detect_with_background(image, variance, None, fwhm=3.5)
         data = image - bkg.image
-        sel = select_psf_stars(det.table, data, variance, mask, fwhm=estimate_fwhm(det.table))
+        sel = select_psf_stars(
+            det.table, data, variance, mask, segmentation=det.segmentation,
+            fwhm=estimate_fwhm(det.table),
+        ).selected  # fmt: skip
         fit = fit_psf_model(
             data, variance, mask, det.table["x_win"][sel], det.table["y_win"][sel],
             kernel_size=41, segmentation=det.segmentation, source_ids=det.table["id"][sel],

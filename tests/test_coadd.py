@@ -20,17 +20,17 @@ import pytest
 from astropy.io import fits
 from scipy import ndimage
 
-from workflow_lib.coadd import (
+from workflow_lib.core.exposure import Exposure, MaskPlanes, PhotoCalib
+from workflow_lib.core.flags import CcdVisitFlag
+from workflow_lib.core.psf_model import PsfModel, fwhm_of_image
+from workflow_lib.single_frame.measure import measure_sources
+from workflow_lib.static_sky.coadd import (
     CoaddResult,
     ExposureWarpInput,
     assemble_coadd,
     select_template_ccd_visits,
     select_template_visits,
 )
-from workflow_lib.exposure import Exposure, MaskPlanes, PhotoCalib
-from workflow_lib.flags import CcdVisitFlag
-from workflow_lib.measure import measure_sources
-from workflow_lib.psf import PsfModel, fwhm_of_image
 
 SHAPE = (230, 270)  # (ny, nx) of the patch
 CORE_FWHM = 2.2  # Moffat core of every PSF, pixels

@@ -7,7 +7,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from workflow_lib.config import (
+from workflow_lib.core.config import (
     ConfigError,
     load_config,
     parse_band_selection,

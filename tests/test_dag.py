@@ -11,7 +11,7 @@ import yaml
 from conftest import TINY, snakemake
 
 from benchmarks.bench_dag import BANDS, make_synthetic_survey
-from workflow_lib.butler import Butler
+from workflow_lib.io.butler import Butler
 from workflow_lib.steps.tables import consolidate_output_dir
 from workflow_lib.workflow import WorkflowPlan
 

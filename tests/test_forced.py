@@ -1,4 +1,4 @@
-"""Forced PSF photometry at fixed positions (workflow_lib.forced)."""
+"""Forced PSF photometry at fixed positions (workflow_lib.objects.forced)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from astropy.io import fits
 from astropy.wcs import Sip
 from synthetic_sky import add_model_star, exposure_from, linear_psf_model, tan_wcs
 
-from workflow_lib.flags import ForcedSourceFlag
-from workflow_lib.forced import fixed_psf_fluxes, forced_photometry
+from workflow_lib.core.flags import ForcedSourceFlag
+from workflow_lib.objects.forced import fixed_psf_fluxes, forced_photometry
 
 SHAPE = (500, 600)
 SKY_SIGMA = 10.0  # nJy per pixel

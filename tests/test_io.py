@@ -6,11 +6,11 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
-from workflow_lib.exposure import Exposure, MaskPlanes, PhotoCalib
+from workflow_lib.core.exposure import Exposure, MaskPlanes, PhotoCalib
+from workflow_lib.core.psf_model import PsfModel
 from workflow_lib.io import atomic_output, read_table, write_csv, write_table
 from workflow_lib.io.exposure import read_exposure, write_exposure
 from workflow_lib.io.tables import read_provenance
-from workflow_lib.psf import PsfModel
 
 
 def _tan_sip_wcs() -> WCS:

@@ -1,4 +1,4 @@
-"""ISR numerics on seeded synthetic data (workflow_lib.isr, workflow_lib.cosmic_rays).
+"""ISR numerics on seeded synthetic data (workflow_lib.single_frame: isr, cosmic_rays).
 
 Raw amplifiers are built here from electron images with known gain, bias,
 row jitter and read noise (big-endian on purpose); stars are drawn with
@@ -14,18 +14,18 @@ import pytest
 from astropy.io import fits
 from scipy import ndimage
 
-from workflow_lib.cosmic_rays import detect_cosmic_rays, interpolate_masked
-from workflow_lib.isr import (
+from workflow_lib.core.registry import parse_section
+from workflow_lib.sim.instrument import add_cosmic_rays
+from workflow_lib.single_frame.cosmic_rays import detect_cosmic_rays, interpolate_masked
+from workflow_lib.single_frame.isr import (
     MasterCalib,
     UnprocessableExposure,
     eimage_exposure,
     measure_overscan,
-    parse_section,
     process_amplifiers,
     run_isr,
 )
-from workflow_lib.master_calibs import build_master_dark
-from workflow_lib.sim.instrument import add_cosmic_rays
+from workflow_lib.single_frame.master_calibs import build_master_dark
 
 GAINS = (1.2, 1.6, 0.9, 1.4)
 READ_NOISE = (5.0, 6.0, 7.0, 4.5)
@@ -273,7 +273,7 @@ def test_cosmic_ray_tiles_agree_with_whole_frame():
 
 
 def test_cosmic_ray_tiles_cover_every_block_once_and_do_not_overlap():
-    from workflow_lib.cosmic_rays import _block_tiles, _pack_shelves
+    from workflow_lib.single_frame.cosmic_rays import _block_tiles, _pack_shelves
 
     rng = np.random.default_rng(3)
     selected = rng.random((40, 50)) < 0.08

@@ -1,11 +1,12 @@
-"""Section parsing and amplifier assembly (workflow_lib.isr)."""
+"""Section parsing and amplifier assembly (workflow_lib.single_frame.isr)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from workflow_lib.isr import Section, amplifier_gains, assemble_amplifiers, parse_section
+from workflow_lib.core.registry import Section, parse_section
+from workflow_lib.single_frame.isr import amplifier_gains, assemble_amplifiers
 
 
 def test_parse_section_plain():

@@ -1,4 +1,4 @@
-"""Static-sky quality metrics against the truth (workflow_lib.metrics, issue 4)."""
+"""Static-sky quality metrics against the truth (workflow_lib.qa.metrics, issue 4)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 from synthetic_sky import Scene, exposure_from, moffat_psf, psf_kernel, render_band, tan_wcs
 
-from workflow_lib import metrics, objects
-from workflow_lib.flags import ForcedSourceFlag
-from workflow_lib.psf import PsfModel
+from workflow_lib.core.flags import ForcedSourceFlag
+from workflow_lib.core.psf_model import PsfModel
+from workflow_lib.objects import measure_objects as objects
+from workflow_lib.qa import metrics
 
 RA0, DEC0 = 56.0, -30.0
 ARCSEC = 1.0 / 3600.0

@@ -1,4 +1,4 @@
-"""Coadd Objects: detection, merging, deblending, measurement (workflow_lib.objects)."""
+"""Coadd Objects: detection, merging, deblending, measurement (objects.measure_objects)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,12 @@ from synthetic_sky import (
     tan_wcs,
 )
 
-from workflow_lib import objects
-from workflow_lib.deblend import deblend_fractions, monotonic_template
-from workflow_lib.exposure import Exposure
-from workflow_lib.flags import ObjectFlag
-from workflow_lib.psf import PsfModel, shift_stamps
+from workflow_lib.core.exposure import Exposure
+from workflow_lib.core.flags import ObjectFlag
+from workflow_lib.core.psf_model import PsfModel
+from workflow_lib.objects import measure_objects as objects
+from workflow_lib.objects.deblend import deblend_fractions, monotonic_template
+from workflow_lib.single_frame.psf import shift_stamps
 
 SHAPE = (380, 400)
 FWHM = {"g": 4.4, "r": 4.0, "i": 3.7}
@@ -409,7 +410,7 @@ def test_errors_account_for_correlated_coadd_noise():
 def test_exact_coadd_psf_removes_the_bias_at_a_coverage_edge():
     # Two inputs of equal weight: A covers the whole coadd, B (a much wider PSF) only its
     # right half, so the coadd PSF jumps at x = EDGE from PSF_A to (PSF_A + PSF_B) / 2.
-    from workflow_lib.coadd_psf import block_sums, build_coadd_psf
+    from workflow_lib.static_sky.coadd_psf import block_sums, build_coadd_psf
 
     shape, edge, block = (200, 320), 160, 8
     kernel_a, kernel_b = psf_kernel(moffat_psf(3.0)), psf_kernel(moffat_psf(6.0))
@@ -489,7 +490,7 @@ def test_psf_fluxes_take_the_inputs_aperture_corrections():
     # Input A (sharp) covers the coadd, B (wide) its right half; each input's PSF model
     # holds 1 / A_i of a calibrated star's light, so stars are drawn at F / A_i per input.
     # The PSF fluxes times the inputs' corrections, mixed as the coadd mixed them, are F.
-    from workflow_lib.coadd_psf import block_sums, build_coadd_psf
+    from workflow_lib.static_sky.coadd_psf import block_sums, build_coadd_psf
 
     shape, edge, block = (200, 320), 160, 8
     kernel_a, kernel_b = psf_kernel(moffat_psf(3.0)), psf_kernel(moffat_psf(6.0))

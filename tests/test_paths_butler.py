@@ -4,11 +4,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_lib.butler import Butler
-from workflow_lib.exposure import Exposure
+from workflow_lib.core.exposure import Exposure
+from workflow_lib.core.paths import DATASET_TYPES, ProductPaths
 from workflow_lib.io import write_table
+from workflow_lib.io.butler import Butler
 from workflow_lib.io.exposure import write_exposure
-from workflow_lib.paths import DATASET_TYPES, ProductPaths
 
 
 def test_path_names_product_and_every_id(tmp_path):

@@ -5,8 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workflow_lib.exposure import PhotoCalib
-from workflow_lib.photocal import PhotoCalError, fit_zero_point, select_photometric_stars
+from workflow_lib.core.exposure import PhotoCalib
+from workflow_lib.single_frame.photocal import (
+    PhotoCalError,
+    fit_zero_point,
+    select_photometric_stars,
+)
 
 ZP = 28.37
 
@@ -69,9 +73,13 @@ def test_error_bar_matches_monte_carlo_scatter(intrinsic):
 def test_too_few_stars_and_nan_inputs():
     rng = np.random.default_rng(4)
     flux, err, ref, ref_err = stars(rng, 10)
-    flux[:6] = np.nan
+    flux[:8] = np.nan
     with pytest.raises(PhotoCalError, match="too few stars"):
         fit_zero_point(flux, err, ref, ref_err)
+    with pytest.raises(PhotoCalError, match="too few stars"):
+        fit_zero_point(flux, err, ref, ref_err, min_stars=5)
+    flux[6:8] = 1e4  # four usable stars are enough by default
+    assert fit_zero_point(flux, err, ref, ref_err).n_used >= 3
     flux, err, ref, ref_err = stars(rng, 10)
     ref_err[:] = np.nan  # unknown reference errors count as zero
     res = fit_zero_point(flux, err, ref, ref_err)
@@ -94,3 +102,36 @@ def test_selection_and_photo_calib():
     assert pc.njy_per_unit_err / pc.njy_per_unit == pytest.approx(
         0.4 * np.log(10) * res.zero_point_err
     )
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+@pytest.mark.parametrize("intrinsic", [0.0, 0.015])
+def test_one_gross_outlier_among_few_stars(n, intrinsic):
+    """A galaxy matched to a star or a variable (0.3-2 mag off) among 3, 5 or 10 stars is
+    rejected and leaves the zero point where the good stars put it."""
+    rng = np.random.default_rng(40 + n)
+    for _ in range(50):
+        flux, err, ref, ref_err = stars(rng, n, intrinsic=intrinsic)
+        good = fit_zero_point(flux[1:], err[1:], ref[1:], ref_err[1:], min_stars=2)
+        flux[0] *= 10 ** (-0.4 * rng.choice([-1, 1]) * rng.uniform(0.3, 2.0))
+        res = fit_zero_point(flux, err, ref, ref_err)
+        assert not res.used[0] and res.n_used == n - 1
+        assert res.zero_point == pytest.approx(good.zero_point, abs=1e-9)
+        assert abs(res.zero_point - ZP) < 5 * res.zero_point_err
+
+
+@pytest.mark.parametrize("n", [3, 5, 10])
+def test_error_bar_with_few_stars_is_honest(n):
+    """Over noise realisations with an intrinsic scatter the stars must measure, the
+    quoted error covers the truth about as often as a one-sigma error should."""
+    rng = np.random.default_rng(60 + n)
+    d, e = [], []
+    for _ in range(400):
+        flux, err, ref, ref_err = stars(rng, n, intrinsic=0.015)
+        res = fit_zero_point(flux, err, ref, ref_err)
+        d.append(res.zero_point - ZP)
+        e.append(res.zero_point_err)
+    coverage = np.mean(np.abs(d) < np.array(e))
+    assert 0.6 < coverage < 0.85
+    # Few stars, few degrees of freedom: the error is wider than the Gaussian one.
+    assert np.mean(e) > np.std(d) * (0.9 if n > 3 else 1.0)

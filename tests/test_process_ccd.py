@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from workflow_lib.butler import Butler
-from workflow_lib.config import validate_config
-from workflow_lib.flags import CcdVisitFlag
+from workflow_lib.core.config import validate_config
+from workflow_lib.core.flags import CcdVisitFlag
 from workflow_lib.io import read_table, write_csv, write_image_file
+from workflow_lib.io.butler import Butler
 from workflow_lib.io.exposure import ProcessingFailed, read_exposure
 from workflow_lib.steps.process_ccd import process_ccd
 from workflow_lib.steps.refcat import shard_refcat
@@ -121,7 +121,7 @@ def test_missing_calibrations_are_skipped_and_recorded(ccd, tmp_path):
     calexp = read_exposure(tmp_path / "calexp.fits")
     assert calexp.metadata["ISR_BIAS"].startswith("skipped")
     # The aperture correction travels with the calexp (its warps carry it to the coadd).
-    from workflow_lib.measure import ApertureCorrection
+    from workflow_lib.single_frame.measure import ApertureCorrection
 
     apcorr = ApertureCorrection.from_header(calexp.metadata)
     ny, nx = calexp.shape

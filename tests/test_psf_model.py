@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from workflow_lib.psf import PsfModel, fwhm_of_image, monomial_exponents
+from workflow_lib.core.psf_model import PsfModel, fwhm_of_image, monomial_exponents
 
 
 def _gaussian(sigma: float, size: int = 25) -> np.ndarray:
@@ -31,7 +31,7 @@ def test_monomial_order():
 
 
 def test_linear_variation_is_evaluated_and_normalised():
-    narrow, wide = _gaussian(1.5), _gaussian(2.5)
+    narrow, wide = (g / g.sum() for g in (_gaussian(1.5), _gaussian(2.5)))
     # kernel(u) = narrow + u (wide - narrow): narrow at u=0, wide at u=1.
     basis = np.stack(
         [narrow / narrow.sum(), wide / wide.sum() - narrow / narrow.sum(), np.zeros_like(wide)]
@@ -51,3 +51,30 @@ def test_invalid_models_are_rejected():
         PsfModel(
             np.stack([np.ones((5, 5)), -np.ones((5, 5)), np.zeros((5, 5))]), order=1
         ).kernel_at(5, 0)
+
+
+def test_fit_box_holds_the_model_beyond_its_stars():
+    """Outside the stars' box the kernel is the one at the box's nearest point, and the
+    box survives the FITS cards (a quadratic left free there goes negative)."""
+    from workflow_lib.core.psf_model import evaluate_kernels
+
+    narrow, wide = (g / g.sum() for g in (_gaussian(1.5), _gaussian(2.5)))
+    # kernel = narrow + u^2 (wide - narrow): fine for |u| <= 1, a negative core beyond ~1.5
+    basis = np.zeros((6, 25, 25))
+    basis[0], basis[3] = narrow, wide - narrow
+    free = PsfModel(basis=basis, order=2, x_center=50.0, y_center=50.0, x_scale=50.0,
+                    y_scale=50.0)  # fmt: skip
+    boxed = PsfModel(basis=basis, order=2, x_center=50.0, y_center=50.0, x_scale=50.0,
+                     y_scale=50.0, fit_box=(10.0, 90.0, 20.0, 80.0))  # fmt: skip
+    assert free.kernel_at(-40.0, 50.0)[12, 12] < 0  # u = -1.8
+    assert boxed.kernel_at(-40.0, 50.0).min() >= 0
+    np.testing.assert_allclose(boxed.kernel_at(-40.0, 95.0), free.kernel_at(10.0, 80.0))
+    np.testing.assert_allclose(boxed.kernel_at(40.0, 60.0), free.kernel_at(40.0, 60.0))
+    many = evaluate_kernels(boxed, np.array([-40.0, 40.0]), np.array([95.0, 60.0]))
+    np.testing.assert_allclose(many[0], free.kernel_at(10.0, 80.0), atol=1e-12)
+    cards = {k: v for k, v, _ in boxed.header_cards() if k != "COMMENT"}
+    again = PsfModel.from_header_and_cube(cards, basis)
+    assert again.fit_box == boxed.fit_box
+    assert "PSFXMIN" not in {k for k, _, _ in free.header_cards()}
+    with pytest.raises(ValueError, match="empty"):
+        PsfModel(basis=basis, order=2, fit_box=(5.0, 1.0, 0.0, 1.0))

@@ -9,9 +9,9 @@ import pandas as pd
 import pytest
 from astropy.table import Table
 
-from workflow_lib.config import RefcatColumns
+from workflow_lib.core.config import RefcatColumns
 from workflow_lib.io import read_table, write_csv
-from workflow_lib.refcat import (
+from workflow_lib.single_frame.refcat import (
     angular_separation_deg,
     calibration_stars,
     healpix_index,

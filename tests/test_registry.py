@@ -9,15 +9,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_lib.config import Selection
-from workflow_lib.io import write_table
-from workflow_lib.registry import (
+from workflow_lib.core.config import Selection
+from workflow_lib.core.registry import (
     CORNER_COLUMNS,
     CORNER_DEC_COLUMNS,
     CORNER_RA_COLUMNS,
     select_calibrations,
     select_science,
 )
+from workflow_lib.io import write_table
 from workflow_lib.steps import ingest
 from workflow_lib.steps.ingest import (
     IngestError,

@@ -19,10 +19,11 @@ import pytest
 from astropy.io import fits
 from astropy.wcs import WCS
 
+from workflow_lib.core.registry import parse_section
 from workflow_lib.io import read_image_hdus, read_table
-from workflow_lib.isr import assemble_amplifiers, parse_section
 from workflow_lib.sim.presets import get_preset
 from workflow_lib.sim.survey import plan_survey
+from workflow_lib.single_frame.isr import assemble_amplifiers
 
 PRESET = "tiny"
 SEED = 7
@@ -231,7 +232,7 @@ def test_every_raw_file_has_the_contract_keywords(sim):
 
 def test_plan_footprint_corners_equal_the_header_scan(sim):
     """The registry the DAG is built from (the plan) gives the corners the files give."""
-    from workflow_lib.registry import CORNER_COLUMNS
+    from workflow_lib.core.registry import CORNER_COLUMNS
     from workflow_lib.steps.ingest import scan_files
 
     for fmt in ("raw", "eimage"):

@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from workflow_lib.exposure import Exposure
-from workflow_lib.flags import CcdVisitFlag, SourceFlag, describe
+from workflow_lib.core.exposure import Exposure
+from workflow_lib.core.flags import CcdVisitFlag, SourceFlag, describe
 from workflow_lib.io import read_table, write_csv, write_table
 from workflow_lib.io.exposure import (
     ProcessingFailed,
@@ -17,8 +17,8 @@ from workflow_lib.io.exposure import (
     write_exposure,
     write_failure_record,
 )
-from workflow_lib.metrics import repeatability, single_frame_metrics
-from workflow_lib.single_frame import ccd_visit_row, process_single_frame, source_ids
+from workflow_lib.qa.metrics import repeatability, single_frame_metrics
+from workflow_lib.single_frame.calibrate import ccd_visit_row, process_single_frame, source_ids
 from workflow_lib.steps.summary import write_run_summary
 from workflow_lib.steps.tables import consolidate_table
 from workflow_lib.workflow import WorkflowPlan
@@ -58,7 +58,7 @@ def test_source_ids_are_unique_across_ccds():
 def test_bad_image_is_a_flagged_row_not_a_crash():
     exposure = Exposure(np.full((20, 20), np.nan), np.ones((20, 20)), np.zeros((20, 20)))
     exposure.set_mask("NO_DATA", np.ones((20, 20), dtype=bool))
-    from workflow_lib.config import load_config
+    from workflow_lib.core.config import load_config
 
     result = process_single_frame(
         exposure, pd.DataFrame(), visit=1, detector=2, band="r", mjd=60600.0, exptime=30.0,

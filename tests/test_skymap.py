@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from workflow_lib.registry import CORNER_DEC_COLUMNS, CORNER_RA_COLUMNS
+from workflow_lib.core.registry import CORNER_DEC_COLUMNS, CORNER_RA_COLUMNS
 from workflow_lib.sim.optics import tan_deproject, tan_project
-from workflow_lib.skymap import (
+from workflow_lib.static_sky.skymap import (
     PROJECTIONS,
     SkyMap,
     ccd_patches,
@@ -449,7 +449,7 @@ def test_bad_configuration_is_a_clear_error():
 
 
 def test_crowded_candidate_search_gives_the_same_patches(monkeypatch):
-    import workflow_lib.skymap as skymap_module
+    import workflow_lib.static_sky.skymap as skymap_module
 
     skymap = rings_sky_map(**SMALL_PATCHES)
     rng = np.random.default_rng(8)

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from conftest import REPO, SNAKEMAKE
 
-from workflow_lib.butler import Butler
+from workflow_lib.io.butler import Butler
 
 pytestmark = pytest.mark.workflow
 

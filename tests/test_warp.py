@@ -1,4 +1,4 @@
-"""Warping (workflow_lib.warp) and PSF matching (workflow_lib.psf_matching).
+"""Warping (workflow_lib.static_sky.warp) and PSF matching (workflow_lib.static_sky.psf_matching).
 
 Synthetic calexps: a TAN-SIP WCS at any rotation (with or without a flip), stars
 of a Moffat PSF (non-Gaussian, optionally elliptical and varying over the
@@ -16,9 +16,9 @@ from astropy.io import fits
 from astropy.wcs import WCS, Sip
 from reproject import reproject_interp
 
-from workflow_lib.exposure import Exposure, MaskPlanes, PhotoCalib
-from workflow_lib.psf import PsfModel, fwhm_of_image, polynomial_terms
-from workflow_lib.warp import (
+from workflow_lib.core.exposure import Exposure, MaskPlanes, PhotoCalib
+from workflow_lib.core.psf_model import PsfModel, fwhm_of_image, polynomial_terms
+from workflow_lib.static_sky.warp import (
     PsfMatchingError,
     build_pixel_mapping,
     exact_source_pixels,
@@ -629,7 +629,7 @@ def test_a_wide_model_needs_its_own_kernel_size() -> None:
     # LSST's rejection model (7.7 px) is much wider than a sharp calexp PSF kept in a
     # 41-pixel box: cut to that box its wing is lost and no kernel can match it, so
     # the warp step builds the model at its own size (+-3.5 wing sigma).
-    from workflow_lib.psf_matching import fit_matching_kernels
+    from workflow_lib.static_sky.psf_matching import fit_matching_kernels
 
     psf = PsfModel.constant(moffat(4.2).drawImage(nx=41, ny=41, scale=1.0).array)
     natural = model_psf(7.7)
@@ -700,7 +700,7 @@ def test_warp_carries_the_inputs_aperture_correction_at_its_centre() -> None:
     # The calexp's correction map (a gradient across the CCD) becomes one number per
     # warp: its value at the calexp pixel under the warp's centre. Its map cards, in
     # the calexp's pixel frame, do not travel; nor does it survive PSF matching.
-    from workflow_lib.measure import ApertureCorrection
+    from workflow_lib.single_frame.measure import ApertureCorrection
 
     rng = np.random.default_rng(41)
     shape = (300, 300)

@@ -12,7 +12,7 @@ import pytest
 from astropy.io import fits
 from conftest import TINY, snakemake
 
-from workflow_lib.butler import Butler
+from workflow_lib.io.butler import Butler
 from workflow_lib.sim.presets import get_preset
 from workflow_lib.sim.survey import plan_survey
 from workflow_lib.workflow import WorkflowPlan
@@ -107,7 +107,7 @@ def test_tiny_run_produces_registry_summary_and_truth(tiny_run):
 
 def test_tiny_run_single_frame_quality_against_truth(tiny_run):
     """Loose, error-budgeted versions of the issue's targets (tiny CCDs have ~40 stars)."""
-    from workflow_lib.metrics import single_frame_metrics
+    from workflow_lib.qa.metrics import single_frame_metrics
 
     butler = Butler(tiny_run / "results")
     ccd = butler.get("CcdVisit")
@@ -204,7 +204,7 @@ def test_tiny_run_static_sky_quality_against_truth(tiny_run):
 def test_tiny_run_coadd_bright_star_bias_target(tiny_run):
     """The issue's target: bright-star psfFlux bias on the deep coadds within 5 mmag (plus
     twice the median's noise: the tiny run has few bright stars)."""
-    from workflow_lib.metrics import bright_star_flux_bias
+    from workflow_lib.qa.metrics import bright_star_flux_bias
 
     butler = Butler(tiny_run / "results")
     objects, truth = butler.get("Object"), butler.get("truth_object")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from workflow_lib.skymap import ccd_corners
+from workflow_lib.static_sky.skymap import ccd_corners
 from workflow_lib.workflow import WorkflowPlan
 
 TINY = {"sim": {"preset": "tiny", "seed": 7}, "skymap": {"patch_inner_size": 800}}

@@ -18,11 +18,13 @@ from pathlib import Path
 
 import yaml
 
+from workflow_lib.sim.presets import preset_names
+
 log = logging.getLogger("workflow_lib.cli")
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from workflow_lib.paths import ProductPaths
+    from workflow_lib.core.paths import ProductPaths
     from workflow_lib.sim.presets import get_preset
     from workflow_lib.sim.survey import plan_survey
     from workflow_lib.steps.simulate import simulate_exposures, simulate_scene
@@ -85,7 +87,7 @@ def _ingest(args: argparse.Namespace) -> int:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from workflow_lib.butler import Butler
+    from workflow_lib.io.butler import Butler
 
     butler = Butler(args.output_dir)
     if args.dataset_type is None:
@@ -99,8 +101,8 @@ def _list(args: argparse.Namespace) -> int:
 def _metrics(args: argparse.Namespace) -> int:
     import json
 
-    from workflow_lib.butler import Butler
-    from workflow_lib.metrics import single_frame_metrics
+    from workflow_lib.io.butler import Butler
+    from workflow_lib.qa.metrics import single_frame_metrics
 
     butler = Butler(args.output_dir)
     metrics = single_frame_metrics(
@@ -132,7 +134,7 @@ def _json_default(value: object) -> object:
 
 
 def _consolidate(args: argparse.Namespace) -> int:
-    from workflow_lib.paths import ProductPaths
+    from workflow_lib.core.paths import ProductPaths
     from workflow_lib.steps.summary import write_run_summary
     from workflow_lib.steps.tables import consolidate_output_dir
 
@@ -154,7 +156,7 @@ def _consolidate(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from workflow_lib.config import load_config
+    from workflow_lib.core.config import load_config
 
     repo_default = Path(__file__).resolve().parents[1] / "config.yaml"
     merged: dict = yaml.safe_load(repo_default.read_text()) if repo_default.exists() else {}
@@ -179,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="write the built-in survey in the CONTRACT formats")
-    sim.add_argument("--preset", default="tiny", choices=["tiny", "default"])
+    sim.add_argument("--preset", default="tiny", choices=list(preset_names()))
     sim.add_argument("--seed", type=int, default=20261121)
     sim.add_argument("--format", default="raw", choices=["raw", "eimage"])
     sim.add_argument("--output", required=True, help="directory; products follow workflow paths")
@@ -236,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except Exception as err:  # one clear line for the user; tracebacks are for --debug runs
-        from workflow_lib.config import ConfigError
+        from workflow_lib.core.config import ConfigError
         from workflow_lib.steps.ingest import IngestError
 
         if isinstance(err, (ConfigError, IngestError, FileNotFoundError, KeyError)):

@@ -12,15 +12,15 @@ Path and data-id logic lives here, where pytest reaches it, not in ``rules/``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
 
 import pandas as pd
 
-from workflow_lib.config import ConfigError, WorkflowConfig, validate_config
-from workflow_lib.paths import ProductPaths
-from workflow_lib.registry import as_registry, select_calibrations, select_science
+from workflow_lib.core.config import ConfigError, WorkflowConfig, validate_config
+from workflow_lib.core.paths import ProductPaths
+from workflow_lib.core.registry import as_registry, select_calibrations, select_science
 
 
 class WorkflowPlan:
@@ -259,12 +259,15 @@ class WorkflowPlan:
     def _ccd_calib_inputs(self) -> dict[tuple[int, str], dict[str, str]]:
         return {}
 
-    def per_ccd_paths(self, name: str) -> list[str]:
-        """Paths of a per-(visit, detector) product for every selected science CCD."""
+    def per_ccd_paths(
+        self, name: str, ccds: Sequence[tuple[int, int]] | None = None
+    ) -> list[str]:
+        """Paths of a per-(visit, detector) product for ``ccds`` (every selected science CCD)."""
         # The pattern formatted directly: ids from the registry are valid, and
         # ProductPaths.path's per-id checks cost seconds at 10^6 CCDs.
         pattern = self.paths.pattern(name)
-        return [pattern.format(visit=v, detector=d) for v, d in self.science_ids]
+        ccds = self.science_ids if ccds is None else ccds
+        return [pattern.format(visit=v, detector=d) for v, d in ccds]
 
     def final_targets(self) -> list[str]:
         """Products of ``rule all`` (grows as the stages land)."""
@@ -277,6 +280,8 @@ class WorkflowPlan:
             self.paths.path("ForcedSource"),
         ]
         targets += [self.paths.path("templateCoadd", **ids) for ids in self.coadd_ids]
+        if self.cfg.diffim.enabled:
+            targets += [self.paths.path("DiaSource"), self.paths.path("DiaCcdVisit")]
         if self.simulated:
             targets += [self.paths.path("truth_object"), self.paths.path("sim_refcat")]
         return [str(t) for t in targets]
@@ -289,7 +294,7 @@ class WorkflowPlan:
     @cached_property
     def skymap(self) -> Any:
         """The sky map: rings (absolute) or discrete (fitted to every science file)."""
-        from workflow_lib.skymap import discrete_sky_map, rings_sky_map
+        from workflow_lib.static_sky.skymap import discrete_sky_map, rings_sky_map
 
         cfg = self.cfg.skymap
         common = dict(
@@ -321,7 +326,7 @@ class WorkflowPlan:
     @cached_property
     def _ccd_patches(self) -> dict[tuple[int, int], list[tuple[int, int]]]:
         """(visit, detector) -> the selected (tract, patch) pairs it may overlap."""
-        from workflow_lib.skymap import ccd_patches
+        from workflow_lib.static_sky.skymap import ccd_patches
 
         found = ccd_patches(
             self.science, self.skymap, margin_arcsec=self.cfg.skymap.footprint_margin_arcsec
@@ -442,6 +447,27 @@ class WorkflowPlan:
                 str(self.paths.path("objectTable", tract=tract, patch=p)) for p in patches
             ],
         }
+
+    # -- difference imaging: one job per calexp against the template coadds it overlaps --
+    def diffim_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        """The calexp, its CcdVisit row, the sky map and its band's template coadds."""
+        ids = {"visit": int(wildcards["visit"]), "detector": int(wildcards["detector"])}
+        band = self._band_of_ccd[(ids["visit"], ids["detector"])]
+        return {
+            **self.warp_inputs(wildcards),
+            "src_path": str(self.paths.path("src", **ids)),
+            "template_paths": [
+                str(self.paths.path("templateCoadd", tract=t, patch=p, band=band))
+                for t, p in self.warp_patches(wildcards)
+            ],
+        }
+
+    def diffim_ccd_ids(self) -> list[tuple[int, int]]:
+        """Science CCDs that overlap at least one patch (the others have no template)."""
+        return [ccd for ccd in self.science_ids if self._ccd_patches.get(ccd)]
+
+    def diffim_paths(self, name: str) -> list[str]:
+        return self.per_ccd_paths(name, self.diffim_ccd_ids())
 
     def coadd_paths(self) -> list[str]:
         """Every deep and template coadd (the run summary reports made and skipped ones)."""

@@ -23,10 +23,10 @@ import numpy as np
 from astropy.io import fits
 from astropy.table import Table
 
-from workflow_lib.coadd_psf import COVERAGE_DTYPE, CoaddPsf
+from workflow_lib.core.psf_model import PsfModel
 from workflow_lib.io.atomic import atomic_output
 from workflow_lib.io.fits import to_native
-from workflow_lib.psf import PsfModel
+from workflow_lib.static_sky.coadd_psf import COVERAGE_DTYPE, CoaddPsf
 
 
 def _psf_header(psf: PsfModel) -> fits.Header:

@@ -19,9 +19,9 @@ from astropy.io import fits
 from astropy.wcs import WCS, FITSFixedWarning
 
 from workflow_lib import __version__
-from workflow_lib.exposure import MASK_DTYPE, Exposure, MaskPlanes, PhotoCalib
+from workflow_lib.core.exposure import MASK_DTYPE, Exposure, MaskPlanes, PhotoCalib
+from workflow_lib.core.psf_model import PsfModel
 from workflow_lib.io.fits import to_native, write_image_file
-from workflow_lib.psf import PsfModel
 
 
 def write_exposure(

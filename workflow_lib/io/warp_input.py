@@ -16,15 +16,15 @@ import fitsio
 import numpy as np
 from astropy.io import fits
 
-from workflow_lib.coadd_inputs import WarpRows, warp_ids
-from workflow_lib.exposure import MASK_DTYPE, MaskPlanes, PhotoCalib
+from workflow_lib.core.exposure import MASK_DTYPE, MaskPlanes, PhotoCalib
+from workflow_lib.core.psf_model import PsfModel
 from workflow_lib.io.exposure import read_exposure_headers
 from workflow_lib.io.fits import to_native
-from workflow_lib.psf import PsfModel
+from workflow_lib.static_sky.coadd_inputs import WarpRows, warp_ids
 
 
 class FitsWarpInput:
-    """A :class:`~workflow_lib.coadd_inputs.WarpInput` backed by a warp FITS file.
+    """A :class:`~workflow_lib.static_sky.coadd_inputs.WarpInput` backed by a warp FITS file.
 
     The file is opened on the first read and kept open until :meth:`close`
     (or the end of a ``with`` block); ``keep_open=False`` reopens it for

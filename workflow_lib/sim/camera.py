@@ -18,6 +18,8 @@ import pandas as pd
 from workflow_lib.sim.presets import SimPreset
 from workflow_lib.sim.seeds import rng_for
 
+UINT16_MAX = 65535
+
 
 @dataclass(frozen=True)
 class AmpLayout:
@@ -128,15 +130,26 @@ def amplifier_electronics(preset: SimPreset, seed: int) -> pd.DataFrame:
 
     SATURATE is the ADC/pipeline saturation in ADU (bias included), a little
     below full well, so that every pixel at full well reads as saturated.
+    A ``uint16`` camera (``preset.raw_dtype``) has three times the gain
+    (2.7-5.4 e-/ADU, DECam-like) and bias levels of 1000-5000 ADU, from the
+    same random draws, so that SATURATE stays below 65535.
     """
     rows = []
+    sixteen_bit = preset.raw_dtype == "uint16"
     for det in range(preset.n_detectors):
         rng = rng_for(seed, "electronics", det)
         det_bias = rng.uniform(1000.0, 25000.0)
+        if sixteen_bit:
+            det_bias = 1000.0 + (det_bias - 1000.0) / 6.0
         for amp in amp_layouts(preset):
             gain = rng.uniform(0.9, 1.8)
             full_well = rng.uniform(100e3, 150e3)
             bias = det_bias + rng.normal(0.0, 150.0)
+            if sixteen_bit:
+                gain *= 3.0
+            saturate = float(np.floor(bias + 0.97 * full_well / gain))
+            if sixteen_bit:
+                saturate = min(saturate, float(UINT16_MAX))
             rows.append(
                 {
                     "detector": det,
@@ -145,7 +158,7 @@ def amplifier_electronics(preset: SimPreset, seed: int) -> pd.DataFrame:
                     "read_noise": rng.uniform(4.0, 9.0),
                     "bias_level": bias,
                     "full_well": full_well,
-                    "saturate": float(np.floor(bias + 0.97 * full_well / gain)),
+                    "saturate": saturate,
                 }
             )
     return pd.DataFrame(rows)

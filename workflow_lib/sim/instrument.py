@@ -182,12 +182,15 @@ def read_out(
     *,
     seed: int,
     detector: int,
+    raw_dtype: str = "int32",
 ) -> list[tuple[np.ndarray, dict[str, Any]]]:
-    """Convert a detector image in e- to raw amplifier images (int32 ADU) with their cards.
+    """Convert a detector image in e- to raw amplifier images (ADU) with their cards.
 
     Per amplifier: gain, Gaussian read noise, bias level, a fixed bias
     structure, and a per-row bias jitter shared by the data and the overscan of
-    that row; raw values are clipped to [0, SATURATE].
+    that row; raw values are clipped to [0, SATURATE]. The pixels are
+    ``raw_dtype`` (the preset's ``raw_dtype``): integer types are rounded to whole
+    ADU, ``float32`` keeps the fractional ADU.
     """
     by_name = electronics.set_index("amplifier")
     out: list[tuple[np.ndarray, dict[str, Any]]] = []
@@ -201,7 +204,10 @@ def read_out(
         jitter = rng.normal(0.0, 2.5, ny) + np.cumsum(rng.normal(0.0, 0.3, ny))
         raw += float(e["bias_level"]) + jitter[:, None]
         raw += _bias_structure(seed, detector, amp)
-        data = np.clip(np.rint(raw), 0, float(e["saturate"])).astype(np.int32)
+        if raw_dtype == "float32":
+            data = np.clip(raw, 0, float(e["saturate"])).astype(np.float32)
+        else:
+            data = np.clip(np.rint(raw), 0, float(e["saturate"])).astype(raw_dtype)
         cards: dict[str, Any] = {
             "EXTNAME": amp.name,
             "DATASEC": amp.datasec(),

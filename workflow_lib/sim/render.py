@@ -106,6 +106,8 @@ def primary_header(
         "DETSIZE": f"[1:{p.det_nx},1:{p.det_ny}]",
         "RADESYS": "ICRS",
     }
+    if p.obstype_keyword != "OBSTYPE":
+        del cards["OBSTYPE"]  # an IMGTYPE camera writes IMGTYPE only
     cards.update(plan.header_wcs(exposure, detector))
     cards.update(
         {
@@ -138,7 +140,9 @@ def _draw_objects(
             0.0,
         )
     x, y = wcs.sky_to_pixel(scene["ra"].to_numpy(), scene["dec"].to_numpy())
-    margin = 40.0
+    seeing = float(info["seeing"])
+    star_half = round(max(8.0, 5.0 * seeing) / p.pixel_scale)
+    margin = float(max(40, star_half))  # pixels: objects this far off the edge still count
     sel = (
         (flux > MIN_FLUX)
         & (x > -margin) & (x < p.det_nx + margin)
@@ -151,6 +155,9 @@ def _draw_objects(
     hlr = scene["hlr_arcsec"].to_numpy()
     e1, e2 = scene["e1"].to_numpy(), scene["e2"].to_numpy()
     ids = scene["id"].to_numpy()
+    gal_pad = round((3.2 + max(0.0, 2.5 * (seeing - 1.2))) / p.pixel_scale)
+    wing_px = 12.0 * (0.2 / p.pixel_scale)  # 2.4 arcsec per decade^1.5 of flux
+    max_half = max(128, round(25.6 / p.pixel_scale))
     n_drawn = 0
     for i in np.flatnonzero(sel):
         psf = detector_psf(plan, exposure, detector, float(x[i]), float(y[i]), info=info)
@@ -165,14 +172,16 @@ def _draw_objects(
         jac = wcs.local_jacobian(float(x[i]), float(y[i]))
         local = galsim.JacobianWCS(jac[0, 0], jac[0, 1], jac[1, 0], jac[1, 1])
         center = galsim.PositionD(float(x[i]) + 1.0, float(y[i]) + 1.0)
-        # Stamp half-size: >= 8 arcsec for every point source (FFT cost hardly
-        # depends on it, and apertures then see the same PSF fraction for
-        # faint and bright stars), more for the brightest stars' wings.
+        # Stamp half-size: >= 8 arcsec (5 seeing FWHM in poor seeing) for
+        # every point source (FFT cost hardly depends on it, and apertures
+        # then see the same PSF fraction for faint and bright stars), more for
+        # the brightest stars' wings; galaxies get 5 half-light radii plus
+        # 3.2 arcsec (more in seeing worse than 1.2 arcsec).
         if is_gal:
-            half = int(5.0 * hlr[i] / p.pixel_scale) + 16
+            half = int(5.0 * hlr[i] / p.pixel_scale) + gal_pad
         else:
-            half = 40 + int(12 * max(0.0, np.log10(max(flux[i], 1.0) / 1e5)) ** 1.5)
-        half = min(half, 128)
+            half = star_half + int(wing_px * max(0.0, np.log10(max(flux[i], 1.0) / 1e5)) ** 1.5)
+        half = min(half, max_half)
         if not is_gal or flux[i] >= GALAXY_FFT_FLUX_MIN:
             target = smooth
             method: dict[str, Any] = {"method": "auto"}
@@ -260,7 +269,13 @@ def render_exposure_detector(
     else:
         readout_rng = rng_for(plan.seed, "readout", exposure, detector)
         result.amplifiers = read_out(
-            electrons, amps, electronics, readout_rng, seed=plan.seed, detector=detector
+            electrons,
+            amps,
+            electronics,
+            readout_rng,
+            seed=plan.seed,
+            detector=detector,
+            raw_dtype=p.raw_dtype,
         )
     log.debug("exposure %d detector %d: %d objects drawn", exposure, detector, n_obj)
     return result

@@ -18,6 +18,8 @@ STAR_ID0 = 1_000_000
 GALAXY_ID0 = 2_000_000
 TRANSIENT_ID0 = 3_000_000
 VARIABLE_ID0 = 4_000_000
+STAR_MAG_RANGE = (15.0, 25.0)  # r
+GALAXY_MAG_MIN = 17.5  # r; the faint end is the preset's galaxy_mag_max
 SERSIC_N_CHOICES = (1.0, 1.5, 2.5, 4.0)  # discrete so GalSim caches Sersic tables
 
 
@@ -64,17 +66,18 @@ def make_scene(plan: SurveyPlan) -> pd.DataFrame:
             rng.uniform(-half, half, n), rng.uniform(-half, half, n), p.ra0, p.dec0
         )
 
-    # Stars.
+    # Stars: star_density counts those with STAR_MAG_RANGE[0] < r < STAR_MAG_RANGE[1].
     n_star = rng.poisson(p.star_density * area)
-    r_star = _power_law_mags(rng, n_star, 15.0, 25.0, p.star_slope)
+    r_star = _power_law_mags(rng, n_star, *STAR_MAG_RANGE, p.star_slope)
     ra, dec = positions(n_star)
     stars = pd.DataFrame({"id": STAR_ID0 + np.arange(n_star), "kind": "star", "ra": ra, "dec": dec})
     for b, m in _colours(rng, r_star, galaxy=False).items():
         stars[f"{b}_mag"] = m
 
-    # Galaxies: single Sersic, sizes shrinking with magnitude.
+    # Galaxies: single Sersic, sizes shrinking with magnitude; galaxy_density
+    # counts those with GALAXY_MAG_MIN < r < galaxy_mag_max.
     n_gal = rng.poisson(p.galaxy_density * area)
-    r_gal = _power_law_mags(rng, n_gal, 17.5, 25.5, p.galaxy_slope)
+    r_gal = _power_law_mags(rng, n_gal, GALAXY_MAG_MIN, p.galaxy_mag_max, p.galaxy_slope)
     ra, dec = positions(n_gal)
     gals = pd.DataFrame(
         {"id": GALAXY_ID0 + np.arange(n_gal), "kind": "galaxy", "ra": ra, "dec": dec}

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_lib.registry import (
+from workflow_lib.core.registry import (
     CORNER_DEC_COLUMNS,
     CORNER_RA_COLUMNS,
     detector_pixel_corners,
@@ -168,6 +168,8 @@ class SurveyPlan:
         info = self.exposure_info(exposure)
         org = self.origins.set_index("detector").loc[detector]
         cd = cd_matrix(self.preset.pixel_scale, float(info["rotation_deg"]))
+        if self.preset.parity_flip:
+            cd[:, 0] *= -1.0  # the detector x axis is mirrored on the sky
         return TrueWCS(
             crval=(float(info["ra"]), float(info["dec"])),
             crpix=(1.0 - float(org["x0"]), 1.0 - float(org["y0"])),
@@ -178,9 +180,12 @@ class SurveyPlan:
     def header_wcs(self, exposure: int, detector: int) -> dict[str, Any]:
         """Approximate header WCS (plain TAN at the detector centre).
 
-        The true sky position of the centre is offset by a pointing error of a
-        few arcsec (per exposure, plus a little per detector) and the rotation
-        is wrong by ~0.1-0.3 deg; no distortion terms.
+        The true sky position of the centre is offset by a pointing error
+        (``preset.header_wcs_offset_arcsec`` rms per axis per exposure, plus a
+        quarter of that per detector: 4" and 1" by default) and the rotation is
+        wrong by ``preset.header_wcs_rotation_deg`` (0.1-0.3 deg by default);
+        no distortion terms. A parity-flipped camera writes its mirrored CD
+        matrix (det > 0).
         """
         row = self.header_wcs_table(np.array([exposure]), np.array([detector])).iloc[0]
         return {
@@ -200,16 +205,18 @@ class SurveyPlan:
         exposures = np.asarray(exposures, dtype=np.int64)
         detectors = np.asarray(detectors, dtype=np.int64)
         ra0, dec0, rotation = self._pointings(exposures)
+        sigma = float(p.header_wcs_offset_arcsec)
+        rot_lo, rot_hi = (float(r) for r in p.header_wcs_rotation_deg)
         errors = {}
         for e in np.unique(exposures).tolist():
             rng_e = rng_for(self.seed, "header_wcs", e)
-            offset = rng_e.normal(0.0, 4.0, size=2)
-            rot_err = rng_e.choice([-1.0, 1.0]) * rng_e.uniform(0.1, 0.3)
+            offset = rng_e.normal(0.0, sigma, size=2)
+            rot_err = rng_e.choice([-1.0, 1.0]) * rng_e.uniform(rot_lo, rot_hi)
             errors[e] = (offset, rot_err)
         offset = np.array([errors[int(e)][0] for e in exposures]).reshape(-1, 2)
         offset = offset + np.array(
             [
-                rng_for(self.seed, "header_wcs", int(e), int(d)).normal(0.0, 1.0, size=2)
+                rng_for(self.seed, "header_wcs", int(e), int(d)).normal(0.0, sigma / 4.0, size=2)
                 for e, d in zip(exposures, detectors, strict=True)
             ]
         ).reshape(-1, 2)
@@ -221,13 +228,13 @@ class SurveyPlan:
         u = cx + org["x0"].to_numpy(float)
         v = cy + org["y0"].to_numpy(float)
         f = 1.0 + self.distortion_k * (u * u + v * v)
-        cd_true = _cd_arrays(p.pixel_scale, rotation)
+        cd_true = _cd_arrays(p.pixel_scale, rotation, flip=p.parity_flip)
         xi = cd_true[0] * u * f + cd_true[1] * v * f
         eta = cd_true[2] * u * f + cd_true[3] * v * f
         ra_c, dec_c = tan_deproject(xi, eta, ra0, dec0)
         dec_h = dec_c + offset[:, 1] * ARCSEC
         ra_h = ra_c + offset[:, 0] * ARCSEC / np.cos(np.deg2rad(dec_h))
-        cd = _cd_arrays(p.pixel_scale, rotation + rot_err)
+        cd = _cd_arrays(p.pixel_scale, rotation + rot_err, flip=p.parity_flip)
         return pd.DataFrame(
             {
                 "exposure": exposures,
@@ -289,10 +296,18 @@ class SurveyPlan:
         return later if band is None else later[later["band"] == band]
 
 
-def _cd_arrays(pixel_scale: float, rotation_deg: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(CD1_1, CD1_2, CD2_1, CD2_2) of :func:`cd_matrix` for an array of rotations."""
+def _cd_arrays(
+    pixel_scale: float, rotation_deg: np.ndarray, *, flip: bool = False
+) -> tuple[np.ndarray, ...]:
+    """(CD1_1, CD1_2, CD2_1, CD2_2) of :func:`cd_matrix` for an array of rotations.
+
+    ``flip`` mirrors the pixel x axis (negates the first column), as
+    :meth:`SurveyPlan.true_wcs` does for a parity-flipped camera.
+    """
     th = np.deg2rad(np.asarray(rotation_deg, float))
     s = pixel_scale * ARCSEC
+    if flip:
+        return s * np.cos(th), s * np.sin(th), -s * np.sin(th), s * np.cos(th)
     return -s * np.cos(th), s * np.sin(th), s * np.sin(th), s * np.cos(th)
 
 
@@ -328,7 +343,7 @@ def plan_survey(preset: SimPreset, seed: int) -> SurveyPlan:
             )
         )
         for day, tmpl in [(d, True) for d in t_days] + [(d, False) for d in l_days]:
-            seeing = rng.uniform(0.48, 0.6) if tmpl else rng.uniform(0.68, 1.2)
+            seeing = rng.uniform(*(preset.template_seeing if tmpl else preset.later_seeing))
             sky_mag = DARK_SKY[band] - (rng.uniform(0.0, 0.2) if tmpl else rng.uniform(0.0, 0.8))
             rows.append(
                 {
@@ -340,7 +355,8 @@ def plan_survey(preset: SimPreset, seed: int) -> SurveyPlan:
                     "template_quality": bool(tmpl),
                     "dx_px": rng.uniform(-dither_px, dither_px),
                     "dy_px": rng.uniform(-dither_px, dither_px),
-                    "rotation_deg": rng.uniform(-preset.rot_max_deg, preset.rot_max_deg),
+                    "rotation_deg": rng.uniform(-preset.rot_max_deg, preset.rot_max_deg)
+                    + preset.rotation_offset_deg,
                     "wind_g1": rng.normal(0.0, 0.015),
                     "wind_g2": rng.normal(0.0, 0.015),
                 }

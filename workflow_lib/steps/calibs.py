@@ -1,6 +1,6 @@
 """Steps of the master calibrations: bias, dark, flat per band, and the defect map.
 
-I/O only: read raw calibration exposures, call :mod:`workflow_lib.master_calibs`,
+I/O only: read raw calibration exposures, call :mod:`workflow_lib.single_frame.master_calibs`,
 write each master as an Exposure-layout FITS file (IMAGE, MASK, VARIANCE;
 BUNIT ``electron``, ``electron/s`` or ``''``) with provenance and QA cards.
 :func:`read_master` and :func:`read_defects` read them back for ISR.
@@ -17,11 +17,11 @@ import numpy as np
 from astropy.io import fits
 
 from workflow_lib import __version__
-from workflow_lib.exposure import Exposure, MaskPlanes
+from workflow_lib.core.exposure import Exposure, MaskPlanes
 from workflow_lib.io import read_image_hdus
 from workflow_lib.io.exposure import read_exposure, write_exposure
-from workflow_lib.isr import AssembledFrame, MasterCalib, process_amplifiers
-from workflow_lib.master_calibs import (
+from workflow_lib.single_frame.isr import AssembledFrame, MasterCalib, process_amplifiers
+from workflow_lib.single_frame.master_calibs import (
     build_master_bias,
     build_master_dark,
     build_master_flat,

@@ -23,15 +23,15 @@ from typing import Any
 import pandas as pd
 
 from workflow_lib import __version__
-from workflow_lib.config import CoaddConfig, TemplateConfig
+from workflow_lib.core.config import CoaddConfig, TemplateConfig
 from workflow_lib.io import read_table
-from workflow_lib.io.atomic import atomic_output
 from workflow_lib.io.exposure import (
     ProcessingFailed,
     read_exposure,
     write_exposure,
     write_failure_record,
 )
+from workflow_lib.io.skymap import read_skymap
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,12 @@ WARP_FLAVOURS = ("directWarp", "psfMatchedWarp", "rejectionWarp")
 
 def write_skymap(*, skymap_path: str, skymap: dict[str, Any]) -> None:
     """Write the sky map definition (already computed by the workflow plan)."""
-    from workflow_lib.skymap import SkyMap
+    from workflow_lib.io.skymap import write_skymap as write_skymap_file
+    from workflow_lib.static_sky.skymap import SkyMap
 
     sky = SkyMap.from_dict(skymap)  # validates the definition
-    with atomic_output(skymap_path) as tmp:
-        tmp.write_text(json.dumps(sky.to_dict(), indent=1, sort_keys=True))
+    write_skymap_file(sky, skymap_path)
     log.info("sky map %s written", sky.kind)
-
-
-def read_skymap(path: str | os.PathLike[str]) -> Any:
-    from workflow_lib.skymap import SkyMap
-
-    return SkyMap.from_dict(json.loads(Path(path).read_text()))
 
 
 def _in_template_window(mjd: float, template: TemplateConfig) -> bool:
@@ -74,8 +68,8 @@ def make_warps(
     template: dict[str, Any],
 ) -> dict[str, Any]:
     """Warp one calexp onto each listed (tract, patch); returns the manifest."""
-    from workflow_lib.single_frame import pixel_scale_arcsec
-    from workflow_lib.warp import model_psf, psf_match_exposure, warp_exposure
+    from workflow_lib.single_frame.calibrate import pixel_scale_arcsec
+    from workflow_lib.static_sky.warp import model_psf, psf_match_exposure, warp_exposure
 
     template_cfg = TemplateConfig.from_dict(template)
     coadd_cfg = CoaddConfig.from_dict(coadd, template_cfg)
@@ -168,7 +162,7 @@ def make_warps(
 
 def _warp_file_name(flavour: str, **data_id: int) -> str:
     """File name of a warp, from its dataset type (the directory is the job's output)."""
-    from workflow_lib.paths import dataset_type
+    from workflow_lib.core.paths import dataset_type
 
     return Path(dataset_type(flavour).template.format(**data_id)).name
 
@@ -232,8 +226,8 @@ def assemble_deep_coadd(
     template: dict[str, Any],
 ) -> None:
     """Deep coadd of every direct warp on the patch; artifacts found on PSF-matched warps."""
-    from workflow_lib.coadd import assemble_coadd
     from workflow_lib.io.warp_input import FitsWarpInput
+    from workflow_lib.static_sky.coadd import assemble_coadd
 
     coadd_cfg = CoaddConfig.from_dict(coadd, TemplateConfig.from_dict(template))
     ids = {"tract": tract, "patch": patch, "band": band, "coaddtyp": "deep"}
@@ -281,8 +275,8 @@ def assemble_template_coadd(
     template: dict[str, Any],
 ) -> None:
     """Template coadd of the best-seeing PSF-matched warps in the template's MJD window."""
-    from workflow_lib.coadd import assemble_coadd, select_template_ccd_visits
     from workflow_lib.io.warp_input import FitsWarpInput
+    from workflow_lib.static_sky.coadd import assemble_coadd, select_template_ccd_visits
 
     template_cfg = TemplateConfig.from_dict(template)
     coadd_cfg = CoaddConfig.from_dict(coadd, template_cfg)

@@ -18,15 +18,15 @@ from pathlib import Path
 import pandas as pd
 
 from workflow_lib import __version__
-from workflow_lib.io import atomic_output, read_table, write_csv, write_table
-from workflow_lib.io.fits import is_fits_name, read_headers
-from workflow_lib.registry import (
+from workflow_lib.core.registry import (
     CORNER_COLUMNS,
     BadInputFile,
     as_registry,
     find_duplicates,
     registry_record,
 )
+from workflow_lib.io import atomic_output, read_table, write_csv, write_table
+from workflow_lib.io.fits import is_fits_name, read_headers
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from workflow_lib import __version__
-from workflow_lib.config import ObjectsConfig
+from workflow_lib.core.config import ObjectsConfig
 from workflow_lib.io import read_table, write_table
 from workflow_lib.io.exposure import ProcessingFailed, read_exposure
 
@@ -70,13 +70,13 @@ def measure_patch_objects(
     ``coadd_paths``) give the PSF fluxes the exact coadd PSF; without them
     the coadds' smooth PSF models are used.
     """
-    from workflow_lib.objects import (
+    from workflow_lib.io.skymap import read_skymap
+    from workflow_lib.objects.measure_objects import (
         detect_coadd_sources,
         measure_objects,
         merge_detections,
         object_id_base,
     )
-    from workflow_lib.steps.coadd import read_skymap
 
     cfg = ObjectsConfig.from_dict(objects)
     sky = read_skymap(skymap_path)
@@ -143,7 +143,7 @@ def forced_phot_ccd(
     tract: int,
 ) -> pd.DataFrame:
     """Forced PSF photometry of the tract's primary Objects on one calexp."""
-    from workflow_lib.forced import forced_photometry
+    from workflow_lib.objects.forced import forced_photometry
 
     provenance = {
         "package_version": __version__,

@@ -18,18 +18,18 @@ from typing import Any
 import numpy as np
 
 from workflow_lib import __version__
-from workflow_lib.config import CalibrateConfig, IsrConfig
-from workflow_lib.flags import CcdVisitFlag
+from workflow_lib.core.config import CalibrateConfig, IsrConfig
+from workflow_lib.core.flags import CcdVisitFlag
+from workflow_lib.core.timing import PhaseClock
 from workflow_lib.io import read_image_hdus, write_table
 from workflow_lib.io.exposure import write_exposure, write_failure_record
-from workflow_lib.single_frame import (
+from workflow_lib.single_frame.calibrate import (
     approximate_wcs,
     ccd_visit_row,
     empty_sources,
     pixel_scale_arcsec,
     process_single_frame,
 )
-from workflow_lib.timing import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def process_ccd(
     defects_path: str | None = None,
 ) -> None:
     """Process one CCD and write its three products (always all three)."""
-    from workflow_lib import isr as isr_numerics
+    from workflow_lib.single_frame import isr as isr_numerics
     from workflow_lib.steps.calibs import read_defects, read_master
     from workflow_lib.steps.refcat import load_refcat_region
 
@@ -163,17 +163,13 @@ def process_ccd(
     )  # fmt: skip
     clock.lap("refcat")
     result = process_single_frame(exposure, refcat, config=calib_config, isr_flags=isr_flags, **ids)
-    isr_steps = isr_result.steps
-    del exposure, isr_result  # the calexp holds what is kept of them
+    del exposure, isr_result  # the calexp holds what is kept of them (ISR_* cards included)
     clock.lap("characterize+calibrate")
     for key, value in result.qa.items():
         log.info("QA %s = %s", key, value)
     if not result.failed:
         for key in ("seeing", "zeroPoint", "astromRms", "nAstromStars", "nPhotStars", "nSources"):
             log.info("%s = %s", key, result.ccd_visit[key])
-        result.calexp.metadata.update(
-            {f"ISR_{k.upper()[:4]}": v[:68] for k, v in isr_steps.items()}
-        )
     _write(result.calexp, result.sources, result.ccd_visit, calexp_path, src_path, ccdvisit_path,
            primary, provenance)  # fmt: skip
     clock.lap("write")

@@ -1,7 +1,7 @@
 """Quality of a simulated run's static-sky products against the simulation's truth.
 
 Reads the products of a finished run (Object, ForcedSource, deep and template
-coadds) and the truth tables, and calls :func:`workflow_lib.metrics.static_sky_metrics`.
+coadds) and the truth tables, and calls :func:`workflow_lib.qa.metrics.static_sky_metrics`.
 Used by ``dc2-drp metrics`` and by the end-to-end tests.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from workflow_lib.butler import Butler
+from workflow_lib.io.butler import Butler
 from workflow_lib.io.exposure import ProcessingFailed
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ def coadd_depths(
     the noise-correlation factor is measured on empty sky, not on star wings.
     ``footprints`` (filled per band if given) learns where the coadds have data.
     """
-    from workflow_lib.objects import coadd_psf_depth, detect_coadd_sources
+    from workflow_lib.objects.measure_objects import coadd_psf_depth, detect_coadd_sources
 
     per_band: dict[str, list[dict[str, float]]] = {}
     for ids in butler.list(coadd_type).to_dict("records"):
@@ -81,13 +81,13 @@ def coadd_depths(
 
 def template_objects(butler: Butler, *, bands: list[str], threshold_sigma: float = 5.0):
     """Objects detected and measured on the template coadds (for the transient check)."""
-    from workflow_lib.objects import (
+    from workflow_lib.io.skymap import read_skymap
+    from workflow_lib.objects.measure_objects import (
         detect_coadd_sources,
         measure_objects,
         merge_detections,
         object_id_base,
     )
-    from workflow_lib.steps.coadd import read_skymap
     from workflow_lib.steps.objects import read_coadd_psf_or_none
 
     sky = read_skymap(butler.path("skyMap"))
@@ -132,7 +132,7 @@ def static_sky_quality(
     output_dir: str | os.PathLike[str], *, template_window: tuple[float | None, float | None]
 ) -> dict[str, Any]:
     """Every static-sky figure of the issue against truth, for a finished simulated run."""
-    from workflow_lib.metrics import static_sky_metrics
+    from workflow_lib.qa.metrics import static_sky_metrics
 
     butler = Butler(output_dir)
     objects = butler.get("Object")

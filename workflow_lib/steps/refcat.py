@@ -20,9 +20,9 @@ import numpy as np
 import pandas as pd
 
 from workflow_lib import __version__
-from workflow_lib.config import RefcatColumns
+from workflow_lib.core.config import RefcatColumns
 from workflow_lib.io import atomic_output, read_table, write_table
-from workflow_lib.refcat import (
+from workflow_lib.single_frame.refcat import (
     cut_to_cone,
     empty_refcat,
     healpix_index,

@@ -12,7 +12,7 @@ import logging
 import pandas as pd
 
 from workflow_lib import __version__
-from workflow_lib.flags import CcdVisitFlag
+from workflow_lib.core.flags import CcdVisitFlag
 from workflow_lib.io import atomic_output, read_table
 
 log = logging.getLogger(__name__)

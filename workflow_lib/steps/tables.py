@@ -9,8 +9,8 @@ from collections.abc import Sequence
 import pandas as pd
 
 from workflow_lib import __version__
+from workflow_lib.core.paths import ProductPaths
 from workflow_lib.io import read_table, write_table
-from workflow_lib.paths import ProductPaths
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,56 @@
+# Difference imaging (imageDifference): each calexp minus its band's template
+# coadds warped to it, one job per (visit, detector); DIASources per CCD, then
+# the consolidated DiaSource table and the per-CCD record (DiaCcdVisit).
+
+
+rule subtract_ccd:
+    input:
+        unpack(plan.diffim_inputs),
+    output:
+        difference_path=paths.pattern("differenceExp"),
+        dia_source_path=paths.pattern("diaSrc"),
+        dia_ccd_path=paths.pattern("diaCcd"),
+    params:
+        step="diffim:subtract_ccd",
+        patches=plan.warp_patches,
+        diffim=plan.section("diffim"),
+    log:
+        paths.root / "logs/diffim/{visit}/diffim_{visit}_{detector}.log",
+    benchmark:
+        paths.root / "benchmarks/diffim/{visit}/diffim_{visit}_{detector}.tsv"
+    conda:
+        "../envs/drp.yaml"
+    script:
+        "../scripts/run_step.py"
+
+
+rule dia_source_table:
+    input:
+        input_paths=plan.diffim_paths("diaSrc"),
+    output:
+        output_path=paths.path("DiaSource"),
+    params:
+        step="tables:consolidate_table",
+        table="DiaSource",
+    log:
+        paths.root / "logs/tables/DiaSource.log",
+    conda:
+        "../envs/drp.yaml"
+    script:
+        "../scripts/run_step.py"
+
+
+rule dia_ccd_visit_table:
+    input:
+        input_paths=plan.diffim_paths("diaCcd"),
+    output:
+        output_path=paths.path("DiaCcdVisit"),
+    params:
+        step="tables:consolidate_table",
+        table="DiaCcdVisit",
+    log:
+        paths.root / "logs/tables/DiaCcdVisit.log",
+    conda:
+        "../envs/drp.yaml"
+    script:
+        "../scripts/run_step.py"

@@ -1,0 +1,237 @@
+"""Step: difference imaging of one calexp (LSST's ``imageDifference`` per CCD).
+
+Reads the calexp and the template coadds of every patch listed for the CCD,
+builds the CCD's template (:mod:`workflow_lib.diffim.template`), subtracts
+(:mod:`workflow_lib.diffim.subtract`), finds DIASources
+(:mod:`workflow_lib.diffim.sources`) and writes three products: the difference
+image, the CCD's DIASources (CONTRACT ``DiaSource`` columns; ``diaObjectId``
+is 0 until association) and its record (``diaCcd``: template coverage, which
+image was convolved, outcome). A CCD without a calexp, without enough
+template, or whose PSFs cannot be matched is a recorded skip: a failure
+record in place of the difference image, an empty DIASource table and the
+reason in the record, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from astropy.io import fits
+
+from workflow_lib import __version__
+from workflow_lib.core.config import DiffimConfig
+from workflow_lib.core.exposure import Exposure
+from workflow_lib.io import read_table, write_table
+from workflow_lib.io.exposure import (
+    ProcessingFailed,
+    read_exposure,
+    write_exposure,
+    write_failure_record,
+)
+from workflow_lib.io.skymap import read_skymap
+
+log = logging.getLogger(__name__)
+
+DIA_SOURCE_COLUMNS: dict[str, str] = {
+    "diaSourceId": "i8",
+    "diaObjectId": "i8",
+    "visit": "i8",
+    "detector": "i8",
+    "band": "object",
+    "midpointMjdTai": "f8",
+    "ra": "f8",
+    "dec": "f8",
+    "x": "f8",
+    "y": "f8",
+    "psfFlux": "f8",
+    "psfFluxErr": "f8",
+    "snr": "f8",
+    "isDipole": "bool",
+    "flags": "i8",
+}
+DIA_CCD_COLUMNS: dict[str, str] = {
+    "visit": "i8",
+    "detector": "i8",
+    "band": "object",
+    "midpointMjdTai": "f8",
+    "templateCoverage": "f8",
+    "nTemplatePatches": "i8",
+    "convolved": "object",
+    "method": "object",
+    "nDiaSources": "i8",
+    "failed": "bool",
+    "failReason": "object",
+}
+
+
+def dia_source_ids(visit: int, detector: int, n: int) -> np.ndarray:
+    """Ids packing (visit, detector, sequence) like sourceIds, in a range of their own."""
+    from workflow_lib.single_frame.calibrate import source_ids
+
+    # Bit 62 set: a DIASource id never equals a Source id of the same CCD.
+    return source_ids(visit, detector, n) | np.int64(1 << 62)
+
+
+def _empty(columns: dict[str, str]) -> pd.DataFrame:
+    return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
+
+
+def _template_pieces(
+    template_paths: list[str], patches: list[list[int]], skymap_path: str, calexp: Exposure
+) -> list[Any]:
+    """Each readable template coadd warped onto the calexp, with its inner-region mask."""
+    from workflow_lib.diffim.template import TemplatePiece, inner_region_mask
+    from workflow_lib.static_sky.warp import warp_exposure
+
+    sky = read_skymap(skymap_path)
+    ny, nx = calexp.shape
+    pieces = []
+    for path, (tract, patch) in zip(template_paths, patches, strict=True):
+        try:
+            coadd = read_exposure(path)
+        except ProcessingFailed as err:
+            log.info("template %s: %s", path, err)
+            continue
+        assert calexp.wcs is not None
+        warp = warp_exposure(coadd, calexp.wcs, (0, 0, nx, ny))
+        if warp is None:
+            continue
+        info = sky.patch(int(tract), int(patch))
+        ox, oy = info.outer_bbox[0], info.outer_bbox[1]
+        inner = (info.inner_bbox[0] - ox, info.inner_bbox[1] - oy, *info.inner_bbox[2:])
+        pieces.append(TemplatePiece(warp=warp, inner=inner_region_mask(warp, info.wcs, inner)))
+    return pieces
+
+
+def _dia_source_table(found: pd.DataFrame, calexp: Exposure, ids: dict[str, Any]) -> pd.DataFrame:
+    assert calexp.wcs is not None
+    ra, dec = calexp.wcs.all_pix2world(found["x"].to_numpy(), found["y"].to_numpy(), 0)
+    n = len(found)
+    table = pd.DataFrame(
+        {
+            "diaSourceId": dia_source_ids(ids["visit"], ids["detector"], n),
+            "diaObjectId": np.zeros(n, dtype=np.int64),
+            "visit": np.int64(ids["visit"]),
+            "detector": np.int64(ids["detector"]),
+            "band": ids["band"],
+            "midpointMjdTai": ids["midpointMjdTai"],
+            "ra": ra,
+            "dec": dec,
+            "x": found["x"],
+            "y": found["y"],
+            "psfFlux": found["psf_flux"],
+            "psfFluxErr": found["psf_flux_err"],
+            "snr": found["snr"],
+            "isDipole": found["is_dipole"].astype(bool),
+            "flags": found["flags"].astype(np.int64),
+        }
+    )
+    return table.astype(DIA_SOURCE_COLUMNS)
+
+
+def subtract_ccd(
+    *,
+    calexp_path: str,
+    ccdvisit_path: str,
+    src_path: str,
+    template_paths: list[str],
+    skymap_path: str,
+    difference_path: str,
+    dia_source_path: str,
+    dia_ccd_path: str,
+    visit: int,
+    detector: int,
+    patches: list[list[int]],
+    diffim: dict[str, Any],
+) -> pd.DataFrame:
+    """Difference image, DIASources and the CCD's record for one (visit, detector)."""
+    from workflow_lib.diffim.sources import DiaDetectionConfig, detect_dia_sources
+    from workflow_lib.diffim.subtract import SubtractionConfig, kernel_candidates, subtract_images
+    from workflow_lib.diffim.template import stitch_template
+    from workflow_lib.static_sky.psf_matching import PsfMatchingError
+
+    cfg = DiffimConfig.from_dict(diffim)
+    provenance = {
+        "package_version": __version__,
+        "step": "subtract_ccd",
+        "inputs": [calexp_path, src_path, *template_paths],
+        "diffim": diffim,
+    }
+    row = read_table(ccdvisit_path).iloc[0]
+    ids = {
+        "visit": int(visit),
+        "detector": int(detector),
+        "band": str(row["band"]),
+        "midpointMjdTai": float(row["midpointMjdTai"]),
+    }
+    record: dict[str, Any] = {
+        **ids,
+        "templateCoverage": 0.0,
+        "nTemplatePatches": 0,
+        "convolved": "",
+        "nKernelStamps": 0,
+        "method": cfg.method,
+        "nDiaSources": 0,
+        "failed": True,
+        "failReason": "",
+    }
+    table = _empty(DIA_SOURCE_COLUMNS)
+    try:
+        calexp = read_exposure(calexp_path)
+        template = stitch_template(
+            _template_pieces(template_paths, patches, skymap_path, calexp),
+            calexp.shape,
+            calexp.wcs,  # type: ignore[arg-type]
+        )
+        record.update(templateCoverage=template.coverage, nTemplatePatches=template.n_patches)
+        if template.coverage < cfg.min_template_coverage or template.exposure.psf is None:
+            raise ProcessingFailed(
+                f"template covers {template.coverage:.1%} of the CCD "
+                f"(< {cfg.min_template_coverage:.0%} required)"
+            )
+        subtraction = SubtractionConfig(
+            grid_spacing=cfg.kernel_grid_spacing,
+            background_order=cfg.background_order,
+            method=cfg.method,
+            decorrelate=cfg.decorrelate,
+        )
+        sources = kernel_candidates(read_table(src_path))
+        result = subtract_images(calexp, template.exposure, subtraction, kernel_sources=sources)
+        diff = result.difference
+        found = detect_dia_sources(
+            diff.image,
+            diff.variance,
+            diff.mask,
+            diff.mask_planes,
+            result.psf,
+            DiaDetectionConfig(cfg.detection_threshold),
+        )
+        table = _dia_source_table(found, calexp, ids)
+        diff.metadata["TMPLCOV"] = (template.coverage, "fraction of the CCD with template")
+        write_exposure(diff, difference_path, provenance=provenance)
+        record.update(
+            convolved=result.convolved,
+            method=result.method,
+            nKernelStamps=result.n_kernel_stamps,
+            nDiaSources=len(table),
+            failed=False,
+        )
+    except (ProcessingFailed, PsfMatchingError) as err:
+        record["failReason"] = str(err)
+        log.warning("visit %d detector %d: no difference image: %s", visit, detector, err)
+        header = fits.Header()
+        header["VISIT"], header["DETECTOR"] = int(visit), int(detector)
+        write_failure_record(difference_path, header, reason=str(err))
+    log.info(
+        "visit %d detector %d: template coverage %.1f%%, %d DIASources",
+        visit,
+        detector,
+        100 * record["templateCoverage"],
+        len(table),
+    )
+    write_table(table, dia_source_path, provenance=provenance)
+    write_table(pd.DataFrame([record]).astype(DIA_CCD_COLUMNS), dia_ccd_path, provenance=provenance)
+    return table
