@@ -30,6 +30,7 @@ include: "rules/process_ccd.smk"
 include: "rules/coadd.smk"
 include: "rules/objects.smk"
 include: "rules/diffim.smk"
+include: "rules/association.smk"
 include: "rules/summary.smk"
 
 

@@ -1,6 +1,7 @@
 # Difference imaging (imageDifference): each calexp minus its band's template
 # coadds warped to it, one job per (visit, detector); DIASources per CCD, then
-# the consolidated DiaSource table and the per-CCD record (DiaCcdVisit).
+# the consolidated DiaSource table (with the diaObjectIds of association where it
+# runs) and the per-CCD record (DiaCcdVisit).
 
 
 rule subtract_ccd:
@@ -27,11 +28,11 @@ rule subtract_ccd:
 rule dia_source_table:
     input:
         input_paths=plan.diffim_paths("diaSrc"),
+        assoc_paths=plan.per_patch_paths("diaAssoc") if plan.association_enabled else [],
     output:
         output_path=paths.path("DiaSource"),
     params:
-        step="tables:consolidate_table",
-        table="DiaSource",
+        step="association:dia_source_table",
     log:
         paths.root / "logs/tables/DiaSource.log",
     conda:

@@ -282,6 +282,8 @@ class WorkflowPlan:
         targets += [self.paths.path("templateCoadd", **ids) for ids in self.coadd_ids]
         if self.cfg.diffim.enabled:
             targets += [self.paths.path("DiaSource"), self.paths.path("DiaCcdVisit")]
+        if self.association_enabled:
+            targets += [self.paths.path("DiaObject"), self.paths.path("DiaForcedSource")]
         if self.simulated:
             targets += [self.paths.path("truth_object"), self.paths.path("sim_refcat")]
         return [str(t) for t in targets]
@@ -468,6 +470,36 @@ class WorkflowPlan:
 
     def diffim_paths(self, name: str) -> list[str]:
         return self.per_ccd_paths(name, self.diffim_ccd_ids())
+
+    # -- association per patch, DIA forced photometry per CCD ---------------------------
+    @property
+    def association_enabled(self) -> bool:
+        return self.cfg.diffim.enabled and self.cfg.association.enabled
+
+    def association_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        """DIASources of every CCD (any band) that may overlap the patch, and the sky map."""
+        tract, patch = int(wildcards["tract"]), int(wildcards["patch"])
+        ccds = sorted(
+            {ccd for (t, p, _), found in self._patch_ccds.items() if (t, p) == (tract, patch)
+             for ccd in found}
+        )  # fmt: skip
+        return {
+            "dia_source_paths": self.per_ccd_paths("diaSrc", ccds),
+            "skymap_path": str(self.paths.path("skyMap")),
+        }
+
+    def dia_forced_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        """Calexp, difference image, CcdVisit row and the DIAObjects of every patch it overlaps."""
+        ids = {"visit": int(wildcards["visit"]), "detector": int(wildcards["detector"])}
+        return {
+            "calexp_path": str(self.paths.path("calexp", **ids)),
+            "difference_path": str(self.paths.path("differenceExp", **ids)),
+            "ccdvisit_path": str(self.paths.path("ccdVisit", **ids)),
+            "dia_object_paths": [
+                str(self.paths.path("diaObjectTable", tract=t, patch=p))
+                for t, p in self.warp_patches(wildcards)
+            ],
+        }
 
     def coadd_paths(self) -> list[str]:
         """Every deep and template coadd (the run summary reports made and skipped ones)."""

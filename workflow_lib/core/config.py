@@ -384,6 +384,29 @@ class DiffimConfig:
 
 
 @dataclass(frozen=True)
+class AssociationSection:
+    """Association and DIA forced photometry (the schema's ``association`` section)."""
+
+    enabled: bool
+    method: str
+    radius_arcsec: float
+    position_error_floor_arcsec: float
+    visits: tuple[int, ...] | None
+    bands: tuple[str, ...] | None
+
+    @classmethod
+    def from_dict(cls, section: Mapping[str, Any]) -> AssociationSection:
+        return cls(
+            enabled=bool(section["enabled"]),
+            method=str(section["method"]),
+            radius_arcsec=float(section["radius_arcsec"]),
+            position_error_floor_arcsec=float(section["position_error_floor_arcsec"]),
+            visits=parse_id_selection(section["visit"]),
+            bands=parse_band_selection(section["band"]),
+        )
+
+
+@dataclass(frozen=True)
 class WorkflowConfig:
     """The whole validated configuration, as frozen per-section views."""
 
@@ -398,6 +421,7 @@ class WorkflowConfig:
     coadd: CoaddConfig
     objects: ObjectsConfig
     diffim: DiffimConfig
+    association: AssociationSection
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any]) -> WorkflowConfig:
@@ -414,6 +438,7 @@ class WorkflowConfig:
             coadd=CoaddConfig.from_dict(config["coadd"], template),
             objects=ObjectsConfig.from_dict(config["objects"]),
             diffim=DiffimConfig.from_dict(config["diffim"]),
+            association=AssociationSection.from_dict(config["association"]),
         )
 
     @property

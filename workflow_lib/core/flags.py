@@ -98,6 +98,20 @@ class DiaSourceFlag(IntFlag):
     TEMPLATE_EDGE = 1 << 9  # within a PSF of where the template has no data
 
 
+class DiaForcedSourceFlag(IntFlag):
+    """Bits of the DiaForcedSource ``flags`` column (a DIAObject measured on one CCD-visit).
+
+    The per-image ForcedSourceFlag bits are kept too, in ``diffFlags`` and ``scienceFlags``.
+    """
+
+    DIFF_FLUX_FAILED = 1 << 0  # no usable psfDiffFlux (masked, off the image, non-finite)
+    DIFF_NO_DATA_CENTER = 1 << 1  # unusable difference pixel at the centre (e.g. off the template)
+    SCIENCE_FLUX_FAILED = 1 << 2  # no usable psfFlux on the calexp
+    SCIENCE_NO_DATA_CENTER = 1 << 3  # unusable calexp pixel at the centre
+    NO_DIFFERENCE_IMAGE = 1 << 4  # the CCD-visit has no difference image (recorded skip)
+    BLENDED = 1 << 5  # fitted jointly with overlapping DIAObjects
+
+
 # DIASources that must not seed a DIAObject (the artifact cut).
 ARTIFACT_DIA_SOURCE = int(
     DiaSourceFlag.PSF_FLUX_FAILED

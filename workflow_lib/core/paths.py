@@ -126,6 +126,15 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     ),
     DatasetType("diaSrc", "diffim/{visit}/diaSrc_{visit}_{detector}.parquet", "table"),
     DatasetType("diaCcd", "diffim/{visit}/diaCcd_{visit}_{detector}.parquet", "table"),
+    # Association per (tract, patch): its DIAObjects and which DIASource joined which;
+    # forced photometry of the DIAObjects per (visit, detector).
+    DatasetType(
+        "diaObjectTable", "association/{tract}/diaObject_{tract}_{patch}.parquet", "table"
+    ),
+    DatasetType("diaAssoc", "association/{tract}/diaAssoc_{tract}_{patch}.parquet", "table"),
+    DatasetType(
+        "diaForcedSource", "diaForced/{visit}/diaForcedSource_{visit}_{detector}.parquet", "table"
+    ),
     # Consolidated CONTRACT tables.
     DatasetType("CcdVisit", "tables/CcdVisit.parquet", "table"),
     DatasetType("Source", "tables/Source.parquet", "table"),

@@ -5,6 +5,7 @@
 >>> butler.list("calexp")                       # data ids present on disk
 >>> calexp = butler.get("calexp", visit=159400, detector=1)
 >>> ccd = butler.get("CcdVisit")                # a pandas DataFrame
+>>> lc = butler.light_curve(dia_object_id=...)  # or ra=, dec=, radius_arcsec=
 """
 
 from __future__ import annotations
@@ -66,6 +67,32 @@ class Butler:
         dims = dataset_type(name).dimensions
         ids = self.paths.existing(name)
         return pd.DataFrame(ids, columns=list(dims))
+
+    def light_curve(
+        self,
+        dia_object_id: int | None = None,
+        *,
+        ra: float | None = None,
+        dec: float | None = None,
+        radius_arcsec: float = 1.0,
+    ) -> pd.DataFrame:
+        """DiaForcedSource rows of one DIAObject, or of those within a radius of (ra, dec).
+
+        Sorted by DIAObject (nearest first) then time, with band, the difference
+        and direct PSF fluxes and whether a DIASource was found at that visit
+        (``detected``); plot with
+        :func:`workflow_lib.association.light_curves.plot_light_curve`.
+        """
+        from workflow_lib.association.light_curves import light_curve, objects_near
+
+        if (dia_object_id is None) == (ra is None or dec is None):
+            raise ValueError("light_curve: give a dia_object_id, or ra and dec (not both)")
+        if dia_object_id is not None:
+            ids = [int(dia_object_id)]
+        else:
+            assert ra is not None and dec is not None
+            ids = list(objects_near(self.get("DiaObject"), ra, dec, radius_arcsec))
+        return light_curve(self.get("DiaForcedSource"), ids, self.get("DiaSource"))
 
     def dataset_types(self) -> list[str]:
         """Names of the dataset types that have at least one product on disk."""

@@ -96,25 +96,21 @@ def fixed_psf_fluxes(
     alone: np.ndarray | None = None,
     max_masked_fraction: float = 0.2,
     max_group_size: int = 2000,
+    bad_bits: int | None = None,
 ) -> pd.DataFrame:
     """PSF fluxes at fixed positions (0-based pixels of ``image``) with variance-plane errors.
 
-    ``bad`` (bool) marks pixels to ignore. With ``joint`` sources whose fit
-    stamps overlap are fitted together; ``alone`` (bool per source) keeps some
+    ``bad`` (bool) marks pixels to ignore; with ``bad_bits`` it is an integer
+    mask plane image instead, and pixels with any of those bits are ignored.
+    With ``joint`` sources whose fit stamps overlap are fitted together; ``alone``
+    (bool per source) keeps some
     out of the joint fits (a deblended parent would duplicate its children).
     Returns per source: ``psf_flux``, ``psf_flux_err``, ``masked_fraction``,
     ``group_size`` (1 = fitted alone), ``flag_edge`` (stamp leaves the image),
     ``flag_masked``, ``center_bad`` (a bad pixel in the central 3x3) and
     ``flag`` (no usable flux).
     """
-    data = native_float(image, np.float64)
-    var = native_float(variance, np.float64)
-    ny, nx = data.shape
-    bad_map = ~np.isfinite(data) | ~np.isfinite(var) | (var < 0)
-    if bad is not None:
-        bad_map |= np.asarray(bad, dtype=bool)
-    data = np.where(bad_map, 0.0, data)
-    var = np.where(bad_map, 0.0, var)
+    ny, nx = image.shape
     x = np.asarray(x, dtype=np.float64).ravel()
     y = np.asarray(y, dtype=np.float64).ravel()
     n = x.size
@@ -123,9 +119,17 @@ def fixed_psf_fluxes(
     fwhm = psf.fwhm_at(psf.x_center, psf.y_center)
     half = psf_fit_half_size(psf, fit_radius_fwhm=fit_radius_fwhm, fwhm=fwhm)
     models, ix, iy = model_stamps(psf, xs, ys, half, offset=psf_centroid_offset(psf, fwhm=fwhm))
-    d = cut_stamps(data, ix, iy, half)
-    v = cut_stamps(var, ix, iy, half)
-    good = cut_stamps(bad_map.astype(np.float64), ix, iy, half, fill=1.0) == 0
+    # Everything on the stamps only: a 4k image is never copied or converted whole.
+    d = cut_stamps(image, ix, iy, half, fill=np.nan).astype(np.float64)
+    v = cut_stamps(variance, ix, iy, half, fill=np.nan).astype(np.float64)
+    bad_stamp = ~np.isfinite(d) | ~np.isfinite(v) | (v < 0)  # off the image: NaN fill
+    if bad is not None and bad_bits is not None:
+        bad_stamp |= (cut_stamps(bad, ix, iy, half, fill=0) & bad_bits) != 0
+    elif bad is not None:
+        bad_stamp |= cut_stamps(np.asarray(bad, dtype=bool), ix, iy, half, fill=True)
+    d[bad_stamp] = 0.0
+    v[bad_stamp] = 0.0
+    good = ~bad_stamp
     mg = models * good
     a_diag = (mg * mg).sum(axis=(1, 2))
     b = (mg * d).sum(axis=(1, 2))
@@ -142,7 +146,7 @@ def fixed_psf_fluxes(
             mg, d, v, ix, iy, half, flux, err, a_diag, b, noise_diag, solo, max_group_size
         )
     in_image = (ix - half >= 0) & (ix + half < nx) & (iy - half >= 0) & (iy + half < ny)
-    centre = cut_stamps(bad_map.astype(np.float64), ix, iy, 1, fill=1.0) > 0
+    centre = bad_stamp[:, half - 1 : half + 2, half - 1 : half + 2] if half >= 1 else bad_stamp
     flag = ~finite | ~np.isfinite(flux) | ~np.isfinite(err) | (masked > max_masked_fraction)
     return pd.DataFrame(
         {
@@ -310,16 +314,16 @@ def forced_photometry(
     sel = objects.iloc[idx]
     x, y = x[idx], y[idx]
     planes = [p for p in unusable_planes if p in calexp.mask_planes.bits]
-    bad = calexp.mask_of(*planes) if planes else np.zeros(calexp.shape, dtype=bool)
+    bad_bits = calexp.mask_planes.bitmask(*planes) if planes else 0
     parents = (
         sel["deblend_nChild"].to_numpy() > 0
         if "deblend_nChild" in sel
         else np.zeros(len(sel), dtype=bool)
     )
     fit = fixed_psf_fluxes(
-        calexp.image, calexp.variance, bad, calexp.psf, x, y,
+        calexp.image, calexp.variance, calexp.mask, calexp.psf, x, y,
         fit_radius_fwhm=fit_radius_fwhm, joint=joint, alone=parents,
-        max_masked_fraction=max_masked_fraction,
+        max_masked_fraction=max_masked_fraction, bad_bits=bad_bits,
     )  # fmt: skip
     flux = fit["psf_flux"].to_numpy()
     err = fit["psf_flux_err"].to_numpy()
@@ -336,6 +340,7 @@ def forced_photometry(
             raise ValueError(f"aperture_correction must be 'fit', a number, or None: "
                              f"{aperture_correction!r}")  # fmt: skip
         scale = pixel_scale_arcsec(calexp.wcs)
+        bad = (calexp.mask & bad_bits) != 0
         apcorr, used = fit_image_aperture_correction(
             calexp.image, calexp.variance, bad, x, y, flux, err, flags == 0,
             radius=calib_aperture_radius_arcsec / scale,

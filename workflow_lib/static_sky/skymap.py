@@ -398,6 +398,14 @@ class PatchInfo:
         """WCS of the outer bbox's own 0-based pixels (the tract WCS, shifted)."""
         return self._frame.make_wcs()
 
+    def in_inner_region(self, ra: Any, dec: Any) -> np.ndarray:
+        """Whether each point (deg) falls in this patch's inner bbox (not its border)."""
+        x, y = self.wcs.all_world2pix(np.atleast_1d(ra), np.atleast_1d(dec), 0, quiet=True)
+        ox, oy = self.outer_bbox[0], self.outer_bbox[1]
+        x0, y0, nx, ny = self.inner_bbox
+        inside = (x + ox >= x0 - 0.5) & (x + ox < x0 + nx - 0.5)
+        return np.asarray(inside & (y + oy >= y0 - 0.5) & (y + oy < y0 + ny - 0.5), dtype=bool)
+
 
 @dataclass(frozen=True)
 class TractInfo:

@@ -51,6 +51,10 @@ DIA_SOURCE_COLUMNS: dict[str, str] = {
     "snr": "f8",
     "isDipole": "bool",
     "flags": "i8",
+    "coordErr": "f8",
+    "scienceFlux": "f8",
+    "scienceFluxErr": "f8",
+    "apCorr": "f8",
 }
 DIA_CCD_COLUMNS: dict[str, str] = {
     "visit": "i8",
@@ -106,13 +110,50 @@ def _template_pieces(
     return pieces
 
 
-def _dia_source_table(found: pd.DataFrame, calexp: Exposure, ids: dict[str, Any]) -> pd.DataFrame:
+def _dia_source_table(
+    found: pd.DataFrame, calexp: Exposure, psf_fwhm_px: float, ids: dict[str, Any]
+) -> pd.DataFrame:
+    """The CONTRACT's DiaSource rows of one CCD, with the direct flux and position errors.
+
+    Difference and direct PSF fluxes both get the calexp's aperture correction
+    (the difference is matched to the calexp's PSF where the template is the
+    image convolved), so that they are on the scale of the Source fluxes.
+    ``coordErr`` is a point source's centroid error per axis,
+    sqrt(2) sigma_PSF / S/N (arcsec).
+    """
+    from workflow_lib.objects.forced import forced_photometry
+    from workflow_lib.single_frame.calibrate import pixel_scale_arcsec
+    from workflow_lib.single_frame.measure import ApertureCorrection
+
     assert calexp.wcs is not None
-    ra, dec = calexp.wcs.all_pix2world(found["x"].to_numpy(), found["y"].to_numpy(), 0)
+    x, y = found["x"].to_numpy(), found["y"].to_numpy()
+    ra, dec = calexp.wcs.all_pix2world(x, y, 0)
     n = len(found)
+    apcorr = ApertureCorrection.from_header(calexp.metadata)
+    flux, flux_err = found["psf_flux"].to_numpy(), found["psf_flux_err"].to_numpy()
+    ratio = np.ones(n)
+    if apcorr is not None and n:
+        ratio = apcorr.ratio_at(x, y)[0]
+        flux, flux_err = apcorr.apply(x, y, flux, flux_err)
+    diasource_ids = dia_source_ids(ids["visit"], ids["detector"], n)
+    direct = forced_photometry(
+        calexp,
+        pd.DataFrame({"diaSourceId": diasource_ids, "ra": ra, "dec": dec}),
+        id_column="diaSourceId",
+        aperture_correction=apcorr,
+        visit=ids["visit"],
+        detector=ids["detector"],
+        band=ids["band"],
+        midpoint_mjd=ids["midpointMjdTai"],
+    ).set_index("objectId")
+    direct = direct.reindex(diasource_ids)
+    snr = found["snr"].to_numpy()
+    sigma_arcsec = psf_fwhm_px / 2.3548 * pixel_scale_arcsec(calexp.wcs)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        coord_err = np.sqrt(2.0) * sigma_arcsec / np.abs(snr)
     table = pd.DataFrame(
         {
-            "diaSourceId": dia_source_ids(ids["visit"], ids["detector"], n),
+            "diaSourceId": diasource_ids,
             "diaObjectId": np.zeros(n, dtype=np.int64),
             "visit": np.int64(ids["visit"]),
             "detector": np.int64(ids["detector"]),
@@ -120,13 +161,17 @@ def _dia_source_table(found: pd.DataFrame, calexp: Exposure, ids: dict[str, Any]
             "midpointMjdTai": ids["midpointMjdTai"],
             "ra": ra,
             "dec": dec,
-            "x": found["x"],
-            "y": found["y"],
-            "psfFlux": found["psf_flux"],
-            "psfFluxErr": found["psf_flux_err"],
-            "snr": found["snr"],
+            "x": x,
+            "y": y,
+            "psfFlux": flux,
+            "psfFluxErr": flux_err,
+            "snr": snr,
             "isDipole": found["is_dipole"].astype(bool),
             "flags": found["flags"].astype(np.int64),
+            "coordErr": coord_err,
+            "scienceFlux": direct["psfFlux"].to_numpy(),
+            "scienceFluxErr": direct["psfFluxErr"].to_numpy(),
+            "apCorr": ratio,
         }
     )
     return table.astype(DIA_SOURCE_COLUMNS)
@@ -209,7 +254,8 @@ def subtract_ccd(
             result.psf,
             DiaDetectionConfig(cfg.detection_threshold),
         )
-        table = _dia_source_table(found, calexp, ids)
+        fwhm = result.psf.fwhm_at(result.psf.x_center, result.psf.y_center)
+        table = _dia_source_table(found, calexp, fwhm, ids)
         diff.metadata["TMPLCOV"] = (template.coverage, "fraction of the CCD with template")
         write_exposure(diff, difference_path, provenance=provenance)
         record.update(
