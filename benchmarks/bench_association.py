@@ -9,8 +9,12 @@ sources are detections of persistent objects (each seen with probability
 0.8, position errors 0.03-0.2"), the rest false positives at random places
 (each its own DIAObject), so the object count grows through the run as in a
 real survey. Each method runs in a fresh process; reported: wall and CPU
-seconds of ``associate`` alone and the process's peak RSS (it includes the
-~0.3 GB of the inputs and imports). Goal (default method): <= 20 s, <= 2 GB.
+seconds of ``associate`` alone, the process's peak RSS (it includes the
+~0.3 GB of the inputs and imports) and, against the synthetic truth, the
+fraction of true objects whose detections form exactly one DIAObject, the
+split ones, the DIAObjects holding two true objects and the false detections
+joined to true objects. Goal (default
+method): <= 20 s, <= 2 GB.
 
 Forced photometry: ``--forced`` DIAObject positions on a 4096^2 difference
 image and its calexp (noise, a PSF model of 0.8" FWHM): the time of the two
@@ -40,7 +44,7 @@ def synthetic_dia_sources(n_sources: int, n_visits: int, seed: int = 0) -> pd.Da
     n_false = per_visit - int(0.8 * n_real)
     truth = rng.uniform(0, PATCH_ARCSEC, (n_real, 2))
     err_true = rng.uniform(0.03, 0.2, n_real)
-    xs, ys, errs, visits = [], [], [], []
+    xs, ys, errs, visits, truths = [], [], [], [], []
     for visit in range(n_visits):
         seen = np.flatnonzero(rng.random(n_real) < 0.8)
         pos = truth[seen] + rng.normal(size=(len(seen), 2)) * err_true[seen, None]
@@ -49,6 +53,7 @@ def synthetic_dia_sources(n_sources: int, n_visits: int, seed: int = 0) -> pd.Da
         ys.append(np.r_[pos[:, 1], fp[:, 1]])
         errs.append(np.r_[err_true[seen], rng.uniform(0.05, 0.3, n_false)])
         visits.append(np.full(len(seen) + n_false, visit))
+        truths.append(np.r_[seen, np.full(n_false, -1)])
     visit = np.concatenate(visits)
     return pd.DataFrame(
         {
@@ -59,8 +64,26 @@ def synthetic_dia_sources(n_sources: int, n_visits: int, seed: int = 0) -> pd.Da
             "epoch": 60000.0 + visit * 0.7,
             "rank": np.arange(len(visit), dtype=np.int64),
             "can_seed": True,
+            "truth": np.concatenate(truths),
         }
     )
+
+
+def truth_figures(truth: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Per true object: in exactly one DIAObject, split; DIAObjects holding two true
+    objects; false detections that joined a true object's (main) DIAObject."""
+    real = truth >= 0
+    pairs = pd.DataFrame({"truth": truth[real], "label": labels[real]})
+    per_truth = pairs.groupby("truth")["label"].nunique()
+    per_label = pairs.groupby("label")["truth"].nunique()
+    main = pairs.groupby("truth")["label"].agg(lambda s: s.value_counts().index[0])
+    false_in_true = np.isin(labels[~real], main.to_numpy()).sum()
+    return {
+        "true_in_one_object": round(float((per_truth == 1).mean()), 4),
+        "true_split": int((per_truth > 1).sum()),
+        "objects_merging_two_true": int((per_label > 1).sum()),
+        "false_detections_in_true_objects": int(false_in_true),
+    }
 
 
 def _child(method: str, n_sources: int, n_visits: int) -> None:
@@ -72,6 +95,7 @@ def _child(method: str, n_sources: int, n_visits: int) -> None:
     labels = associate(*cols, AssociationConfig(method=method))
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    quality = truth_figures(table["truth"].to_numpy(), labels)
     print(
         json.dumps(
             {
@@ -82,6 +106,7 @@ def _child(method: str, n_sources: int, n_visits: int) -> None:
                 "wall_s": round(wall, 2),
                 "cpu_s": round(cpu, 2),
                 "peak_rss_mb": round(peak_mb),
+                **quality,
             }
         )
     )

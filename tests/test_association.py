@@ -258,3 +258,36 @@ def test_dia_source_table_keeps_64_bit_ids_exact(tmp_path):
     assert table.loc[ids[0], "diaObjectId"] == object_ids[1]
     assert table.loc[ids[2], "diaObjectId"] == 0 and table.loc[ids[2], "tract"] == -1
     assert table["diaObjectId"].dtype == np.int64
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_cluster_on_the_grid_is_friends_of_friends_exactly(seed):
+    """The grid FoF gives the connected components of the every-pair graph."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+    from scipy.spatial import cKDTree
+
+    rng = np.random.default_rng(seed)
+    n = 2000
+    centres = rng.uniform(0, 50, (100, 2))
+    spread = rng.uniform(0.05, 0.8, (n, 1))
+    points = centres[rng.integers(0, 100, n)] + rng.normal(size=(n, 2)) * spread
+    radius = rng.uniform(0.3, 1.5)
+    pairs = cKDTree(points).query_pairs(radius, output_type="ndarray")
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    _, reference = connected_components(graph, directed=False)
+    table = pd.DataFrame(
+        {
+            "x": points[:, 0],
+            "y": points[:, 1],
+            "err": 0.05,
+            "visit": 0,
+            "epoch": 0.0,
+            "rank": np.arange(n),
+        }
+    )
+    labels = _labels(table, "cluster", radius_arcsec=radius)
+    # Same partition: a one-to-one map between the two labellings.
+    both = pd.DataFrame({"a": labels, "b": reference})
+    assert both.groupby("a")["b"].nunique().max() == 1
+    assert both.groupby("b")["a"].nunique().max() == 1
