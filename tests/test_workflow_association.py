@@ -105,7 +105,7 @@ def test_light_curves_of_the_transients(dia_run):
 
 
 def test_light_curve_pulls_are_reported(dia_run):
-    """The pull figures exist and are finite; their goals are measured, not yet met (README)."""
+    """The pull figures against truth; the transients' goals are measured, not yet met (README)."""
     butler = Butler(dia_run / "results")
     q = light_curve_pulls(
         butler.get("DiaForcedSource"),
@@ -116,7 +116,11 @@ def test_light_curve_pulls_are_reported(dia_run):
         template_window=(None, TEMPLATE_END_MJD),
     )
     assert q["transient"]["n"] >= 6 and np.isfinite(q["transient"]["robust_sigma"])
-    assert q["noise"]["n"] > 50
+    # ~1250 forced fluxes at DIAObjects far from every true object, at visits with no
+    # DIASource there (true difference 0; robust sigma known to ~0.03): the errors are
+    # right to 15-25 % (1.56 before the variance plane carried the PSF noise scale).
+    assert q["noise"]["n"] > 500
+    assert 0.85 < q["noise"]["robust_sigma"] < 1.25 and abs(q["noise"]["median"]) < 0.4
 
 
 def test_objects_near_finds_the_nearest_first(dia_run):

@@ -26,6 +26,7 @@ from typing import NamedTuple
 import numpy as np
 import pandas as pd
 from astropy.stats import mad_std
+from scipy.signal import fftconvolve
 
 from workflow_lib.core.exposure import MASK_DTYPE, Exposure, MaskPlanes
 from workflow_lib.core.flags import UNRELIABLE_SOURCE, SourceFlag
@@ -229,7 +230,40 @@ def _match_alard_lupton(science, template, x, y, config: SubtractionConfig):  # 
         )
     if convolve_template:
         return science, matched, "template", science.psf, solution, phi
-    return matched, template, "science", template.psf, solution, phi
+    # The science convolved: a point source of the science now has the PSF K * P_science
+    # (what the kernel made of it, whatever the template's PSF model says), and the
+    # difference is in the template's photometric units until divided by K's sum.
+    centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    scale = solution.kernel_sum_at(*centre)
+    assert science.psf is not None and template.psf is not None
+    psf = PsfModel.constant(
+        _crop_normalised(
+            fftconvolve(science.psf.kernel_at(*centre), solution.kernel_at(*centre), mode="full"),
+            max(science.psf.size, template.psf.size),
+        )
+    )
+    return _scaled(matched, 1 / scale), _scaled(template, 1 / scale), "science", psf, solution, phi
+
+
+def _crop_normalised(kernel: np.ndarray, size: int) -> np.ndarray:
+    """The central ``size`` x ``size`` of an odd square kernel, summing to 1."""
+    c, h = kernel.shape[0] // 2, min(size, kernel.shape[0]) // 2
+    out = kernel[c - h : c + h + 1, c - h : c + h + 1]
+    return out / out.sum()
+
+
+def _scaled(exposure: Exposure, factor: float) -> Exposure:
+    """A copy with the image times ``factor`` and the variance times its square."""
+    return Exposure(
+        (exposure.image * factor).astype(np.float32),
+        (exposure.variance * factor**2).astype(np.float32),
+        exposure.mask,
+        wcs=exposure.wcs,
+        psf=exposure.psf,
+        photo_calib=exposure.photo_calib,
+        metadata=exposure.metadata,
+        mask_planes=exposure.mask_planes,
+    )
 
 
 def _subtract_zogy(science: Exposure, template: Exposure) -> _RawDifference:

@@ -179,7 +179,7 @@ def light_curve_pulls(
     # Noise: DIAObjects far from every true object, at visits without a DIASource.
     d_any, _ = cKDTree(_plane(truth["ra"], truth["dec"], centre)).query(obj_xy)
     far_ids = dia_objects["diaObjectId"].to_numpy()[d_any > FAR_ARCSEC]
-    noise = good[good["diaObjectId"].isin(far_ids)]
+    noise = good[outside & good["diaObjectId"].isin(far_ids).to_numpy()]
     seen = pd.MultiIndex.from_frame(dia_sources[["diaObjectId", "visit"]])
     noise = noise[~pd.MultiIndex.from_frame(noise[["diaObjectId", "visit"]]).isin(seen)]
     out["noise"] = _pull_summary((noise["psfDiffFlux"] / noise["psfDiffFluxErr"]).to_numpy())

@@ -254,6 +254,13 @@ def subtract_ccd(
             result.psf,
             DiaDetectionConfig(cfg.detection_threshold),
         )
+        # The variance plane as detection used it: scaled so that PSF-weighted sums
+        # (DIASource and forced fluxes) get the noise the filtered image has (the
+        # template's own noise is correlated by its warps, which decorrelation does
+        # not know).
+        noise_scale = float(found.attrs.get("noise_scale", 1.0))
+        diff.variance = (diff.variance * noise_scale**2).astype(diff.variance.dtype)
+        diff.metadata["DIFFNSCL"] = (noise_scale, "variance scaled by this squared (PSF noise)")
         fwhm = result.psf.fwhm_at(result.psf.x_center, result.psf.y_center)
         table = _dia_source_table(found, calexp, fwhm, ids)
         diff.metadata["TMPLCOV"] = (template.coverage, "fraction of the CCD with template")
