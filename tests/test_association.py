@@ -291,3 +291,46 @@ def test_cluster_on_the_grid_is_friends_of_friends_exactly(seed):
     both = pd.DataFrame({"a": labels, "b": reference})
     assert both.groupby("a")["b"].nunique().max() == 1
     assert both.groupby("b")["a"].nunique().max() == 1
+
+
+def test_a_patch_without_dia_sources_gets_empty_tables(tmp_path):
+    """No DIASource in the patch (or none at all): empty DiaObject and map, not an error."""
+    from workflow_lib.io import read_table, write_table
+    from workflow_lib.io.skymap import write_skymap
+    from workflow_lib.static_sky.skymap import discrete_sky_map
+    from workflow_lib.steps.association import associate_patch
+    from workflow_lib.steps.diffim import DIA_SOURCE_COLUMNS
+
+    sky = discrete_sky_map(
+        np.array([56.0, 56.1]),
+        np.array([-30.0, -29.9]),
+        border_deg=0.01,
+        tract_id=0,
+        pixel_scale_arcsec=0.2,
+        patch_inner_size=1000,
+        patch_border=50,
+        projection="TAN",
+    )
+    write_skymap(sky, tmp_path / "skyMap.json")
+    empty = pd.DataFrame({c: pd.Series(dtype=t) for c, t in DIA_SOURCE_COLUMNS.items()})
+    write_table(empty, tmp_path / "diaSrc.parquet")
+    section = {
+        "enabled": True,
+        "method": "bipartite",
+        "radius_arcsec": 1.0,
+        "position_error_floor_arcsec": 0.05,
+        "visit": None,
+        "band": None,
+    }
+    objects = associate_patch(
+        dia_source_paths=[str(tmp_path / "diaSrc.parquet")],
+        skymap_path=str(tmp_path / "skyMap.json"),
+        dia_object_path=str(tmp_path / "diaObject.parquet"),
+        dia_assoc_path=str(tmp_path / "diaAssoc.parquet"),
+        tract=0,
+        patch=0,
+        bands=["g", "r"],
+        association=section,
+    )
+    assert len(objects) == 0 and "g_psfFluxMean" in objects
+    assert len(read_table(tmp_path / "diaAssoc.parquet")) == 0

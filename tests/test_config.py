@@ -95,6 +95,9 @@ output_dir: results
         ({"sim": {"seed": -1}}, "config: sim.seed:"),
         ({"template": {"mjd_min": 60700, "mjd_max": 60600}}, "config: template: mjd_min"),
         ({"template": {"max_psf_fwhm": 0}}, "config: template.max_psf_fwhm:"),
+        ({"association": {"method": "nearest"}}, "config: association.method:"),
+        ({"association": {"radius_arcsec": -1.0}}, "config: association.radius_arcsec:"),
+        ({"association": {"band": "g^q"}}, "config: association.band:"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(config, expected):

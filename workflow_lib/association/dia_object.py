@@ -44,8 +44,8 @@ def _weighted_stats(
         mean = np.bincount(g, w * f, minlength=n_groups) / sum_w
         mean_err = 1.0 / np.sqrt(sum_w)
         plain = sum_f / n
-        sigma = np.sqrt(np.bincount(g, (f - plain[g]) ** 2, minlength=n_groups) / (n - 1))
-        chi2 = np.bincount(g, w * (f - mean[g]) ** 2, minlength=n_groups)
+        sigma = np.sqrt(np.bincount(g, (f - plain[g]) ** 2, minlength=n_groups) / (n - 1.0))
+        chi2 = np.bincount(g, w * (f - mean[g]) ** 2, minlength=n_groups).astype(np.float64)
     sigma[n < 2] = np.nan
     chi2[n == 0] = np.nan
     return {"Mean": mean, "MeanErr": mean_err, "Sigma": sigma, "Ndata": n, "Chi2": chi2}
@@ -100,10 +100,10 @@ def dia_object_table(
     for b in bands:
         in_band = band == b
         for flux_col, err_col in FLUX_COLUMNS:
-            if flux_col not in sources:
-                continue
-            flux = sources[flux_col].to_numpy(dtype=np.float64)[used]
-            ferr = sources[err_col].to_numpy(dtype=np.float64)[used]
+            # The columns exist whatever the input holds: one schema for every patch.
+            nan = np.full(int(used.sum()), np.nan)
+            flux = sources[flux_col].to_numpy(np.float64)[used] if flux_col in sources else nan
+            ferr = sources[err_col].to_numpy(np.float64)[used] if err_col in sources else nan
             stats = _weighted_stats(
                 lab, n_obj, np.where(in_band, flux, np.nan), np.where(in_band, ferr, np.nan)
             )
