@@ -187,13 +187,23 @@ def _joint_fit(mg, d, v, ix, iy, half, flux, err, a_diag, b, noise_diag, solo, m
     size = 2 * half + 1
     a_off = np.empty(len(pairs))
     n_off = np.empty(len(pairs))
-    for k, (i, j) in enumerate(pairs):
-        ox, oy = int(ix[j] - ix[i]), int(iy[j] - iy[i])
-        si = (slice(max(0, oy), size + min(0, oy)), slice(max(0, ox), size + min(0, ox)))
-        sj = (slice(max(0, -oy), size + min(0, -oy)), slice(max(0, -ox), size + min(0, -ox)))
-        prod = mg[i][si] * mg[j][sj]
-        a_off[k] = prod.sum()
-        n_off[k] = (prod * v[i][si]).sum()
+    # The overlap of two stamps depends only on their offset: one vectorised product
+    # per distinct offset instead of one per pair.
+    ox_all = (ix[pairs[:, 1]] - ix[pairs[:, 0]]).astype(np.int64)
+    oy_all = (iy[pairs[:, 1]] - iy[pairs[:, 0]]).astype(np.int64)
+    span = 2 * size + 1
+    keys, which = np.unique((ox_all + size) * span + (oy_all + size), return_inverse=True)
+    by_offset = np.argsort(which, kind="stable")
+    bounds = np.searchsorted(which[by_offset], np.arange(len(keys) + 1))
+    for g, key in enumerate(keys):
+        ox, oy = int(key // span) - size, int(key % span) - size
+        ks = by_offset[bounds[g] : bounds[g + 1]]
+        i, j = pairs[ks, 0], pairs[ks, 1]
+        ri, ci = slice(max(0, oy), size + min(0, oy)), slice(max(0, ox), size + min(0, ox))
+        rj, cj = slice(max(0, -oy), size + min(0, -oy)), slice(max(0, -ox), size + min(0, -ox))
+        prod = mg[i, ri, ci] * mg[j, rj, cj]
+        a_off[ks] = prod.sum(axis=(1, 2))
+        n_off[ks] = (prod * v[i, ri, ci]).sum(axis=(1, 2))
     graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     by_label = np.argsort(labels, kind="stable")
