@@ -8,6 +8,7 @@ rule run_summary:
         ccdvisit_table_path=paths.path("CcdVisit"),
         coadd_paths=plan.coadd_paths(),
         object_table_path=paths.path("Object"),
+        **plan.summary_dia_inputs(),
     output:
         summary_path=paths.path("run_summary"),
     params:

@@ -67,6 +67,10 @@ def test_association_tables_in_the_contract_form(dia_run):
     for (tract, patch), rows in objects.groupby(["tract", "patch"]):
         info = sky.patch(int(tract), int(patch))
         assert info.in_inner_region(rows["ra"].to_numpy(), rows["dec"].to_numpy()).all()
+    summary = butler.get("run_summary")["difference_imaging"]
+    assert summary["n_dia_objects"] == len(objects) and summary["n_dia_sources"] == len(sources)
+    assert summary["n_dia_sources_associated"] == len(associated)
+    assert all(s["reason"] for s in summary["skipped"])
     # Every DIAObject is measured on every CCD-visit with a calexp where it falls.
     per_object = forced.groupby("diaObjectId")["visit"].nunique()
     assert per_object.median() >= 0.8 * len(plan.science["visit"].unique())

@@ -471,6 +471,18 @@ class WorkflowPlan:
     def diffim_paths(self, name: str) -> list[str]:
         return self.per_ccd_paths(name, self.diffim_ccd_ids())
 
+    def summary_dia_inputs(self) -> dict[str, str]:
+        """The difference-imaging tables the run summary reports, where those stages run."""
+        if not self.cfg.diffim.enabled:
+            return {}
+        inputs = {
+            "dia_ccd_table_path": str(self.paths.path("DiaCcdVisit")),
+            "dia_source_table_path": str(self.paths.path("DiaSource")),
+        }
+        if self.association_enabled:
+            inputs["dia_object_table_path"] = str(self.paths.path("DiaObject"))
+        return inputs
+
     # -- association per patch, DIA forced photometry per CCD ---------------------------
     @property
     def association_enabled(self) -> bool:

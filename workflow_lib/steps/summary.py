@@ -77,6 +77,26 @@ def summarize_coadds(coadd_paths: list[str], object_table: pd.DataFrame | None) 
     return summary
 
 
+def summarize_difference_imaging(
+    dia_ccd: pd.DataFrame, dia_sources: pd.DataFrame, dia_objects: pd.DataFrame | None
+) -> dict:
+    """CCD-visits subtracted and skipped (with the reason), DIASource and DIAObject counts."""
+    failed = dia_ccd[dia_ccd["failed"].astype(bool)]
+    summary: dict = {
+        "n_subtracted": int((~dia_ccd["failed"].astype(bool)).sum()),
+        "skipped": [
+            {"visit": int(r.visit), "detector": int(r.detector), "reason": str(r.failReason)}
+            for r in failed.itertuples()
+        ],
+        "n_dia_sources": len(dia_sources),
+        "methods": dia_ccd.loc[~dia_ccd["failed"].astype(bool), "method"].value_counts().to_dict(),
+    }
+    if dia_objects is not None:
+        summary["n_dia_objects"] = len(dia_objects)
+        summary["n_dia_sources_associated"] = int((dia_sources["diaObjectId"] != 0).sum())
+    return summary
+
+
 def write_run_summary(
     *,
     registry_path: str,
@@ -85,6 +105,9 @@ def write_run_summary(
     ccdvisit_table_path: str | None = None,
     coadd_paths: list[str] | None = None,
     object_table_path: str | None = None,
+    dia_ccd_table_path: str | None = None,
+    dia_source_table_path: str | None = None,
+    dia_object_table_path: str | None = None,
 ) -> dict:
     """Write the JSON run summary and log it in human-readable form."""
     registry = read_table(registry_path)
@@ -99,6 +122,12 @@ def write_run_summary(
     if coadd_paths is not None:
         objects = read_table(object_table_path) if object_table_path else None
         summary["static_sky"] = summarize_coadds(list(coadd_paths), objects)
+    if dia_ccd_table_path is not None and dia_source_table_path is not None:
+        summary["difference_imaging"] = summarize_difference_imaging(
+            read_table(dia_ccd_table_path),
+            read_table(dia_source_table_path),
+            read_table(dia_object_table_path) if dia_object_table_path else None,
+        )
     with atomic_output(summary_path) as tmp:
         tmp.write_text(json.dumps(summary, indent=2))
     inputs = summary["inputs"]
@@ -119,6 +148,8 @@ def write_run_summary(
             "%(type)s coadd not made: tract %(tract)d patch %(patch)d band %(band)s: %(reason)s",
             coadd,
         )
+    for ccd in summary.get("difference_imaging", {}).get("skipped", []):
+        log.warning("no difference image: visit %(visit)d detector %(detector)d: %(reason)s", ccd)
     return summary
 
 
