@@ -7,7 +7,8 @@ run by ``snakemake --config sim='{preset: tiny}'``, or the test suite's tiny run
 each method (default: alard_lupton psf_models zogy) the workflow is run again there with
 ``diffim: {enabled: true, method: ...}`` (only the difference-imaging jobs run), and the
 DIASources of the CCD-visits after the template window are matched to the truth (1"):
-detections of the transients and variables, and clean DIASources that match nothing.
+detections of the transients and variables, and clean DIASources that match nothing;
+where association ran, its figures and the light-curve pulls (workflow_lib.qa.dia_metrics).
 """
 
 from __future__ import annotations
@@ -79,7 +80,21 @@ def figures(results: Path, template_end_mjd: float) -> dict[str, object]:
         k: later[later["kind"] == k].groupby("truth_id")["visit"].nunique().to_dict()
         for k in ("transient", "variable")
     }
+    association: dict[str, object] = {}
+    if (results / "tables/DiaObject.parquet").exists():
+        from workflow_lib.qa.dia_metrics import association_metrics, light_curve_pulls
+
+        objects = pd.read_parquet(results / "tables/DiaObject.parquet")
+        forced = pd.read_parquet(results / "tables/DiaForcedSource.parquet")
+        lightcurve = pd.read_parquet(results / "sim/truth/truth_lightcurve.parquet")
+        association = {
+            "association": association_metrics(dia, objects, truth),
+            "light_curve_pulls": light_curve_pulls(
+                forced, objects, dia, truth, lightcurve, template_window=(None, template_end_mjd)
+            ),
+        }
     return {
+        **association,
         "later_ccd_visits": len(later_ccds),
         "clean_by_kind": later.groupby("kind").size().to_dict(),
         "unmatched_per_ccd_visit_median": float(unmatched.median()),

@@ -6,7 +6,8 @@
 - Numerics (the stage folders, ``core``, ``qa``, ``sim``) never import ``io``, ``steps`` or
   the workflow layer (``workflow``, ``cli``): they work on arrays and never touch files.
 - ``io`` never imports ``steps`` or the workflow layer; ``steps`` never import the workflow
-  layer.
+  layer; the stage plans (``plans``, the workflow layer's parse-time logic per stage) never
+  open a file through ``io`` and never import the steps.
 - No import cycle between modules at import time (an import inside a function, the one
   way to break a cycle, is counted for the layers but not for cycles).
 """
@@ -28,6 +29,7 @@ ALLOWED |= {
     "sim": {"core", "sim"},
     "io": {*LADDER, "qa", "io"},
     "steps": {*LADDER, "qa", "sim", "io", "steps"},
+    "plans": {*LADDER, "sim", "plans"},
 }
 
 

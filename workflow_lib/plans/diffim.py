@@ -1,0 +1,45 @@
+"""Plan of the difference-imaging rules (rules/diffim.smk)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from workflow_lib.plans.base import PlanState
+
+
+class DiffimPlan(PlanState):
+    """One subtraction per calexp against the template coadds it overlaps."""
+
+    # -- difference imaging: one job per calexp against the template coadds it overlaps --
+    def diffim_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        """The calexp, its CcdVisit row, the sky map and its band's template coadds."""
+        ids = {"visit": int(wildcards["visit"]), "detector": int(wildcards["detector"])}
+        band = self._band_of_ccd[(ids["visit"], ids["detector"])]
+        return {
+            **self.warp_inputs(wildcards),
+            "src_path": str(self.paths.path("src", **ids)),
+            "template_paths": [
+                str(self.paths.path("templateCoadd", tract=t, patch=p, band=band))
+                for t, p in self.warp_patches(wildcards)
+            ],
+        }
+
+    def diffim_ccd_ids(self) -> list[tuple[int, int]]:
+        """Science CCDs that overlap at least one patch (the others have no template)."""
+        return [ccd for ccd in self.science_ids if self._ccd_patches.get(ccd)]
+
+    def diffim_paths(self, name: str) -> list[str]:
+        return self.per_ccd_paths(name, self.diffim_ccd_ids())
+
+    def summary_dia_inputs(self) -> dict[str, str]:
+        """The difference-imaging tables the run summary reports, where those stages run."""
+        if not self.cfg.diffim.enabled:
+            return {}
+        inputs = {
+            "dia_ccd_table_path": str(self.paths.path("DiaCcdVisit")),
+            "dia_source_table_path": str(self.paths.path("DiaSource")),
+        }
+        if self.association_enabled:
+            inputs["dia_object_table_path"] = str(self.paths.path("DiaObject"))
+        return inputs
