@@ -89,12 +89,13 @@ def test_labels_do_not_depend_on_row_order(seed, method):
 
 
 def _two_object_case() -> pd.DataFrame:
-    """Visit 0 makes objects A (0, 0) and B (0.8, 0); visit 1 has two sources both nearest A."""
+    """Visit 0 makes objects A (0, 0) and B (0.8, 0); visit 1 has two sources both nearest A
+    (errors 0.15": both objects within 5 sigma of the second source)."""
     return pd.DataFrame(
         {
             "x": [0.0, 0.8, -0.05, 0.3],
             "y": [0.0, 0.0, 0.0, 0.0],
-            "err": [0.05, 0.05, 0.05, 0.05],
+            "err": [0.15, 0.15, 0.15, 0.15],
             "visit": [0, 0, 1, 1],
             "epoch": [1.0, 1.0, 2.0, 2.0],
             "rank": [10, 11, 12, 13],
@@ -136,7 +137,8 @@ def test_artifacts_join_but_never_seed(method):
 
 
 def test_running_position_follows_the_objects_as_they_move():
-    """A slow mover (0.4"/visit, 1" radius) stays one object: the mean and the index move."""
+    """A slow mover (0.4"/visit, 1" radius, 0.2" errors) stays one object while its mean
+    keeps up: the mean and the index move."""
     n = 3000  # past the index's rebuild threshold
     rng = np.random.default_rng(3)
     bg = rng.uniform(100, 2000, (n, 2))
@@ -154,7 +156,7 @@ def test_running_position_follows_the_objects_as_they_move():
             )
         )
     table = pd.concat(rows, ignore_index=True)
-    table["err"] = 0.05
+    table["err"] = 0.2
     table["rank"] = np.arange(len(table))
     for method in ("sequential", "bipartite"):
         labels = _labels(table, method)
@@ -319,6 +321,7 @@ def test_a_patch_without_dia_sources_gets_empty_tables(tmp_path):
         "method": "bipartite",
         "radius_arcsec": 1.0,
         "position_error_floor_arcsec": 0.05,
+        "max_offset_sigma": 10.0,
         "visit": None,
         "band": None,
     }

@@ -119,7 +119,11 @@ def test_light_curve_pulls_are_reported(dia_run):
         butler.get("truth_lightcurve"),
         template_window=(None, TEMPLATE_END_MJD),
     )
-    assert q["transient"]["n"] >= 6 and np.isfinite(q["transient"]["robust_sigma"])
+    # 10 epochs of the two transients after the template window (S/N 18-100): the median
+    # pull -0.22 (-3.3 while a residual 1" off seeded the hosted one's DIAObject and pulled
+    # its position 0.2" off), the median flux bias at S/N > 20 -1.1 % (8 epochs).
+    assert q["transient"]["n"] >= 8 and abs(q["transient"]["median"]) < 1.0
+    assert abs(q["transient"]["median_flux_bias_snr_gt_20"]) < 0.025
     # ~1250 forced fluxes at DIAObjects far from every true object, at visits with no
     # DIASource there (true difference 0; robust sigma known to ~0.03): the errors are
     # right to 15-25 % (1.56 before the variance plane carried the PSF noise scale).

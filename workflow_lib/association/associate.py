@@ -54,6 +54,8 @@ class AssociationConfig:
     method: str = "bipartite"
     radius_arcsec: float = 1.0
     position_error_floor_arcsec: float = 0.05
+    # bipartite: a candidate must also lie within this many sigma (both errors).
+    max_offset_sigma: float = 10.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -62,6 +64,8 @@ class AssociationConfig:
             raise ValueError(f"association radius must be > 0 arcsec, not {self.radius_arcsec}")
         if not self.position_error_floor_arcsec > 0:
             raise ValueError("association position_error_floor_arcsec must be > 0")
+        if not self.max_offset_sigma > 0:
+            raise ValueError("association max_offset_sigma must be > 0")
 
 
 def associate(
@@ -298,7 +302,9 @@ def _running(
         idx = order[start:stop]
         points = np.c_[x[idx], y[idx]]
         s, o = objects.candidates(points, config.radius_arcsec)
-        chosen = match(s, o, points, err[idx], objects, len(idx), len(idx) / area)
+        chosen = match(
+            s, o, points, err[idx], objects, len(idx), len(idx) / area, config.max_offset_sigma
+        )
         joined = chosen >= 0
         objects.add(chosen[joined], x[idx][joined], y[idx][joined], err[idx][joined])
         objects.visits_seen += 1
@@ -316,10 +322,12 @@ def _match_sequential(
     objects: _Objects,
     n: int,
     new_density: float,
+    max_offset_sigma: float = 10.0,
 ) -> np.ndarray:
     """Each source takes its nearest object (ties: the lower index), shared or not.
 
-    dia_pipe's rule: the radius alone decides (``new_density`` is not used)."""
+    dia_pipe's rule: the radius alone decides (``new_density`` and ``max_offset_sigma``
+    are not used)."""
     chosen = np.full(n, -1, dtype=np.int64)
     if not len(s):
         return chosen
@@ -338,8 +346,9 @@ def _match_bipartite(
     objects: _Objects,
     n: int,
     new_density: float,
+    max_offset_sigma: float = 10.0,
 ) -> np.ndarray:
-    """Minimum-cost matching of one visit's sources to objects, most pairs first."""
+    """Minimum-cost matching of one visit's sources to objects (see the module notes)."""
     chosen = np.full(n, -1, dtype=np.int64)
     if not len(s):
         return chosen
@@ -357,6 +366,12 @@ def _match_bipartite(
     # rule); a pair less likely than a new object is capped just below the unmatched
     # option, so that it is taken only where nothing likelier competes for it.
     cost = np.minimum(cost, -1.0e-9)
+    # ... but not one many sigma away: a residual that seeded an object 1" from a real
+    # source would otherwise take it (and pull the mean position off).
+    near = d2 / var <= max_offset_sigma**2
+    s, o, cost = s[near], o[near], cost[near]
+    if not len(s):
+        return chosen
     # Independent sub-problems: connected components of the candidate graph.
     obj_ids, o_local = np.unique(o, return_inverse=True)
     n_nodes = n + len(obj_ids)

@@ -391,6 +391,7 @@ class AssociationSection:
     method: str
     radius_arcsec: float
     position_error_floor_arcsec: float
+    max_offset_sigma: float
     visits: tuple[int, ...] | None
     bands: tuple[str, ...] | None
 
@@ -401,6 +402,7 @@ class AssociationSection:
             method=str(section["method"]),
             radius_arcsec=float(section["radius_arcsec"]),
             position_error_floor_arcsec=float(section["position_error_floor_arcsec"]),
+            max_offset_sigma=float(section["max_offset_sigma"]),
             visits=parse_id_selection(section["visit"]),
             bands=parse_band_selection(section["band"]),
         )

@@ -5,7 +5,7 @@
   one is the goal); DIAObjects whose members match two true objects 2" or more
   apart (merges).
 - **light-curve pulls**: (psfDiffFlux - true difference flux) / psfDiffFluxErr
-  on the DiaForcedSource rows of DIAObjects matched to true transients, at
+  on the DiaForcedSource rows of the DIAObject nearest each true transient, at
   visits outside the template window where the template cannot hold the
   transient's light (its flux was zero at every template visit of the band),
   split hostless / hosted; the flux
@@ -127,7 +127,7 @@ def light_curve_pulls(
     centre = (float(truth["ra"].median()), float(truth["dec"].median()))
     varying = truth[truth["kind"].isin(["transient", "variable"])].reset_index(drop=True)
     obj_xy = _plane(dia_objects["ra"], dia_objects["dec"], centre)
-    d, i = cKDTree(_plane(varying["ra"], varying["dec"], centre)).query(obj_xy)
+    _, i = cKDTree(_plane(varying["ra"], varying["dec"], centre)).query(obj_xy)
     good = forced[(forced["flags"].to_numpy() & UNUSABLE_DIFF) == 0]
     out: dict[str, Any] = {}
     # Transients at visits whose band's template cannot hold their light.
@@ -139,12 +139,16 @@ def light_curve_pulls(
     if hi is not None:
         in_window &= mjd <= hi
     template_flux = lightcurve[in_window].groupby(["id", "band"])["flux"].max()
+    # Each true object's light curve is that of its nearest DIAObject (within 1"), and a
+    # DIAObject counts for its nearest true object only.
+    d_obj, i_obj = cKDTree(obj_xy).query(_plane(varying["ra"], varying["dec"], centre))
+    mutual = (d_obj < MATCH_ARCSEC) & (i[i_obj] == np.arange(len(varying)))
     link = pd.DataFrame(
         {
-            "diaObjectId": dia_objects["diaObjectId"].to_numpy()[d < MATCH_ARCSEC],
-            "id": varying["id"].to_numpy()[i[d < MATCH_ARCSEC]],
-            "kind": varying["kind"].to_numpy()[i[d < MATCH_ARCSEC]],
-            "hostless": varying["host_id"].to_numpy()[i[d < MATCH_ARCSEC]] < 0
+            "diaObjectId": dia_objects["diaObjectId"].to_numpy()[i_obj[mutual]],
+            "id": varying["id"].to_numpy()[mutual],
+            "kind": varying["kind"].to_numpy()[mutual],
+            "hostless": varying["host_id"].to_numpy()[mutual] < 0
             if "host_id" in varying
             else True,
         }

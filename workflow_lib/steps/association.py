@@ -95,6 +95,7 @@ def associate_patch(
         method=cfg.method,
         radius_arcsec=cfg.radius_arcsec,
         position_error_floor_arcsec=cfg.position_error_floor_arcsec,
+        max_offset_sigma=cfg.max_offset_sigma,
     )
     provenance = {
         "package_version": __version__,
