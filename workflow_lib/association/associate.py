@@ -42,6 +42,7 @@ __all__ = [
     "AssociationConfig",
     "associate",
     "from_tangent_plane_arcsec",
+    "position_errors",
     "tangent_plane_arcsec",
 ]
 METHODS = ("sequential", "bipartite", "cluster")
@@ -68,6 +69,12 @@ class AssociationConfig:
             raise ValueError("association max_offset_sigma must be > 0")
 
 
+def position_errors(err: np.ndarray, floor: float) -> np.ndarray:
+    """Position errors (arcsec) raised to ``floor``; NaN takes the floor."""
+    err = np.asarray(err, dtype=np.float64)
+    return np.where(np.isfinite(err), np.maximum(err, floor), floor)
+
+
 def associate(
     x: np.ndarray,
     y: np.ndarray,
@@ -91,8 +98,7 @@ def associate(
         raise ValueError("association needs a unique rank (diaSourceId) per DIASource")
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    floor = config.position_error_floor_arcsec
-    err = np.where(np.isfinite(err), np.maximum(err, floor), floor)
+    err = position_errors(err, config.position_error_floor_arcsec)
     can_seed = np.asarray(can_seed, dtype=bool)
     if config.method == "cluster":
         labels = _cluster(x, y, can_seed, config.radius_arcsec)
@@ -297,14 +303,16 @@ def _running(
     # at the visit's density of DIASources: the likelihood of "unmatched".
     area = max(float(np.ptp(x)) * float(np.ptp(y)), 1.0)
     labels = np.full(len(x), -1, dtype=np.int64)
-    match = _match_sequential if config.method == "sequential" else _match_bipartite
     for start, stop in zip(starts, stops, strict=True):
         idx = order[start:stop]
         points = np.c_[x[idx], y[idx]]
         s, o = objects.candidates(points, config.radius_arcsec)
-        chosen = match(
-            s, o, points, err[idx], objects, len(idx), len(idx) / area, config.max_offset_sigma
-        )
+        if config.method == "sequential":
+            chosen = _match_sequential(s, o, points, objects, len(idx))
+        else:
+            chosen = _match_bipartite(
+                s, o, points, err[idx], objects, len(idx), len(idx) / area, config.max_offset_sigma
+            )
         joined = chosen >= 0
         objects.add(chosen[joined], x[idx][joined], y[idx][joined], err[idx][joined])
         objects.visits_seen += 1
@@ -315,19 +323,10 @@ def _running(
 
 
 def _match_sequential(
-    s: np.ndarray,
-    o: np.ndarray,
-    points: np.ndarray,
-    err: np.ndarray,
-    objects: _Objects,
-    n: int,
-    new_density: float,
-    max_offset_sigma: float = 10.0,
+    s: np.ndarray, o: np.ndarray, points: np.ndarray, objects: _Objects, n: int
 ) -> np.ndarray:
-    """Each source takes its nearest object (ties: the lower index), shared or not.
-
-    dia_pipe's rule: the radius alone decides (``new_density`` and ``max_offset_sigma``
-    are not used)."""
+    """Each source takes its nearest object (ties: the lower index), shared or not:
+    dia_pipe's rule, the radius alone decides."""
     chosen = np.full(n, -1, dtype=np.int64)
     if not len(s):
         return chosen
@@ -346,7 +345,7 @@ def _match_bipartite(
     objects: _Objects,
     n: int,
     new_density: float,
-    max_offset_sigma: float = 10.0,
+    max_offset_sigma: float,
 ) -> np.ndarray:
     """Minimum-cost matching of one visit's sources to objects (see the module notes)."""
     chosen = np.full(n, -1, dtype=np.int64)

@@ -125,16 +125,24 @@ def variance_scale(
     return float(np.var(kept) / truncation / np.median(variance[good]))
 
 
-def decorrelated_psf(
-    science_psf_kernel: np.ndarray, decorrelation_kernel: np.ndarray, size: int | None = None
+def convolved_psf(
+    psf_kernel: np.ndarray, kernel: np.ndarray, size: int | None = None
 ) -> np.ndarray:
-    """PSF of the decorrelated difference: science PSF * phi (odd ``size``, default the
-    PSF's; unit sum)."""
-    psf = np.asarray(science_psf_kernel, dtype=np.float64)
-    full = fftconvolve(psf, np.asarray(decorrelation_kernel, dtype=np.float64), mode="full")
+    """``psf_kernel`` convolved with ``kernel``, its central ``size`` (odd, default the
+    PSF's) kept, normalised to unit sum."""
+    psf = np.asarray(psf_kernel, dtype=np.float64)
+    full = fftconvolve(psf, np.asarray(kernel, dtype=np.float64), mode="full")
     size = psf.shape[0] if size is None else int(size)
     if size % 2 == 0 or size > full.shape[0]:
         raise ValueError(f"PSF size must be odd and at most {full.shape[0]}, got {size}")
     c, h = full.shape[0] // 2, size // 2
     out = full[c - h : c + h + 1, c - h : c + h + 1]
     return out / out.sum()
+
+
+def decorrelated_psf(
+    science_psf_kernel: np.ndarray, decorrelation_kernel: np.ndarray, size: int | None = None
+) -> np.ndarray:
+    """PSF of the decorrelated difference: science PSF * phi (odd ``size``, default the
+    PSF's; unit sum)."""
+    return convolved_psf(science_psf_kernel, decorrelation_kernel, size)

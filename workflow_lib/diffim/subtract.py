@@ -20,13 +20,12 @@ two (the convolved template's variance convolved with K^2).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 from astropy.stats import mad_std
-from scipy.signal import fftconvolve
 
 from workflow_lib.core.exposure import MASK_DTYPE, Exposure, MaskPlanes
 from workflow_lib.core.flags import UNRELIABLE_SOURCE, SourceFlag
@@ -38,6 +37,7 @@ from workflow_lib.diffim.alard_lupton import (
     fit_kernel,
 )
 from workflow_lib.diffim.decorrelation import (
+    convolved_psf,
     decorrelate,
     decorrelated_psf,
     decorrelation_kernel,
@@ -236,33 +236,17 @@ def _match_alard_lupton(science, template, x, y, config: SubtractionConfig):  # 
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     scale = solution.kernel_sum_at(*centre)
     assert science.psf is not None and template.psf is not None
-    psf = PsfModel.constant(
-        _crop_normalised(
-            fftconvolve(science.psf.kernel_at(*centre), solution.kernel_at(*centre), mode="full"),
-            max(science.psf.size, template.psf.size),
-        )
-    )
+    kernel = solution.kernel_at(*centre)
+    size = min(max(science.psf.size, template.psf.size), science.psf.size + kernel.shape[0] - 1)
+    psf = PsfModel.constant(convolved_psf(science.psf.kernel_at(*centre), kernel, size))
     return _scaled(matched, 1 / scale), _scaled(template, 1 / scale), "science", psf, solution, phi
-
-
-def _crop_normalised(kernel: np.ndarray, size: int) -> np.ndarray:
-    """The central ``size`` x ``size`` of an odd square kernel, summing to 1."""
-    c, h = kernel.shape[0] // 2, min(size, kernel.shape[0]) // 2
-    out = kernel[c - h : c + h + 1, c - h : c + h + 1]
-    return out / out.sum()
 
 
 def _scaled(exposure: Exposure, factor: float) -> Exposure:
     """A copy with the image times ``factor`` and the variance times its square."""
-    return Exposure(
-        (exposure.image * factor).astype(np.float32),
-        (exposure.variance * factor**2).astype(np.float32),
-        exposure.mask,
-        wcs=exposure.wcs,
-        psf=exposure.psf,
-        photo_calib=exposure.photo_calib,
-        metadata=exposure.metadata,
-        mask_planes=exposure.mask_planes,
+    image = (exposure.image * factor).astype(np.float32)
+    return replace(
+        exposure, image=image, variance=(exposure.variance * factor**2).astype(np.float32)
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +78,11 @@ def read_table(path: str | os.PathLike[str], *, columns: list[str] | None = None
                 df[col] = df[col].to_numpy().astype(df[col].dtype.newbyteorder("="))
         return df[columns] if columns is not None else df
     raise ValueError(f"{p}: unsupported table format (expected .parquet, .csv or .fits)")
+
+
+def read_tables(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
+    """The tables at ``paths`` concatenated (empty ones skipped; all empty: the first's
+    columns, no rows; no paths: an empty DataFrame)."""
+    pieces = [read_table(p) for p in paths]
+    non_empty = [p for p in pieces if len(p)]
+    return pd.concat(non_empty or pieces[:1], ignore_index=True) if pieces else pd.DataFrame()

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from astropy.stats import mad_std
 from scipy.spatial import cKDTree
 
 from workflow_lib.core.flags import ARTIFACT_DIA_SOURCE, DiaForcedSourceFlag
@@ -40,12 +41,10 @@ UNUSABLE_DIFF = int(
 
 
 def robust_sigma(values: np.ndarray) -> float:
-    """1.4826 x the median absolute deviation (NaN for fewer than 2 values)."""
+    """1.4826 x the median absolute deviation (astropy's mad_std; NaN for fewer than 2)."""
     values = np.asarray(values, dtype=np.float64)
     values = values[np.isfinite(values)]
-    if values.size < 2:
-        return float("nan")
-    return float(1.4826 * np.median(np.abs(values - np.median(values))))
+    return float(mad_std(values)) if values.size >= 2 else float("nan")
 
 
 def _plane(ra: np.ndarray, dec: np.ndarray, centre: tuple[float, float]) -> np.ndarray:
@@ -148,9 +147,7 @@ def light_curve_pulls(
             "diaObjectId": dia_objects["diaObjectId"].to_numpy()[i_obj[mutual]],
             "id": varying["id"].to_numpy()[mutual],
             "kind": varying["kind"].to_numpy()[mutual],
-            "hostless": varying["host_id"].to_numpy()[mutual] < 0
-            if "host_id" in varying
-            else True,
+            "hostless": varying["host_id"].to_numpy()[mutual] < 0 if "host_id" in varying else True,
         }
     )
     # Only visits outside the template window: a template input shares its noise (and

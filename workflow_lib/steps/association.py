@@ -24,7 +24,7 @@ import pandas as pd
 from workflow_lib import __version__
 from workflow_lib.core.config import AssociationSection
 from workflow_lib.core.flags import ARTIFACT_DIA_SOURCE, DiaForcedSourceFlag, ForcedSourceFlag
-from workflow_lib.io import read_table, write_table
+from workflow_lib.io import read_table, read_tables, write_table
 from workflow_lib.io.exposure import ProcessingFailed, read_exposure
 from workflow_lib.io.skymap import read_skymap
 
@@ -55,12 +55,6 @@ def _empty(columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
-def _concat(paths: list[str]) -> pd.DataFrame:
-    pieces = [read_table(p) for p in paths]
-    non_empty = [p for p in pieces if len(p)]
-    return pd.concat(non_empty, ignore_index=True) if non_empty else pd.DataFrame()
-
-
 def selected_sources(sources: pd.DataFrame, cfg: AssociationSection) -> pd.DataFrame:
     """The DIASources of the configured visits and bands (dia_pipe's ``--selectId``)."""
     keep = np.ones(len(sources), dtype=bool)
@@ -86,6 +80,7 @@ def associate_patch(
     from workflow_lib.association.associate import (
         AssociationConfig,
         associate,
+        position_errors,
         tangent_plane_arcsec,
     )
     from workflow_lib.association.dia_object import dia_object_table
@@ -104,7 +99,7 @@ def associate_patch(
         "association": association,
     }
     tract, patch = int(tract), int(patch)
-    sources = _concat(dia_source_paths)
+    sources = read_tables(dia_source_paths)
     sky = read_skymap(skymap_path)
     info = sky.patch(tract, patch)
     ny, nx = info.outer_bbox[3], info.outer_bbox[2]
@@ -131,12 +126,7 @@ def associate_patch(
         xi, eta = tangent_plane_arcsec(
             sources["ra"].to_numpy(), sources["dec"].to_numpy(), ra0, dec0
         )
-        err = sources["coordErr"].to_numpy(dtype=np.float64)
-        err = np.where(
-            np.isfinite(err),
-            np.maximum(err, cfg.position_error_floor_arcsec),
-            cfg.position_error_floor_arcsec,
-        )
+        err = position_errors(sources["coordErr"].to_numpy(), cfg.position_error_floor_arcsec)
         can_seed = (sources["flags"].to_numpy() & ARTIFACT_DIA_SOURCE) == 0
         labels = associate(
             xi,
@@ -179,12 +169,12 @@ def dia_source_table(
     *, input_paths: list[str], assoc_paths: list[str], output_path: str
 ) -> pd.DataFrame:
     """The consolidated DiaSource table, each DIASource with its diaObjectId, tract, patch."""
-    sources = _concat(input_paths)
+    sources = read_tables(input_paths)
     if not len(sources):
         from workflow_lib.steps.diffim import DIA_SOURCE_COLUMNS
 
         sources = _empty(DIA_SOURCE_COLUMNS)
-    assoc = _concat(assoc_paths)
+    assoc = read_tables(assoc_paths)
     if not len(assoc):
         assoc = _empty(DIA_ASSOC_COLUMNS)
     if assoc["diaSourceId"].duplicated().any():
@@ -222,8 +212,8 @@ def dia_source_table(
     return merged
 
 
-def _forced_flags(forced: pd.DataFrame, failed_bit: int, center_bit: int) -> np.ndarray:
-    flags = forced["flags"].to_numpy(dtype=np.int64)
+def _forced_flags(flags: np.ndarray, failed_bit: int, center_bit: int) -> np.ndarray:
+    """DiaForcedSourceFlag bits from one image's ForcedSourceFlag bits."""
     out = np.where(flags & int(ForcedSourceFlag.PSF_FLUX_FAILED), failed_bit, 0)
     out |= np.where(flags & int(ForcedSourceFlag.NO_DATA_CENTER), center_bit, 0)
     return out.astype(np.int64)
@@ -248,7 +238,7 @@ def dia_forced_ccd(
         "step": "dia_forced_ccd",
         "inputs": [calexp_path, difference_path, *dia_object_paths],
     }
-    objects = _concat(dia_object_paths)
+    objects = read_tables(dia_object_paths)
     row = read_table(ccdvisit_path).iloc[0]
     ids: dict[str, Any] = dict(
         visit=int(visit),
@@ -295,7 +285,7 @@ def _dia_forced_table(
     n = len(science)
     where = objects.set_index("diaObjectId").loc[science.index]
     flags = _forced_flags(
-        science,
+        science["flags"].to_numpy(np.int64),
         int(DiaForcedSourceFlag.SCIENCE_FLUX_FAILED),
         int(DiaForcedSourceFlag.SCIENCE_NO_DATA_CENTER),
     )
@@ -306,14 +296,13 @@ def _dia_forced_table(
     else:
         diff = diff.reindex(science.index)
         diff_flux, diff_err = diff["psfFlux"].to_numpy(), diff["psfFluxErr"].to_numpy()
-        missing = diff["flags"].isna().to_numpy()
+        # Off the difference image (no row there): the flux failed.
         diff_flags = diff["flags"].fillna(int(ForcedSourceFlag.PSF_FLUX_FAILED)).to_numpy(np.int64)
         flags |= _forced_flags(
-            diff.fillna({"flags": int(ForcedSourceFlag.PSF_FLUX_FAILED)}),
+            diff_flags,
             int(DiaForcedSourceFlag.DIFF_FLUX_FAILED),
             int(DiaForcedSourceFlag.DIFF_NO_DATA_CENTER),
         )
-        flags |= np.where(missing, int(DiaForcedSourceFlag.DIFF_FLUX_FAILED), 0)
         blended = (diff_flags | science["flags"].to_numpy()) & int(ForcedSourceFlag.BLENDED)
         flags |= np.where(blended, int(DiaForcedSourceFlag.BLENDED), 0)
     table = pd.DataFrame(

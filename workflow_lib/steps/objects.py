@@ -15,7 +15,7 @@ import pandas as pd
 
 from workflow_lib import __version__
 from workflow_lib.core.config import ObjectsConfig
-from workflow_lib.io import read_table, write_table
+from workflow_lib.io import read_tables, write_table
 from workflow_lib.io.exposure import ProcessingFailed, read_exposure
 
 log = logging.getLogger(__name__)
@@ -150,9 +150,7 @@ def forced_phot_ccd(
         "step": "forced_phot_ccd",
         "inputs": [calexp_path, *object_paths],
     }
-    pieces = [read_table(p) for p in object_paths]
-    pieces = [p for p in pieces if len(p)]
-    objects = pd.concat(pieces, ignore_index=True) if pieces else pd.DataFrame()
+    objects = read_tables(object_paths)
     if len(objects):
         objects = objects[objects["detect_isPrimary"].astype(bool)].reset_index(drop=True)
     try:
