@@ -2,6 +2,8 @@
 
     python -m benchmarks.run                 # all
     python -m benchmarks.run sim-tiny dryrun-default --repeats 5
+    python -m benchmarks.run workflow-default --repeats 1   # + CPU per rule
+    python -m benchmarks.run job-overhead
 
 Benchmarks are run by hand and quoted in notes; they are not timed tests.
 """
@@ -16,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from benchmarks.harness import Measurement, measure
+from benchmarks.rule_costs import format_costs, rule_costs
 
 REPO = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -50,21 +53,93 @@ def bench_dryrun(preset: str, repeats: int, work: Path) -> Measurement:
     return measure(f"snakemake -n ({preset})", command, repeats=repeats)
 
 
-def bench_workflow(preset: str, repeats: int, work: Path) -> Measurement:
+def bench_workflow(preset: str, repeats: int, work: Path) -> str:
+    """Wall time and peak RSS of the whole run, then the last repeat's CPU per rule."""
     run_dir = work / f"wf-{preset}"
     command = [SNAKEMAKE, "--cores", "2", "-q", "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
                "--configfile", _config(run_dir, preset)]  # fmt: skip
-    return measure(
+    measurement = measure(
         f"workflow {preset} (2 cores)", command, repeats=repeats, before_each=_fresh(run_dir)
     )
+    return measurement.line() + "\n" + format_costs(rule_costs(run_dir / "results"))
 
 
-BENCHMARKS: dict[str, Callable[[int, Path], Measurement]] = {
-    "sim-tiny": lambda r, w: bench_simulate("tiny", r, w),
-    "sim-default": lambda r, w: bench_simulate("default", r, w),
-    "dryrun-default": lambda r, w: bench_dryrun("default", r, w),
+OVERHEAD_SNAKEFILE = """
+rule all:
+    input: expand("out/{i}.done", i=range(int(config["njobs"])))
+rule empty:
+    output: output_path="out/{i}.done"
+    params: step="empty:write_marker"
+    log: "logs/{i}.log"
+    script: "%s"
+"""
+# Each step module with the numerics package it calls (imported in full: an
+# upper bound on what its job imports, some of it lazily).
+STEP_IMPORTS = {
+    "simulate": "sim",
+    "process_ccd": "single_frame",
+    "coadd": "static_sky",
+    "objects": "objects",
+    "diffim": "diffim",
+    "association": "association",
+    "tables": None,
+}
+IMPORT_ALL = (
+    "import importlib, pkgutil, workflow_lib.steps.{step}\n"
+    "pkg = {package!r} and importlib.import_module('workflow_lib.' + {package!r})\n"
+    "for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.') if pkg else []:\n"
+    "    importlib.import_module(m.name)\n"
+)
+
+
+def _clean(run_dir: Path) -> Callable[[], None]:
+    def clean() -> None:
+        for name in ("out", "logs", ".snakemake"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+
+    return clean
+
+
+def bench_job_overhead(repeats: int, work: Path) -> str:
+    """Fixed cost of one job: the empty step through Snakemake, plus each step's imports.
+
+    The Snakemake part is the marginal wall time per job of a serial run
+    (``--cores 1``: 21 jobs minus 1 job, over 20); the import part is a fresh
+    interpreter importing the step module, minus one importing nothing.
+    """
+    run_dir = work / "overhead"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "Snakefile").write_text(OVERHEAD_SNAKEFILE % (REPO / "scripts" / "run_step.py"))
+
+    def serial(njobs: int) -> Measurement:
+        command = [SNAKEMAKE, "--cores", "1", "-q", "-d", str(run_dir),
+                   "-s", str(run_dir / "Snakefile"), "--config", f"njobs={njobs}"]  # fmt: skip
+        return measure(
+            f"empty step x{njobs}", command, repeats=repeats, before_each=_clean(run_dir)
+        )
+
+    one, many = serial(1), serial(21)
+    per_job = (many.median - one.median) / 20
+    lines = [one.line(), many.line(), f"{'snakemake + runner per job':<28} {per_job:8.2f} s"]
+    bare = measure("python -c pass", [PYTHON, "-c", "pass"], repeats=max(repeats, 5))
+    for step, package in STEP_IMPORTS.items():
+        code = IMPORT_ALL.format(step=step, package=package)
+        m = measure(step, [PYTHON, "-c", code], repeats=max(repeats, 5))
+        imports = m.median - bare.median
+        lines.append(
+            f"{'import ' + step:<28} {imports:8.2f} s   fixed cost of its job"
+            f" {per_job + imports:5.2f} s  (peak RSS {m.peak_rss_mb:.0f} MB)"
+        )
+    return "\n".join(lines)
+
+
+BENCHMARKS: dict[str, Callable[[int, Path], str]] = {
+    "sim-tiny": lambda r, w: bench_simulate("tiny", r, w).line(),
+    "sim-default": lambda r, w: bench_simulate("default", r, w).line(),
+    "dryrun-default": lambda r, w: bench_dryrun("default", r, w).line(),
     "workflow-tiny": lambda r, w: bench_workflow("tiny", r, w),
     "workflow-default": lambda r, w: bench_workflow("default", r, w),
+    "job-overhead": bench_job_overhead,
 }
 
 
@@ -79,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {unknown}; known: {', '.join(BENCHMARKS)}")
     with tempfile.TemporaryDirectory(prefix="dc2-bench-") as tmp:
         for name in names:
-            print(BENCHMARKS[name](args.repeats, Path(tmp)).line(), flush=True)
+            print(BENCHMARKS[name](args.repeats, Path(tmp)), flush=True)
     return 0
 
 

@@ -51,6 +51,8 @@ rule dia_object_table:
         table="DiaObject",
     log:
         paths.root / "logs/tables/DiaObject.log",
+    benchmark:
+        paths.root / "benchmarks/tables/DiaObject.tsv"
     conda:
         "../envs/drp.yaml"
     script:
@@ -67,6 +69,8 @@ rule dia_forced_source_table:
         table="DiaForcedSource",
     log:
         paths.root / "logs/tables/DiaForcedSource.log",
+    benchmark:
+        paths.root / "benchmarks/tables/DiaForcedSource.tsv"
     conda:
         "../envs/drp.yaml"
     script:

@@ -12,6 +12,8 @@ rule master_bias:
         step="calibs:make_master_bias",
     log:
         paths.root / "logs/calib/master_bias_{detector}.log",
+    benchmark:
+        paths.root / "benchmarks/calib/master_bias_{detector}.tsv"
     conda:
         "../envs/drp.yaml"
     script:
@@ -27,6 +29,8 @@ rule master_dark:
         step="calibs:make_master_dark",
     log:
         paths.root / "logs/calib/master_dark_{detector}.log",
+    benchmark:
+        paths.root / "benchmarks/calib/master_dark_{detector}.tsv"
     conda:
         "../envs/drp.yaml"
     script:
@@ -42,6 +46,8 @@ rule master_flat:
         step="calibs:make_master_flat",
     log:
         paths.root / "logs/calib/master_flat_{band}_{detector}.log",
+    benchmark:
+        paths.root / "benchmarks/calib/master_flat_{band}_{detector}.tsv"
     conda:
         "../envs/drp.yaml"
     script:
@@ -57,6 +63,8 @@ rule defects:
         step="calibs:make_defects",
     log:
         paths.root / "logs/calib/defects_{detector}.log",
+    benchmark:
+        paths.root / "benchmarks/calib/defects_{detector}.tsv"
     conda:
         "../envs/drp.yaml"
     script:

@@ -11,6 +11,8 @@ rule make_skymap:
         skymap=plan.skymap_definition(),
     log:
         paths.root / "logs/skymap/make_skymap.log",
+    benchmark:
+        paths.root / "benchmarks/skymap/make_skymap.tsv"
     conda:
         "../envs/drp.yaml"
     script:

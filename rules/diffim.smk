@@ -35,6 +35,8 @@ rule dia_source_table:
         step="association:dia_source_table",
     log:
         paths.root / "logs/tables/DiaSource.log",
+    benchmark:
+        paths.root / "benchmarks/tables/DiaSource.tsv"
     conda:
         "../envs/drp.yaml"
     script:
@@ -51,6 +53,8 @@ rule dia_ccd_visit_table:
         table="DiaCcdVisit",
     log:
         paths.root / "logs/tables/DiaCcdVisit.log",
+    benchmark:
+        paths.root / "benchmarks/tables/DiaCcdVisit.tsv"
     conda:
         "../envs/drp.yaml"
     script:

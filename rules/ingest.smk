@@ -15,6 +15,8 @@ rule ingest_raw:
         expected_files=plan.input_files,
     log:
         paths.root / "logs/ingest_raw.log",
+    benchmark:
+        paths.root / "benchmarks/ingest_raw.tsv"
     conda:
         "../envs/drp.yaml"
     script:

@@ -31,6 +31,8 @@ rule forced_phot_ccd:
         step="objects:forced_phot_ccd",
     log:
         paths.root / "logs/forced/{visit}/forcedSource_{visit}_{detector}_{tract}.log",
+    benchmark:
+        paths.root / "benchmarks/forced/{visit}/forcedSource_{visit}_{detector}_{tract}.tsv"
     conda:
         "../envs/drp.yaml"
     script:
@@ -47,6 +49,8 @@ rule object_table:
         table="Object",
     log:
         paths.root / "logs/tables/Object.log",
+    benchmark:
+        paths.root / "benchmarks/tables/Object.tsv"
     conda:
         "../envs/drp.yaml"
     script:
@@ -63,6 +67,8 @@ rule forced_source_table:
         table="ForcedSource",
     log:
         paths.root / "logs/tables/ForcedSource.log",
+    benchmark:
+        paths.root / "benchmarks/tables/ForcedSource.tsv"
     conda:
         "../envs/drp.yaml"
     script:

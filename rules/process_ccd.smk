@@ -35,6 +35,8 @@ rule ccdvisit_table:
         table="CcdVisit",
     log:
         paths.root / "logs/tables/CcdVisit.log",
+    benchmark:
+        paths.root / "benchmarks/tables/CcdVisit.tsv"
     conda:
         "../envs/drp.yaml"
     script:
@@ -51,6 +53,8 @@ rule source_table:
         table="Source",
     log:
         paths.root / "logs/tables/Source.log",
+    benchmark:
+        paths.root / "benchmarks/tables/Source.tsv"
     conda:
         "../envs/drp.yaml"
     script:

@@ -13,6 +13,8 @@ rule shard_refcat:
         nside=64,
     log:
         paths.root / "logs/shard_refcat.log",
+    benchmark:
+        paths.root / "benchmarks/shard_refcat.tsv"
     conda:
         "../envs/drp.yaml"
     script:

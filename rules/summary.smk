@@ -15,6 +15,8 @@ rule run_summary:
         step="summary:write_run_summary",
     log:
         paths.root / "logs/run_summary.log",
+    benchmark:
+        paths.root / "benchmarks/run_summary.tsv"
     conda:
         "../envs/drp.yaml"
     script:

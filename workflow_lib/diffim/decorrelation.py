@@ -33,9 +33,9 @@ from __future__ import annotations
 import numpy as np
 from astropy.stats import sigma_clip
 from scipy import fft
-from scipy.signal import fftconvolve
-from scipy.stats import norm
+from scipy.special import ndtr
 
+from workflow_lib.core.convolution import fft_convolve
 from workflow_lib.static_sky.psf_matching import _centred
 
 
@@ -92,9 +92,9 @@ def decorrelate(
     bad = ~(np.isfinite(diff) & np.isfinite(var))
     diff, var = np.where(bad, 0.0, diff), np.where(bad, 0.0, var)
     k = np.asarray(kernel, dtype=np.float64)
-    image = fftconvolve(diff, k, mode="same")
+    image = fft_convolve(diff, k, mode="same")
     smooth = k**2 / (k**2).sum()
-    out_var = _white_variance_gain(k) * fftconvolve(var, smooth, mode="same")
+    out_var = _white_variance_gain(k) * fft_convolve(var, smooth, mode="same")
     return image.astype(np.float32), np.maximum(out_var, 0.0).astype(np.float32)
 
 
@@ -121,7 +121,8 @@ def variance_scale(
     kept = sigma_clip(image[good], sigma=clip, maxiters=5, stdfunc="mad_std", masked=False)
     # ... and the kept pixels' variance, 2.7% short of the Gaussian's, is corrected for the
     # cut (the MAD itself would be unbiased but ~2.7 times noisier).
-    truncation = 1.0 - 2.0 * clip * norm.pdf(clip) / (2.0 * norm.cdf(clip) - 1.0)
+    density_at_clip = np.exp(-0.5 * clip * clip) / np.sqrt(2.0 * np.pi)
+    truncation = 1.0 - 2.0 * clip * density_at_clip / (2.0 * ndtr(clip) - 1.0)
     return float(np.var(kept) / truncation / np.median(variance[good]))
 
 
@@ -131,7 +132,7 @@ def convolved_psf(
     """``psf_kernel`` convolved with ``kernel``, its central ``size`` (odd, default the
     PSF's) kept, normalised to unit sum."""
     psf = np.asarray(psf_kernel, dtype=np.float64)
-    full = fftconvolve(psf, np.asarray(kernel, dtype=np.float64), mode="full")
+    full = fft_convolve(psf, np.asarray(kernel, dtype=np.float64), mode="full")
     size = psf.shape[0] if size is None else int(size)
     if size % 2 == 0 or size > full.shape[0]:
         raise ValueError(f"PSF size must be odd and at most {full.shape[0]}, got {size}")

@@ -21,6 +21,7 @@ import pandas as pd
 from astropy.stats import mad_std
 from scipy.spatial import cKDTree
 
+from workflow_lib.core.convolution import fft_convolve
 from workflow_lib.core.exposure import MaskPlanes
 from workflow_lib.core.flags import DiaSourceFlag
 from workflow_lib.core.psf_model import PsfModel
@@ -158,13 +159,12 @@ def psf_noise_scale(
     count) and is 1 for white noise; scaling the variance plane by its square
     makes detection thresholds and PSF-flux errors right.
     """
-    from scipy.signal import fftconvolve
 
     k = kernel / kernel.sum()
     data = np.where(bad, 0.0, difference)
     var = np.where(bad, 0.0, variance)
-    filtered = fftconvolve(data, k[::-1, ::-1], mode="same")
-    predicted = np.sqrt(np.maximum(fftconvolve(var, (k**2)[::-1, ::-1], mode="same"), 0.0))
+    filtered = fft_convolve(data, k[::-1, ::-1], mode="same")
+    predicted = np.sqrt(np.maximum(fft_convolve(var, (k**2)[::-1, ::-1], mode="same"), 0.0))
     h = k.shape[0] // 2
     use = ~dilate_mask(bad, radius=h) & (predicted > 0)
     use[:h], use[-h:], use[:, :h], use[:, -h:] = False, False, False, False

@@ -48,8 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import fft
 from scipy.optimize import brentq
-from scipy.signal import fftconvolve
 
+from workflow_lib.core.convolution import fft_convolve
 from workflow_lib.core.exposure import MASK_DTYPE, Exposure, MaskPlanes
 from workflow_lib.core.psf_model import PsfModel, fwhm_of_image
 from workflow_lib.single_frame.measure import without_aperture_correction
@@ -155,7 +155,7 @@ def matching_kernel(
     full = np.roll(fft.irfft2(kf, s=(n, n)), (kernel_size // 2,) * 2, axis=(0, 1))
     kernel = full[:kernel_size, :kernel_size]
     kernel = kernel / kernel.sum()
-    conv = fftconvolve(p, kernel, mode="full")
+    conv = fft_convolve(p, kernel, mode="full")
     size = max(conv.shape[0], m.shape[0])
     a = np.zeros((size, size))
     b = np.zeros((size, size))
