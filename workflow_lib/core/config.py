@@ -14,10 +14,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import jsonschema
-import yaml
+if TYPE_CHECKING:
+    import jsonschema
+
+# jsonschema and yaml are imported where the config is validated (when the
+# Snakefile is parsed), not by every job that only reads config sections.
 
 BANDS = ("u", "g", "r", "i", "z", "y")
 
@@ -29,11 +32,15 @@ class ConfigError(ValueError):
 @cache
 def config_schema() -> dict[str, Any]:
     """The configuration schema, parsed once."""
+    import yaml
+
     text = resources.files("workflow_lib").joinpath("schemas/config.schema.yaml").read_text()
     return yaml.safe_load(text)
 
 
 def _validator_filling_defaults() -> type[jsonschema.protocols.Validator]:
+    import jsonschema
+
     base = jsonschema.Draft7Validator
     validate_properties = base.VALIDATORS["properties"]
 
@@ -53,6 +60,8 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     Raises ConfigError with a single line such as
     ``config: input.sourse: unknown key (allowed: source, raw_dir, ...)``.
     """
+    import jsonschema
+
     filled = copy.deepcopy(dict(config))
     validator = _validator_filling_defaults()(config_schema())
     errors = list(validator.iter_errors(filled))

@@ -63,6 +63,14 @@ def configure_logging(log_path: str | None) -> None:
     logging.captureWarnings(True)
 
 
+def _seconds_since_process_start() -> float:
+    """Wall seconds since this process was created: the job's fixed start-up cost
+    (interpreter, Snakemake's script preamble, the step's imports)."""
+    import psutil  # a Snakemake dependency
+
+    return time.time() - psutil.Process().create_time()
+
+
 def run_snakemake_job(smk: Any) -> Any:
     """Run the step of a Snakemake job (``smk`` is the ``snakemake`` object of a script)."""
     # OpenMP libraries (astroscrappy's among them) otherwise take every core of
@@ -80,7 +88,8 @@ def run_snakemake_job(smk: Any) -> Any:
         wildcards=dict(smk.wildcards.items()),
     )
     log = logging.getLogger("workflow_lib.steps")
-    log.info("rule %s: step %s", smk.rule, spec)
+    log.info("rule %s: step %s (%.2f s after the job's process started)", smk.rule, spec,
+             _seconds_since_process_start())  # fmt: skip
     start = time.perf_counter()
     result = func(**kwargs)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
