@@ -117,9 +117,6 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
     command = [
         SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
         "--configfile", str(configfile), "--workflow-profile", str(REPO / "profiles/slurm"),
-        # One CPU per group job: on a node of few CPUs, group jobs run side by
-        # side instead of one holding every CPU while its members run in turn.
-        "--cores", "1",
         # Poll often: the jobs here take seconds, not hours.
         "--slurm-init-seconds-before-status-checks", "2",
         "--seconds-between-status-checks", "3",
@@ -141,6 +138,9 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
     run_id = re.search(r"SLURM run ID: (\S+)", result.stdout).group(1)
     jobs = _sacct(slurm_env, "--name", run_id)
     assert jobs and all(j["State"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), jobs
+    # A group job runs its members one after another (the plugin's `--jobs 1`
+    # inside the allocation), so the profile asks for one CPU per job.
+    assert {j["AllocCPUS"] for j in jobs} == {"1"}, jobs
     comments = " ".join(j["Comment"] for j in jobs)
     for visit in visits:
         assert comments.count(f"visit_{visit}") == 1, comments
