@@ -12,11 +12,8 @@ import galsim
 from workflow_lib.sim.optics import PsfParameters
 
 # Accurate enough for photometry at the mmag level, fast enough for ~1000
-# objects per detector. Photon shooting to 1e-4 of the flux rather than
-# GalSim's 1e-5: the obscured Airy's sampling tables then build in 0.2 s, not
-# 2 s per process, and a shot galaxy's size and shape do not change (1e-3
-# would distort them).
-GSPARAMS = galsim.GSParams(folding_threshold=5e-3, maxk_threshold=2e-3, shoot_accuracy=1e-4)
+# objects per detector.
+GSPARAMS = galsim.GSParams(folding_threshold=5e-3, maxk_threshold=2e-3)
 
 
 def make_psf(params: PsfParameters, *, gsparams: galsim.GSParams = GSPARAMS) -> galsim.GSObject:

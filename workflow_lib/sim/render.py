@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 # than this (e-) too, fainter galaxies by photon shooting.
 GALAXY_FFT_FLUX_MIN = 2.0e4
 MIN_FLUX = 5.0  # e-: fainter objects are skipped (far below the noise)
-PSF_CELL_PX = 128  # side of the cells over which the drawn PSF is constant
 
 
 @dataclass
@@ -159,16 +158,9 @@ def _draw_objects(
     gal_pad = round((3.2 + max(0.0, 2.5 * (seeing - 1.2))) / p.pixel_scale)
     wing_px = 12.0 * (0.2 / p.pixel_scale)  # 2.4 arcsec per decade^1.5 of flux
     max_half = max(128, round(25.6 / p.pixel_scale))
-    # The PSF is evaluated once per cell of PSF_CELL_PX pixels, at its centre:
-    # across one cell it changes by far less than any PSF model resolves.
-    cell_psfs: dict[tuple[int, int], galsim.GSObject] = {}
     n_drawn = 0
     for i in np.flatnonzero(sel):
-        cell = (int(np.floor(x[i] / PSF_CELL_PX)), int(np.floor(y[i] / PSF_CELL_PX)))
-        psf = cell_psfs.get(cell)
-        if psf is None:
-            cx, cy = ((c + 0.5) * PSF_CELL_PX for c in cell)
-            psf = cell_psfs[cell] = detector_psf(plan, exposure, detector, cx, cy, info=info)
+        psf = detector_psf(plan, exposure, detector, float(x[i]), float(y[i]), info=info)
         is_gal = kind[i] == "galaxy"
         if is_gal:
             gal = galsim.Sersic(
