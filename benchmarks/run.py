@@ -84,20 +84,18 @@ STEP_IMPORTS = {
     "association": "association",
     "tables": None,
 }
-IMPORT_ALL = (
-    "import importlib, pkgutil, workflow_lib.steps.{step}\n"
-    "pkg = {package!r} and importlib.import_module('workflow_lib.' + {package!r})\n"
-    "for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.') if pkg else []:\n"
-    "    importlib.import_module(m.name)\n"
-)
 
 
-def _clean(run_dir: Path) -> Callable[[], None]:
-    def clean() -> None:
-        for name in ("out", "logs", ".snakemake"):
-            shutil.rmtree(run_dir / name, ignore_errors=True)
-
-    return clean
+def _import_code(step: str, package: str | None) -> str:
+    """Python code importing a step module and every module of its numerics package."""
+    code = f"import importlib, pkgutil, workflow_lib.steps.{step}\n"
+    if package:
+        code += (
+            f"pkg = importlib.import_module('workflow_lib.{package}')\n"
+            "for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + '.'):\n"
+            "    importlib.import_module(m.name)\n"
+        )
+    return code
 
 
 def bench_job_overhead(repeats: int, work: Path) -> str:
@@ -107,15 +105,14 @@ def bench_job_overhead(repeats: int, work: Path) -> str:
     (``--cores 1``: 21 jobs minus 1 job, over 20); the import part is a fresh
     interpreter importing the step module, minus one importing nothing.
     """
-    run_dir = work / "overhead"
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "Snakefile").write_text(OVERHEAD_SNAKEFILE % (REPO / "scripts" / "run_step.py"))
+    run_dir, snakefile = work / "overhead", work / "overhead.smk"
+    snakefile.write_text(OVERHEAD_SNAKEFILE % (REPO / "scripts" / "run_step.py"))
 
     def serial(njobs: int) -> Measurement:
         command = [SNAKEMAKE, "--cores", "1", "-q", "-d", str(run_dir),
-                   "-s", str(run_dir / "Snakefile"), "--config", f"njobs={njobs}"]  # fmt: skip
+                   "-s", str(snakefile), "--config", f"njobs={njobs}"]  # fmt: skip
         return measure(
-            f"empty step x{njobs}", command, repeats=repeats, before_each=_clean(run_dir)
+            f"empty step x{njobs}", command, repeats=repeats, before_each=_fresh(run_dir)
         )
 
     one, many = serial(1), serial(21)
@@ -123,8 +120,7 @@ def bench_job_overhead(repeats: int, work: Path) -> str:
     lines = [one.line(), many.line(), f"{'snakemake + runner per job':<28} {per_job:8.2f} s"]
     bare = measure("python -c pass", [PYTHON, "-c", "pass"], repeats=max(repeats, 5))
     for step, package in STEP_IMPORTS.items():
-        code = IMPORT_ALL.format(step=step, package=package)
-        m = measure(step, [PYTHON, "-c", code], repeats=max(repeats, 5))
+        m = measure(step, [PYTHON, "-c", _import_code(step, package)], repeats=max(repeats, 5))
         imports = m.median - bare.median
         lines.append(
             f"{'import ' + step:<28} {imports:8.2f} s   fixed cost of its job"

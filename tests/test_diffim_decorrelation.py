@@ -7,8 +7,8 @@ import pytest
 from scipy.signal import fftconvolve
 
 from workflow_lib.diffim.decorrelation import (
+    convolved_psf,
     decorrelate,
-    decorrelated_psf,
     decorrelation_kernel,
     variance_scale,
 )
@@ -112,7 +112,7 @@ def inner_var(image: np.ndarray, mask: np.ndarray) -> float:
 def test_decorrelated_psf_is_the_science_psf_convolved():
     psf = gaussian_kernel(2.2, 25)
     phi = decorrelation_kernel(gaussian_kernel(1.6, 15), SVAR, TVAR)
-    out = decorrelated_psf(psf, phi)
+    out = convolved_psf(psf, phi)
     assert out.shape == psf.shape and out.sum() == pytest.approx(1.0)
     full = fftconvolve(psf, phi, mode="full")[7:-7, 7:-7]
     np.testing.assert_allclose(out, full / full.sum(), atol=1e-12)

@@ -24,7 +24,7 @@ After filtering, the noise is white with variance P(0) = sigma_s^2 +
 kappa^2 sigma_t^2 (more than the per-pixel variance sigma_s^2 + sigma_t^2
 sum K^2 before: the correlation is now in the variance, which is why a point
 source's S/N is unchanged), and the difference's PSF becomes the science PSF
-convolved with phi (:func:`decorrelated_psf`). :func:`variance_scale` measures
+convolved with phi (:func:`convolved_psf`). :func:`variance_scale` measures
 what is left for the variance plane to match the pixels ("doScaleVariance").
 """
 
@@ -139,11 +139,3 @@ def convolved_psf(
     c, h = full.shape[0] // 2, size // 2
     out = full[c - h : c + h + 1, c - h : c + h + 1]
     return out / out.sum()
-
-
-def decorrelated_psf(
-    science_psf_kernel: np.ndarray, decorrelation_kernel: np.ndarray, size: int | None = None
-) -> np.ndarray:
-    """PSF of the decorrelated difference: science PSF * phi (odd ``size``, default the
-    PSF's; unit sum)."""
-    return convolved_psf(science_psf_kernel, decorrelation_kernel, size)

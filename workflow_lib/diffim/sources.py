@@ -159,7 +159,6 @@ def psf_noise_scale(
     count) and is 1 for white noise; scaling the variance plane by its square
     makes detection thresholds and PSF-flux errors right.
     """
-
     k = kernel / kernel.sum()
     data = np.where(bad, 0.0, difference)
     var = np.where(bad, 0.0, variance)

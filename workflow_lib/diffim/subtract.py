@@ -39,7 +39,6 @@ from workflow_lib.diffim.alard_lupton import (
 from workflow_lib.diffim.decorrelation import (
     convolved_psf,
     decorrelate,
-    decorrelated_psf,
     decorrelation_kernel,
     variance_scale,
 )
@@ -335,7 +334,7 @@ def _finish(
         image, variance = decorrelate(image, variance, phi)
         image = np.where(unusable, 0.0, image)
         ny, nx = science.shape
-        psf = PsfModel.constant(decorrelated_psf(psf.kernel_at((nx - 1) / 2, (ny - 1) / 2), phi))
+        psf = PsfModel.constant(convolved_psf(psf.kernel_at((nx - 1) / 2, (ny - 1) / 2), phi))
     quiet = ~unusable
     if "DETECTED" in planes.bits:
         quiet &= (mask & planes.bitmask("DETECTED")) == 0

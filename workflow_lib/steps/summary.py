@@ -81,15 +81,15 @@ def summarize_difference_imaging(
     dia_ccd: pd.DataFrame, dia_sources: pd.DataFrame, dia_objects: pd.DataFrame | None
 ) -> dict:
     """CCD-visits subtracted and skipped (with the reason), DIASource and DIAObject counts."""
-    failed = dia_ccd[dia_ccd["failed"].astype(bool)]
+    failed = dia_ccd["failed"].astype(bool).to_numpy()
     summary: dict = {
-        "n_subtracted": int((~dia_ccd["failed"].astype(bool)).sum()),
+        "n_subtracted": int((~failed).sum()),
         "skipped": [
             {"visit": int(r.visit), "detector": int(r.detector), "reason": str(r.failReason)}
-            for r in failed.itertuples()
+            for r in dia_ccd[failed].itertuples()
         ],
         "n_dia_sources": len(dia_sources),
-        "methods": dia_ccd.loc[~dia_ccd["failed"].astype(bool), "method"].value_counts().to_dict(),
+        "methods": dia_ccd.loc[~failed, "method"].value_counts().to_dict(),
     }
     if dia_objects is not None:
         summary["n_dia_objects"] = len(dia_objects)
