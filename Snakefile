@@ -32,6 +32,7 @@ include: "rules/objects.smk"
 include: "rules/diffim.smk"
 include: "rules/association.smk"
 include: "rules/summary.smk"
+include: "rules/qa.smk"
 
 
 rule all:

@@ -65,8 +65,9 @@ class SyntheticSurvey:
         """Jobs of a full dry run: see rules/*.smk for raw input."""
         per_detector = 2 + len(BANDS) + 1  # bias, dark, a flat per band, defects
         # ingest_raw, shard_refcat, ccdvisit_table, source_table, run_summary,
-        # object_table, forced_source_table (no job needs the sky map)
-        singles = 7
+        # object_table, forced_source_table, metrics, qa_ccd_visits (no job needs
+        # the sky map; the synthetic sky has no patch overlap known before the run)
+        singles = 9
         return self.n_ccds + self.n_detectors * per_detector + singles + 1  # + all
 
 

@@ -45,6 +45,14 @@ case "$command" in
         exec "$venv/bin/snakemake" "$@"
         ;;
     test)
+        # The report test opens the QA report in a real browser: Debian's Chromium
+        # (driven by Playwright, which downloads nothing with an explicit browser).
+        if ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            echo "bootstrap: installing chromium (Debian) for the report test" >&2
+            (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+                || echo "bootstrap: chromium could not be installed; the report test will fail" >&2
+        fi
+        export DC2_REQUIRE_BROWSER=1
         "$venv/bin/ruff" check .
         exec "$venv/bin/python" -m pytest "$@"
         ;;

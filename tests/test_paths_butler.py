@@ -64,3 +64,16 @@ def test_butler_get_and_list(tmp_path):
     assert set(butler.dataset_types()) == {"calexp", "CcdVisit"}
     with pytest.raises(FileNotFoundError, match="calexp \\(visit=9, detector=1\\)"):
         butler.get("calexp", visit=9, detector=1)
+
+
+def test_the_output_root_is_found_from_a_product_without_dimensions(tmp_path):
+    from workflow_lib.core.paths import ProductPaths
+
+    root = tmp_path / "out"
+    paths = ProductPaths(root)
+    assert ProductPaths.of_product("metrics", paths.path("metrics")).root == root
+    assert ProductPaths.of_product("DiaSource", paths.path("DiaSource")).root == root
+    with pytest.raises(ValueError, match="not a metrics product"):
+        ProductPaths.of_product("metrics", root / "qa" / "other.json")
+    with pytest.raises(ValueError, match="ambiguous"):
+        ProductPaths.of_product("calexp", paths.path("calexp", visit=1, detector=2))

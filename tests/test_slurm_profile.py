@@ -43,9 +43,11 @@ def profile_dry_run(tmp_path_factory) -> str:
 
 def test_ccds_are_grouped_per_visit_and_calibrations_per_detector(profile_dry_run):
     groups, ungrouped = grouped_jobs(profile_dry_run)
-    # Every job is in a group job but the consolidated tables (see the profile).
+    # Every job is in a group job but the consolidated tables and the metrics (see the
+    # profile) and the truth figure, which waits for the metrics.
     tables = ["ccdvisit_table", "forced_source_table", "object_table", "source_table"]
-    assert sorted(ungrouped) == sorted(["all", "run_summary", *tables])
+    assert sorted(ungrouped) == sorted(["all", "run_summary", "metrics", "qa_truth", *tables])
+    assert {rule for rule, _ in groups["qa_figures"]} == {"qa_ccd_visits", "qa_color_image"}
     visit_groups = {g: jobs for g, jobs in groups.items() if g.startswith("visit_")}
     ccds = [wc for jobs in visit_groups.values() for rule, wc in jobs if rule == "process_ccd"]
     assert len(ccds) == 20  # the tiny survey: 10 visits x 2 detectors

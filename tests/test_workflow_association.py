@@ -7,10 +7,12 @@ on a galaxy) after the template window and three variables.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import matplotlib
 import numpy as np
 import pytest
-from conftest import TINY, snakemake
+from conftest import REPO, TINY, snakemake
 
 from workflow_lib.association.light_curves import plot_light_curve
 from workflow_lib.core.sky import tangent_plane_arcsec
@@ -142,3 +144,57 @@ def test_objects_near_finds_the_nearest_first(dia_run):
         objects["ra"].to_numpy(), objects["dec"].to_numpy(), float(row["ra"]), float(row["dec"])
     )
     assert len(ids) == int((np.hypot(xi, eta) <= 5.0).sum())
+
+
+def test_metrics_meet_the_tiny_thresholds(dia_run, capsys):
+    """qa/metrics.json of the run against the packaged thresholds (dc2-drp check-metrics)."""
+    import json
+
+    from workflow_lib.cli import main
+
+    metrics_path = dia_run / "results" / "qa" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text())  # strict JSON: NaN written as null
+    assert {"survey", "truth"} <= set(metrics)
+    assert {"static_sky", "association", "light_curves"} <= set(metrics["truth"])
+    thresholds = REPO / "workflow_lib" / "qa" / "thresholds" / "tiny.yaml"
+    code = main(["check-metrics", str(metrics_path), "--thresholds", str(thresholds)])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "FAIL" not in out and "thresholds met" in out
+
+
+def test_report_opens_in_a_browser(dia_run, tmp_path):
+    """`snakemake --report` of the run: every figure and table shows in headless Chromium."""
+    import os
+    import shutil
+    import time
+
+    from report_browser import chromium_path, visit_report
+
+    if chromium_path() is None:
+        if os.environ.get("DC2_REQUIRE_BROWSER"):
+            pytest.fail("no chromium on PATH, and DC2_REQUIRE_BROWSER is set (bootstrap.sh test)")
+        pytest.skip("no chromium on PATH (bash scripts/bootstrap.sh test installs it)")
+    report = dia_run / "report.html"
+    started = time.perf_counter()
+    snakemake(dia_run, DIFFIM, "--report", str(report))
+    assert time.perf_counter() - started < 60
+    artifacts = Path(os.environ.get("DC2_TEST_ARTIFACTS", REPO / "test-artifacts"))
+    visit = visit_report(report, tmp_path / "shots")
+    for shot in visit.screenshots:
+        artifacts.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, artifacts / shot.name)
+    assert visit.errors == []
+    expected = {
+        "ccd_visit_quality.png",
+        "failed_ccd_visits.html",
+        "color_0_0.png",
+        "dia_cutouts.png",
+        "light_curves.png",
+        "truth_quality.png",
+    }
+    assert {Path(r).name for r in visit.results} >= expected
+    # Each click showed its own result: every result of the report was displayed.
+    assert set(visit.shown) == {Path(r).name for r in visit.results}
+    assert visit.shown["failed_ccd_visits.html"] == "table"
+    assert len(visit.categories) == 4

@@ -122,6 +122,34 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_metrics(args: argparse.Namespace) -> int:
+    import json
+
+    import yaml
+
+    from workflow_lib.qa.check import check_metrics
+
+    try:
+        metrics = json.loads(open(args.metrics, encoding="utf-8").read())
+        thresholds = yaml.safe_load(open(args.thresholds, encoding="utf-8")) or {}
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        print(f"dc2-drp check-metrics: {err}", file=sys.stderr)
+        return 2
+    if not isinstance(thresholds, dict):
+        print(f"dc2-drp check-metrics: {args.thresholds}: expected a mapping", file=sys.stderr)
+        return 2
+    try:
+        checks = check_metrics(metrics, thresholds)
+    except ValueError as err:
+        print(f"dc2-drp check-metrics: {args.thresholds}: {err}", file=sys.stderr)
+        return 2
+    for check in checks:
+        print(check.describe())
+    failed = [c for c in checks if not c.passed]
+    print(f"{len(checks) - len(failed)} of {len(checks)} thresholds met")
+    return 1 if failed else 0
+
+
 def _json_default(value: object) -> object:
     """numpy scalars and arrays in the metrics become plain JSON."""
     import numpy as np
@@ -214,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--template-mjd-max", type=float, default=60630.0, help="the run's template.mjd_max"
     )
     met.set_defaults(func=_metrics)
+
+    cm = sub.add_parser(
+        "check-metrics",
+        help="compare a run's qa/metrics.json with thresholds; exit 1 if one is not met",
+    )
+    cm.add_argument("metrics", help="a metrics.json written by the workflow")
+    cm.add_argument("--thresholds", required=True, help="YAML: dotted metric path -> {min, max}")
+    cm.set_defaults(func=_check_metrics)
 
     con = sub.add_parser(
         "consolidate",

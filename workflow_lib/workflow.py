@@ -23,11 +23,12 @@ from workflow_lib.core.paths import ProductPaths
 from workflow_lib.core.registry import as_registry, select_calibrations, select_science
 from workflow_lib.plans.association import AssociationPlan
 from workflow_lib.plans.diffim import DiffimPlan
+from workflow_lib.plans.qa import QaPlan
 from workflow_lib.plans.single_frame import SingleFramePlan
 from workflow_lib.plans.static_sky import StaticSkyPlan
 
 
-class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan):
+class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan, QaPlan):
     """The validated configuration, the registry and the products to make.
 
     Each stage's rules find what they need in that stage's plan (``workflow_lib.plans``).
@@ -162,4 +163,5 @@ class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan):
             targets += [self.paths.path("DiaObject"), self.paths.path("DiaForcedSource")]
         if self.simulated:
             targets += [self.paths.path("truth_object"), self.paths.path("sim_refcat")]
+        targets += self.qa_targets()
         return [str(t) for t in targets]

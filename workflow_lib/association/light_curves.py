@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from workflow_lib.core.bands import BAND_COLOURS
 from workflow_lib.core.sky import tangent_plane_arcsec
 
 LIGHT_CURVE_COLUMNS = (
@@ -28,15 +29,6 @@ LIGHT_CURVE_COLUMNS = (
     "flags",
     "detected",
 )
-# Plot colours per band (the LSST convention of blue to red).
-BAND_COLOURS = {
-    "u": "#56b4e9",
-    "g": "#009e73",
-    "r": "#d55e00",
-    "i": "#cc79a7",
-    "z": "#000000",
-    "y": "#e69f00",
-}
 
 
 def objects_near(objects: pd.DataFrame, ra: float, dec: float, radius_arcsec: float) -> np.ndarray:

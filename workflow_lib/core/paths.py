@@ -35,7 +35,7 @@ class DatasetType:
     name: str
     template: str
     # how the reader API opens it: exposure | table | raw | csv | json | text |
-    # directory | coadd_psf
+    # directory | coadd_psf | picture (a PNG: the reader returns its path)
     storage: str
 
     @property
@@ -128,9 +128,7 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     DatasetType("diaCcd", "diffim/{visit}/diaCcd_{visit}_{detector}.parquet", "table"),
     # Association per (tract, patch): its DIAObjects and which DIASource joined which;
     # forced photometry of the DIAObjects per (visit, detector).
-    DatasetType(
-        "diaObjectTable", "association/{tract}/diaObject_{tract}_{patch}.parquet", "table"
-    ),
+    DatasetType("diaObjectTable", "association/{tract}/diaObject_{tract}_{patch}.parquet", "table"),
     DatasetType("diaAssoc", "association/{tract}/diaAssoc_{tract}_{patch}.parquet", "table"),
     DatasetType(
         "diaForcedSource", "diaForced/{visit}/diaForcedSource_{visit}_{detector}.parquet", "table"
@@ -144,6 +142,14 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     DatasetType("DiaCcdVisit", "tables/DiaCcdVisit.parquet", "table"),
     DatasetType("DiaObject", "tables/DiaObject.parquet", "table"),
     DatasetType("DiaForcedSource", "tables/DiaForcedSource.parquet", "table"),
+    # Quality assessment: the run's metrics and the report's figures.
+    DatasetType("metrics", "qa/metrics.json", "json"),
+    DatasetType("qaCcdVisitPlot", "qa/single_frame/ccd_visit_quality.png", "picture"),
+    DatasetType("qaFailedCcds", "qa/single_frame/failed_ccd_visits.html", "text"),
+    DatasetType("qaColorImage", "qa/coadd/color_{tract}_{patch}.png", "picture"),
+    DatasetType("qaDiaCutouts", "qa/diffim/dia_cutouts.png", "picture"),
+    DatasetType("qaLightCurves", "qa/diffim/light_curves.png", "picture"),
+    DatasetType("qaTruthPlot", "qa/truth/truth_quality.png", "picture"),
 )
 
 DATASET_TYPES: dict[str, DatasetType] = {d.name: d for d in _DATASET_TYPES}
@@ -175,6 +181,18 @@ class ProductPaths:
             if not re.fullmatch(DIMENSION_PATTERNS[dim], value):
                 raise ValueError(f"{name}: {dim}={value!r} is not a valid {dim}")
         return self.root / dtype.template.format(**{d: data_id[d] for d in dtype.dimensions})
+
+    @classmethod
+    def of_product(cls, name: str, path: str | os.PathLike[str]) -> ProductPaths:
+        """The output root holding ``path``, an instance of dataset type ``name``
+        without dimensions (a step given one product finds the others beside it)."""
+        dtype = dataset_type(name)
+        if dtype.dimensions:
+            raise ValueError(f"{name} has dimensions {dtype.dimensions}: its root is ambiguous")
+        full = Path(path)
+        if not full.as_posix().endswith(dtype.template):
+            raise ValueError(f"{path} is not a {name} product ({dtype.template})")
+        return cls(full.as_posix()[: -len(dtype.template)].rstrip("/") or ".")
 
     def pattern(self, name: str) -> str:
         """Snakemake output pattern with wildcards named after the dimensions."""

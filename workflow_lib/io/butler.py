@@ -39,7 +39,7 @@ class Butler:
 
         Returns an ``Exposure`` (calexps, coadds, difference images), a
         DataFrame (tables, catalogs), ``(primary_header, [(data, header)])``
-        (raw and eimage inputs) or a dict (JSON records).
+        (raw and eimage inputs), a dict (JSON records) or the path of a picture.
         """
         path = self.path(name, **data_id)
         if not path.exists():
@@ -60,6 +60,8 @@ class Butler:
             return read_coadd_psf(path)
         if storage == "directory":
             return sorted(path.iterdir())
+        if storage == "picture":
+            return path
         return path.read_text()
 
     def list(self, name: str) -> pd.DataFrame:

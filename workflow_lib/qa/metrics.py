@@ -18,7 +18,7 @@ from astropy.coordinates import SkyCoord
 from workflow_lib.core.flags import UNRELIABLE_SOURCE, CcdVisitFlag, SourceFlag
 
 # Unreliable sources, and those whose flux the aperture correction could not fix.
-_BAD_SOURCE = UNRELIABLE_SOURCE | int(SourceFlag.APCORR_FAILED)
+BAD_SOURCE = UNRELIABLE_SOURCE | int(SourceFlag.APCORR_FAILED)
 
 
 def match_to_truth_stars(
@@ -60,7 +60,7 @@ def single_frame_metrics(
     zp_diff = 1000.0 * (merged["zeroPoint"] - merged["zero_point"])
     seeing_ratio = merged["seeing"] / merged["seeing_truth"]
 
-    good = sources[((sources["flags"] & _BAD_SOURCE) == 0) & (sources["extendedness"] < 0.5)]
+    good = sources[((sources["flags"] & BAD_SOURCE) == 0) & (sources["extendedness"] < 0.5)]
     good = good[good["psfFlux"] / good["psfFluxErr"] > snr_min]
     matched = match_to_truth_stars(good, truth_objects)
     cos_dec = np.cos(np.deg2rad(matched["truth_dec"].to_numpy()))
@@ -90,9 +90,12 @@ def single_frame_metrics(
     }
 
 
-def repeatability(matched: pd.DataFrame, *, min_visits: int = 3) -> dict[str, float]:
+def repeatability(
+    matched: pd.DataFrame, *, id_column: str = "truth_id", min_visits: int = 3
+) -> dict[str, float]:
     """PA1: scatter of stars' magnitudes about their own mean across visits (mmag).
 
+    Stars are the groups of ``id_column`` (a truth id, or a cross-visit match).
     Each star contributes (n - 1) degrees of freedom in each band where it has
     at least ``min_visits`` measurements. ``rms`` is the pooled rms, ``robust``
     the same from the interquartile range (as validate_drp's PA1 is robust to
@@ -102,7 +105,7 @@ def repeatability(matched: pd.DataFrame, *, min_visits: int = 3) -> dict[str, fl
     flux = matched["psfFlux"].to_numpy()
     frame = pd.DataFrame(
         {
-            "id": matched["truth_id"].to_numpy(),
+            "id": matched[id_column].to_numpy(),
             "band": matched["band"].to_numpy(),
             "mag": -2.5 * np.log10(flux),
             "err": 2.5 / np.log(10) * matched["psfFluxErr"].to_numpy() / flux,

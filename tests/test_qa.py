@@ -1,0 +1,125 @@
+"""Truth-free survey metrics (PA1, AM1) and the check-metrics regression gate."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from workflow_lib.cli import main
+from workflow_lib.qa.check import check_metrics, lookup
+from workflow_lib.qa.survey_metrics import (
+    astrometric_repeatability,
+    bright_point_sources,
+    match_across_visits,
+    photometric_repeatability,
+)
+
+
+def star_sources(
+    *, n_stars: int = 400, n_visits: int = 6, mag_sigma: float = 0.010, pos_sigma_mas: float = 10.0
+) -> pd.DataFrame:
+    """Bright stars over a 15' field seen in every visit, with known scatter."""
+    rng = np.random.default_rng(3)
+    ra0, dec0 = 150.0, 2.0
+    ra = ra0 + rng.uniform(-7.5, 7.5, n_stars) / 60.0 / np.cos(np.deg2rad(dec0))
+    dec = dec0 + rng.uniform(-7.5, 7.5, n_stars) / 60.0
+    flux = 10 ** rng.uniform(4.5, 6, n_stars)
+    rows = []
+    for visit in range(n_visits):
+        jitter = rng.normal(0.0, pos_sigma_mas / 3.6e6, (2, n_stars))
+        measured = flux * 10 ** (-0.4 * rng.normal(0.0, mag_sigma, n_stars))
+        rows.append(
+            pd.DataFrame(
+                {
+                    "visit": visit,
+                    "band": "r",
+                    "ra": ra + jitter[0] / np.cos(np.deg2rad(dec)),
+                    "dec": dec + jitter[1],
+                    "psfFlux": measured,
+                    "psfFluxErr": measured / 500.0,
+                    "extendedness": 0.0,
+                    "flags": 0,
+                }
+            )
+        )
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_pa1_and_am1_recover_the_injected_scatter():
+    matched = match_across_visits(bright_point_sources(star_sources()))
+    assert (matched["star"] >= 0).all() and matched["star"].nunique() == 400
+    pa1 = photometric_repeatability(matched)["r"]
+    assert pa1["n_stars"] == 400 and abs(pa1["rms"] - 10.0) < 0.6
+    am1 = astrometric_repeatability(matched)
+    # A separation's error along the pair: two stars' 10-mas errors in quadrature.
+    assert am1["n_pairs"] > 1000 and abs(am1["median_rms_mas"] / (10.0 * np.sqrt(2)) - 1) < 0.1
+
+
+def test_am1_is_absent_on_a_field_narrower_than_its_annulus():
+    sources = star_sources()  # 15' square -> 2.5' square: its diagonal (3.5') < 4'
+    narrow = sources.assign(ra=150 + (sources["ra"] - 150) / 6, dec=2 + (sources["dec"] - 2) / 6)
+    am1 = astrometric_repeatability(match_across_visits(narrow))
+    assert am1["n_pairs"] == 0 and np.isnan(am1["median_rms_mas"])
+
+
+def test_two_sources_of_one_visit_make_an_ambiguous_star():
+    sources = star_sources(n_stars=20, n_visits=3)
+    twin = sources.iloc[[0]].assign(ra=sources["ra"].iloc[0] + 0.2 / 3600)
+    matched = match_across_visits(pd.concat([sources, twin], ignore_index=True))
+    star = matched.loc[0, "star"]
+    assert star == -1 and (matched["star"] >= 0).sum() == len(sources) - 3
+
+
+def test_faint_extended_and_flagged_sources_are_not_bright_point_sources():
+    sources = star_sources(n_stars=10, n_visits=1)
+    sources.loc[0, "extendedness"] = 1.0
+    sources.loc[1, "psfFluxErr"] = sources.loc[1, "psfFlux"] / 20.0
+    sources.loc[2, "flags"] = 1 << 62 | 0xFFFF
+    assert len(bright_point_sources(sources)) == 7
+
+
+METRICS = {
+    "survey": {"PA1_mmag": {"r": {"robust": 9.0}}, "AM1_mas": {"r": {"median_rms_mas": None}}},
+    "truth": {
+        "single_frame": {"pa1_mmag_by_min_snr": {"50.0": {"robust": 10.2}}},
+        "static_sky": {"purity": {"passed": False}},
+    },
+}
+
+
+def test_check_metrics_bounds_absent_null_and_dotted_keys():
+    assert lookup(METRICS, "truth.single_frame.pa1_mmag_by_min_snr.50.0.robust") == 10.2
+    checks = check_metrics(
+        METRICS,
+        {
+            "survey.PA1_mmag.r.robust": {"max": 10},
+            "survey.AM1_mas.r.median_rms_mas": {"max": 10},
+            "survey.PA1_mmag.g.robust": {"max": 10},
+            "truth.single_frame.pa1_mmag_by_min_snr.50.0.robust": {"min": 5, "max": 10},
+            "truth.static_sky.purity.passed": {"min": 1},
+        },
+    )
+    assert [c.passed for c in checks] == [True, False, False, False, False]
+    assert "absent" in checks[1].describe() and checks[0].describe().startswith("ok")
+    with pytest.raises(ValueError, match="min and/or max"):
+        check_metrics(METRICS, {"survey.PA1_mmag.r.robust": 3})
+    with pytest.raises(ValueError, match="unknown keys"):
+        check_metrics(METRICS, {"survey.PA1_mmag.r.robust": {"max": 3, "mx": 2}})
+
+
+def test_check_metrics_command_exit_codes(tmp_path, capsys):
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps(METRICS))
+    good, bad, broken = tmp_path / "good.yaml", tmp_path / "bad.yaml", tmp_path / "broken.yaml"
+    good.write_text(yaml.safe_dump({"survey.PA1_mmag.r.robust": {"max": 10}}))
+    bad.write_text(yaml.safe_dump({"survey.PA1_mmag.r.robust": {"max": 5}}))
+    broken.write_text("- a list\n")
+    assert main(["check-metrics", str(metrics), "--thresholds", str(good)]) == 0
+    assert main(["check-metrics", str(metrics), "--thresholds", str(bad)]) == 1
+    assert "FAIL survey.PA1_mmag.r.robust = 9" in capsys.readouterr().out
+    assert main(["check-metrics", str(metrics), "--thresholds", str(broken)]) == 2
+    assert main(["check-metrics", str(tmp_path / "none.json"), "--thresholds", str(good)]) == 2

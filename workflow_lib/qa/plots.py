@@ -1,0 +1,334 @@
+"""The report's figures: arrays and tables in, a matplotlib ``Figure`` out (no files).
+
+Figures are built on ``matplotlib.figure.Figure`` (no pyplot state, no display
+backend). Every axis says its unit, every figure with more than one series has
+a legend, and goal lines are drawn where a stage issue states a goal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from astropy.stats import mad_std
+from matplotlib.colors import AsinhNorm
+from matplotlib.figure import Figure
+
+from workflow_lib.core.bands import BAND_COLOURS, sorted_bands
+from workflow_lib.core.flags import CcdVisitFlag
+
+# The figures of a report page: wide enough for four panels side by side.
+_PANEL = 3.6
+
+
+def ccd_visit_figure(ccd_visits: pd.DataFrame) -> Figure:
+    """Seeing, zero point, sky and astrometric rms of every CCD-visit against time, by band.
+
+    Failed CCD-visits (no calibration) are drawn as crosses on the time axis of
+    the seeing panel, so a gap in the data has its cause on the same page.
+    """
+    fig = Figure(figsize=(4 * _PANEL, _PANEL), layout="constrained")
+    axes = fig.subplots(1, 4, sharex=True)
+    failed = (ccd_visits["flags"].to_numpy() & int(CcdVisitFlag.FAILED)) != 0
+    ok = ccd_visits[~failed]
+    panels = [
+        ("seeing", 1.0, "PSF FWHM (arcsec)"),
+        ("zeroPoint", 1.0, "zero point (AB mag for 1 e-/s)"),
+        ("skyBg", 1.0, "sky (CcdVisit.skyBg)"),
+        ("astromRms", 1000.0, "astrometric fit rms (mas)"),
+    ]
+    for ax, (column, scale, label) in zip(axes, panels, strict=True):
+        for band in sorted_bands(ok["band"]):
+            rows = ok[ok["band"] == band]
+            ax.plot(
+                rows["midpointMjdTai"],
+                rows[column] * scale,
+                "o",
+                ms=3,
+                color=BAND_COLOURS.get(band),
+                label=band,
+            )
+        ax.set_ylabel(label)
+        ax.set_xlabel("MJD (TAI)")
+        ax.grid(alpha=0.3)
+    if failed.any():
+        bad = ccd_visits[failed]
+        axes[0].plot(
+            bad["midpointMjdTai"],
+            np.full(len(bad), np.nanmin(ok["seeing"]) if len(ok) else 0.0),
+            "kx",
+            label=f"failed ({len(bad)})",
+        )
+    axes[0].legend(fontsize="small", title="band")
+    fig.suptitle(f"{len(ok)} calibrated CCD-visits, {int(failed.sum())} failed")
+    return fig
+
+
+def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
+    """Mean over ``factor`` x ``factor`` blocks (the edge remainder dropped)."""
+    if factor <= 1:
+        return image
+    ny, nx = (s // factor for s in image.shape)
+    blocks = image[: ny * factor, : nx * factor].reshape(ny, factor, nx, factor)
+    return np.nanmean(blocks, axis=(1, 3))
+
+
+def _data_box(no_data: Sequence[np.ndarray]) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Row and column ranges holding data in any of the masks (the whole image if none)."""
+    has_data = ~np.logical_and.reduce([np.asarray(m, bool) for m in no_data])
+    rows, cols = np.flatnonzero(has_data.any(axis=1)), np.flatnonzero(has_data.any(axis=0))
+    if not rows.size:
+        return (0, has_data.shape[0]), (0, has_data.shape[1])
+    return (int(rows[0]), int(rows[-1]) + 1), (int(cols[0]), int(cols[-1]) + 1)
+
+
+def lupton_rgb(
+    images: Mapping[str, np.ndarray], noise: Mapping[str, float], *, q: float = 8.0
+) -> np.ndarray:
+    """A colour picture of up to three bands (reddest as red), Lupton et al. (2004) asinh.
+
+    Each band is divided by its noise so that the stretch is in S/N units; a
+    missing colour channel is the mean of the others.
+    """
+    from astropy.visualization import make_lupton_rgb
+
+    bands = sorted_bands(images)[-3:]
+    scaled = [np.nan_to_num(images[b] / noise[b]) for b in bands]
+    while len(scaled) < 3:
+        scaled.insert(len(scaled) // 2, np.mean(scaled, axis=0))
+    blue, green, red = scaled
+    return make_lupton_rgb(red, green, blue, minimum=-1.0, stretch=40.0, Q=q)
+
+
+def color_image_figure(
+    panels: Sequence[tuple[str, Mapping[str, Any], pd.DataFrame | None]],
+    *,
+    max_pixels: int = 800,
+) -> Figure:
+    """Side-by-side colour pictures of coadds: ``(title, {band: Exposure}, objects)``.
+
+    Coadds are block-averaged to at most ``max_pixels`` on a side; the given
+    Objects (ra, dec) are circled.
+    """
+    fig = Figure(figsize=(2 * _PANEL * len(panels), 2 * _PANEL + 0.4), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(1, len(panels)))
+    # One box for every panel, so the pictures compare pixel for pixel.
+    masks = [c.mask_of("NO_DATA") for _, coadds, _ in panels for c in coadds.values()]
+    (y0, y1), (x0, x1) = _data_box(masks) if masks else ((0, 1), (0, 1))
+    for ax, (title, coadds, objects) in zip(axes, panels, strict=True):
+        if not coadds:
+            ax.text(0.5, 0.5, "no coadd", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(title)
+            ax.set_axis_off()
+            continue
+        first = next(iter(coadds.values()))
+        factor = max(1, int(np.ceil(max(y1 - y0, x1 - x0) / max_pixels)))
+        images, noise = {}, {}
+        for band, coadd in coadds.items():
+            image = np.where(coadd.mask_of("NO_DATA"), np.nan, coadd.image)[y0:y1, x0:x1]
+            images[band] = _block_mean(image, factor)
+            sigma = np.sqrt(np.nanmedian(np.where(coadd.variance > 0, coadd.variance, np.nan)))
+            noise[band] = float(sigma) / factor if np.isfinite(sigma) else 1.0
+        ax.imshow(lupton_rgb(images, noise), origin="lower", interpolation="nearest")
+        if objects is not None and len(objects):
+            x, y = first.wcs.all_world2pix(objects["ra"], objects["dec"], 0)
+            ax.plot(
+                (x - x0 + 0.5) / factor - 0.5,
+                (y - y0 + 0.5) / factor - 0.5,
+                "o",
+                mfc="none",
+                mec="cyan",
+                ms=5,
+                mew=0.6,
+                label=f"{len(objects)} primary Objects, S/N > 10",
+            )
+            ax.legend(loc="upper right", fontsize="small")
+        ax.set_xlim(-0.5, images[sorted_bands(images)[0]].shape[1] - 0.5)
+        ax.set_ylim(-0.5, images[sorted_bands(images)[0]].shape[0] - 0.5)
+        ax.set_title(f"{title} ({', '.join(sorted_bands(coadds))}; 1 px = {factor} coadd px)")
+        ax.set_xlabel(f"x - {x0} (binned px)")
+        ax.set_ylabel(f"y - {y0} (binned px)")
+    return fig
+
+
+def cutout_figure(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, np.ndarray, bool]],
+) -> Figure:
+    """Triplets (science, template, difference) of DIASource stamps, one row each.
+
+    Each row: ``(label, science, template, difference, is_dipole)``; science and
+    template share one grey scale, the difference a symmetric one. Dipoles are
+    framed in orange.
+    """
+    n = max(len(rows), 1)
+    fig = Figure(figsize=(3 * 1.9 + 0.8, 1.9 * n + 0.5), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(n, 3, squeeze=False))
+    for k, col in enumerate(("science", "template", "difference")):
+        axes[0, k].set_title(col)
+    for (label, science, template, difference, dipole), row in zip(rows, axes, strict=False):
+        both = np.concatenate([science[np.isfinite(science)], template[np.isfinite(template)]])
+        # asinh: linear within the noise, logarithmic up to the star's peak
+        sky = float(np.median(both)) if both.size else 0.0
+        noise = float(mad_std(both)) if both.size else 1.0
+        peak = float(np.max(both)) if both.size else 1.0
+        norm = AsinhNorm(
+            linear_width=max(noise, 1e-6), vmin=sky - 2 * noise, vmax=max(peak, sky + noise)
+        )
+        lim = np.nanpercentile(np.abs(difference), 99.5) if np.isfinite(difference).any() else 1
+        row[0].imshow(science, origin="lower", cmap="gray", norm=norm)
+        row[1].imshow(template, origin="lower", cmap="gray", norm=norm)
+        row[2].imshow(difference, origin="lower", cmap="RdBu_r", vmin=-lim, vmax=lim)
+        for ax in row:
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if dipole:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("tab:orange")
+                    spine.set_linewidth(2.5)
+        row[0].set_ylabel(label + ("\ndipole" if dipole else ""), fontsize="small")
+    if not rows:
+        for ax in axes[0]:
+            ax.set_axis_off()
+        axes[0, 1].text(0.5, 0.5, "no DIASource", ha="center", va="center")
+    return fig
+
+
+def _goal_band(ax: Any, lo: float, hi: float, *, label: str, axis: str = "y") -> None:
+    span = ax.axhspan if axis == "y" else ax.axvspan
+    span(lo, hi, color="tab:green", alpha=0.15, label=label)
+
+
+def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None) -> Figure:
+    """The figures against a simulation's truth, each with its goal.
+
+    From ``metrics["truth"]``: point-source completeness per band (binned, the
+    fitted logistic, and the predicted 5-sigma depth with the +-0.3 mag goal),
+    forced-photometry pull widths per S/N bin (goal 0.9-1.1) and the DIA
+    light-curve pull widths. From ``matched_stars`` (bright Sources matched to
+    truth stars): astrometric offsets and PSF-magnitude residuals.
+    """
+    truth = metrics.get("truth", {})
+    static = truth.get("static_sky", {})
+    fig = Figure(figsize=(4 * _PANEL + 1, 2 * _PANEL + 0.6), layout="constrained")
+    panels = fig.subplot_mosaic("CAPF;LTTT")
+    ax_c, ax_a, ax_p, ax_f = (panels[k] for k in "CAPF")
+    ax_l, ax_t = panels["L"], panels["T"]
+    for band, c in static.get("completeness", {}).items():
+        colour = BAND_COLOURS.get(band)
+        bins = pd.DataFrame(c.get("bins", []))
+        if len(bins):
+            ax_c.plot(bins["mag"], bins["completeness"], "o", ms=3, color=colour, label=band)
+        m50, width, c_max = (c.get(k) for k in ("m50", "width", "c_max"))
+        if m50 is not None and width is not None and len(bins):
+            mags = np.linspace(bins["mag"].min(), bins["mag"].max(), 200)
+            ax_c.plot(mags, c_max / (1 + np.exp((mags - m50) / width)), "-", color=colour)
+        if c.get("depth_mag") is not None:
+            ax_c.axvline(c["depth_mag"], color=colour, ls=":", lw=1)
+    ax_c.set_xlabel("true magnitude (AB)")
+    ax_c.set_ylabel("completeness (stars)")
+    ax_c.set_title("completeness (dotted: 5σ depth;\ngoal: 50% within 0.3 mag)", fontsize="medium")
+    ax_c.legend(fontsize="small")
+
+    if matched_stars is not None and len(matched_stars):
+        cos_dec = np.cos(np.deg2rad(matched_stars["truth_dec"]))
+        d_ra = (matched_stars["ra"] - matched_stars["truth_ra"]) * cos_dec * 3.6e6
+        d_dec = (matched_stars["dec"] - matched_stars["truth_dec"]) * 3.6e6
+        lim = float(np.nanpercentile(np.hypot(d_ra, d_dec), 99)) or 1.0
+        ax_a.hexbin(d_ra, d_dec, gridsize=30, extent=(-lim, lim, -lim, lim), mincnt=1, cmap="Blues")
+        rms = float(np.sqrt(np.mean(d_ra**2 + d_dec**2)))
+        ax_a.set_title(
+            f"positions - truth, {len(matched_stars)}\nbright stars: rms {rms:.1f} mas",
+            fontsize="medium",
+        )
+        ax_a.set_xlabel("ΔRA cos Dec (mas)")
+        ax_a.set_ylabel("ΔDec (mas)")
+        mag_true = 31.4 - 2.5 * np.log10(matched_stars["truth_flux"])
+        resid = -2500 * np.log10(matched_stars["psfFlux"] / matched_stars["truth_flux"])
+        for band in sorted_bands(matched_stars["band"]):
+            sel = (matched_stars["band"] == band).to_numpy()
+            ax_p.plot(
+                mag_true[sel], resid[sel], ".", ms=2, color=BAND_COLOURS.get(band), label=band
+            )
+        _goal_band(ax_p, -5, 5, label="±5 mmag")
+        ax_p.set_ylim(-60, 60)
+        ax_p.set_xlabel("true magnitude (AB)")
+        ax_p.set_ylabel("PSF mag - true (mmag)")
+        ax_p.set_title("single-frame PSF photometry\nof bright stars", fontsize="medium")
+        ax_p.legend(fontsize="small", markerscale=4)
+    else:
+        for ax in (ax_a, ax_p):
+            ax.set_axis_off()
+
+    forced = static.get("forced_pulls", {})
+    by_snr = forced.get("by_snr", {})
+    if by_snr:
+        labels = list(by_snr)
+        sigmas = [by_snr[k].get("sigma") for k in labels]
+        ax_f.bar(range(len(labels)), [np.nan if s is None else s for s in sigmas], color="tab:blue")
+        ax_f.set_xticks(range(len(labels)), [k.replace("1e+09", "∞") for k in labels], rotation=30)
+        _goal_band(ax_f, 0.9, 1.1, label="goal 0.9-1.1")
+        ax_f.set_xlabel("true S/N")
+        ax_f.set_ylabel("robust σ of forced pulls")
+        ax_f.set_title(
+            f"forced photometry of stars:\nσ {forced.get('sigma', np.nan):.2f} at S/N < 20",
+            fontsize="medium",
+        )
+        ax_f.legend(fontsize="small")
+    else:
+        ax_f.set_axis_off()
+
+    lc = truth.get("light_curves", {})
+    groups = {
+        "transients\nhostless": lc.get("transient", {}).get("hostless", {}),
+        "transients\nhosted": lc.get("transient", {}).get("hosted", {}),
+        "noise": lc.get("noise", {}),
+    }
+    if any(g.get("n") for g in groups.values()):
+        values = [g.get("robust_sigma") for g in groups.values()]
+        ax_l.bar(range(3), [np.nan if v is None else v for v in values], color="tab:purple")
+        ax_l.set_xticks(range(3), [f"{k}\n(n={g.get('n', 0)})" for k, g in groups.items()])
+        _goal_band(ax_l, 0.95, 1.05, label="goal 0.95-1.05")
+        ax_l.set_ylabel("robust σ of psfDiffFlux pulls")
+        ax_l.set_title("DIA light curves", fontsize="medium")
+        ax_l.legend(fontsize="small")
+    else:
+        ax_l.set_axis_off()
+
+    rows = []
+    purity = static.get("purity", {})
+    if purity:
+        rows.append(("Object purity (S/N>10)", purity.get("purity"), "≥ 0.99"))
+    for band, bias in static.get("bright_star_bias", {}).items():
+        rows.append((f"coadd bright-star bias {band} (mmag)", bias.get("median_mmag"), "|x| ≤ 5"))
+    association = truth.get("association", {})
+    if association:
+        rows.append(
+            (
+                "transients in one DIAObject",
+                association.get("transient", {}).get("fraction_in_one_object"),
+                "1",
+            )
+        )
+        rows.append(
+            (
+                "DIAObjects merging 2 truths",
+                association.get("n_merging_true_objects_2arcsec_apart"),
+                "0",
+            )
+        )
+    ax_t.set_axis_off()
+    if rows:
+        table = ax_t.table(
+            cellText=[[n, "—" if v is None else f"{v:.3g}", g] for n, v, g in rows],
+            colLabels=["figure", "value", "goal"],
+            loc="upper left",
+            colLoc="left",
+            cellLoc="left",
+            colWidths=[0.5, 0.2, 0.3],
+            bbox=(0.0, 0.0, 1.0, 1.0),
+        )
+        table.auto_set_font_size(False)
+        table.set_fontsize(9)
+    return fig
