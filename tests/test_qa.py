@@ -123,3 +123,27 @@ def test_check_metrics_command_exit_codes(tmp_path, capsys):
     assert "FAIL survey.PA1_mmag.r.robust = 9" in capsys.readouterr().out
     assert main(["check-metrics", str(metrics), "--thresholds", str(broken)]) == 2
     assert main(["check-metrics", str(tmp_path / "none.json"), "--thresholds", str(good)]) == 2
+
+
+def test_progress_is_logged_at_intervals_and_at_the_end(caplog):
+    import logging
+
+    from workflow_lib.core.timing import ProgressLog
+
+    logger = logging.getLogger("progress-test")
+    with caplog.at_level(logging.INFO, logger="progress-test"):
+        progress = ProgressLog(logger, "header scan", total=5, interval_s=3600.0)
+        for _ in range(5):
+            progress.step()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("header scan: 5 of 5 (100%)")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="progress-test"):
+        progress = ProgressLog(logger, "tables", total=3, interval_s=0.0)
+        for _ in range(3):
+            progress.step()
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [
+        "tables: 1 of 3",
+        "tables: 2 of 3",
+        "tables: 3 of 3",
+    ]

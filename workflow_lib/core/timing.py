@@ -8,6 +8,7 @@ not, so every phase records both.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -56,3 +57,42 @@ class PhaseClock:
 
 def _now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
+
+
+class ProgressLog:
+    """Logs ``done of total`` at most every ``interval_s`` seconds, and at the end.
+
+    For the long loops of a job (ingest's header scan, reading thousands of
+    per-CCD tables), so that a person following the log sees it move::
+
+        progress = ProgressLog(log, "header scan", total=len(files))
+        for f in files:
+            ...
+            progress.step()
+    """
+
+    def __init__(
+        self, logger: logging.Logger, label: str, *, total: int, interval_s: float = 10.0
+    ) -> None:
+        self.logger, self.label, self.total = logger, label, total
+        self.interval_s = interval_s
+        self.done = 0
+        self._start = self._last = time.perf_counter()
+
+    def step(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.done >= self.total or now - self._last >= self.interval_s:
+            self._last = now
+            elapsed = now - self._start
+            rate = self.done / elapsed if elapsed > 0 else float("inf")
+            left = (self.total - self.done) / rate if rate > 0 else float("nan")
+            self.logger.info(
+                "%s: %d of %d (%.0f%%) in %.0f s, about %.0f s left",
+                self.label,
+                self.done,
+                self.total,
+                100.0 * self.done / max(self.total, 1),
+                elapsed,
+                left,
+            )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,7 +13,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workflow_lib.core.timing import ProgressLog
 from workflow_lib.io.atomic import atomic_output
+
+log = logging.getLogger(__name__)
 
 _PROVENANCE_KEY = b"dc2_drp_provenance"
 
@@ -83,6 +87,10 @@ def read_table(path: str | os.PathLike[str], *, columns: list[str] | None = None
 def read_tables(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:
     """The tables at ``paths`` concatenated (empty ones skipped; all empty: the first's
     columns, no rows; no paths: an empty DataFrame)."""
-    pieces = [read_table(p) for p in paths]
+    progress = ProgressLog(log, "reading tables", total=len(paths))
+    pieces = []
+    for path in paths:
+        pieces.append(read_table(path))
+        progress.step()
     non_empty = [p for p in pieces if len(p)]
     return pd.concat(non_empty or pieces[:1], ignore_index=True) if pieces else pd.DataFrame()

@@ -25,6 +25,7 @@ from workflow_lib.core.registry import (
     find_duplicates,
     registry_record,
 )
+from workflow_lib.core.timing import ProgressLog
 from workflow_lib.io import atomic_output, read_table, write_csv, write_table
 from workflow_lib.io.fits import is_fits_name, read_headers
 
@@ -80,6 +81,8 @@ def scan_files(
     new_cache: dict[str, dict] = {}
     records = []
     problems = []
+    files = list(files)
+    progress = ProgressLog(log, "header scan", total=len(files))
     for file in files:
         path = str(file)
         stat = os.stat(path)
@@ -92,6 +95,7 @@ def scan_files(
             records.append(entry["record"])
         else:
             problems.append(entry["problem"])
+        progress.step()
     registry = as_registry(records)
     duplicates = find_duplicates(registry)
     if duplicates:
