@@ -35,7 +35,7 @@ rule qa_ccd_visits:
             paths.path("qaFailedCcds"),
             caption="../report/failed_ccds.rst",
             category="1. Single frame",
-            labels={"figure": "failed CCD-visits"},
+            labels={"figure": "flagged and failed CCD-visits"},
         ),
     params:
         step="qa:plot_ccd_visits",

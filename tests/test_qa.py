@@ -147,3 +147,95 @@ def test_progress_is_logged_at_intervals_and_at_the_end(caplog):
         "tables: 2 of 3",
         "tables: 3 of 3",
     ]
+
+
+def _dia_tables():
+    """Two subtracted CCD-visits (one skipped); a transient found once of twice, a false
+    DIASource at a static star and one on empty sky."""
+    truth = pd.DataFrame(
+        {
+            "id": [1, 2],
+            "kind": ["transient", "star"],
+            "ra": [150.0, 150.01],
+            "dec": [2.0, 2.0],
+        }
+    )
+    lightcurve = pd.DataFrame(
+        {
+            "id": [1, 1, 1],
+            "visit": [10, 11, 12],
+            "detector": [0, 0, 0],
+            "band": ["r", "r", "r"],
+            "mjd": [60620.0, 60640.0, 60641.0],
+            "flux": [0.0, 5000.0, 5000.0],
+        }
+    )
+    ccd = pd.DataFrame(
+        {"visit": [10, 11, 12], "detector": [0, 0, 0], "failed": [False, False, True]}
+    )
+    sources = pd.DataFrame(
+        {
+            "visit": [11, 10, 11],
+            "detector": [0, 0, 0],
+            "ra": [150.0, 150.01 + 0.5 / 3600, 150.02],
+            "dec": [2.0, 2.0, 2.0],
+            "psfFluxErr": [100.0, 100.0, 100.0],
+            "snr": [50.0, 6.0, 5.5],
+            "flags": [0, 0, 0],
+        }
+    )
+    return sources, ccd, truth, lightcurve
+
+
+def test_dia_efficiency_counts_true_flux_changes_on_subtracted_ccd_visits():
+    from workflow_lib.qa.dia_metrics import detection_efficiency
+
+    sources, ccd, truth, lightcurve = _dia_tables()
+    eff = detection_efficiency(sources, ccd, truth, lightcurve, template_window=(None, 60630.0))
+    # Visit 10 (true difference 0) and 11 (S/N 50, found) count; 12 was not subtracted.
+    assert eff["n_points"] == 2
+    by_bin = {b["snr_min"]: (b["n"], b["n_detected"]) for b in eff["bins"]}
+    assert by_bin[0.0] == (1, 0) and by_bin[50.0] == (1, 1)
+    assert eff["efficiency_snr_gt_10"] == 1.0
+
+
+def test_false_positives_per_ccd_visit_and_at_static_objects():
+    from workflow_lib.qa.dia_metrics import false_positives
+
+    sources, ccd, truth, _ = _dia_tables()
+    fp = false_positives(sources, ccd, truth)
+    assert fp["n_total"] == 2 and fp["n_at_static_objects"] == 1
+    assert fp["per_ccd_visit"] == [1, 1] and fp["n_ccd_visits"] == 2
+
+
+def test_ccd_visit_page_lists_flagged_and_failed_ccd_visits(tmp_path):
+    from workflow_lib.core.flags import CcdVisitFlag
+    from workflow_lib.io import write_table
+    from workflow_lib.steps.qa import plot_ccd_visits
+
+    flags = [0, int(CcdVisitFlag.FAILED | CcdVisitFlag.PSF_FAILED), int(CcdVisitFlag.PSF_FALLBACK)]
+    table = pd.DataFrame(
+        {
+            "visit": [1, 1, 2],
+            "detector": [0, 1, 0],
+            "band": ["r", "r", "g"],
+            "midpointMjdTai": [60620.0, 60620.0, 60621.0],
+            "seeing": [0.8, np.nan, 0.9],
+            "zeroPoint": [28.3, np.nan, 28.4],
+            "skyBg": [900.0, np.nan, 400.0],
+            "astromRms": [0.012, np.nan, 0.015],
+            "flags": flags,
+            "failReason": ["", "PSF model: only 3 usable PSF stars (need >= 5)", ""],
+        }
+    )
+    write_table(table, tmp_path / "CcdVisit.parquet")
+    plot, page = tmp_path / "q.png", tmp_path / "failed.html"
+    plot_ccd_visits(
+        ccdvisit_table_path=str(tmp_path / "CcdVisit.parquet"),
+        plot_path=str(plot),
+        failed_path=str(page),
+    )
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = page.read_text()
+    assert "1 of 3 CCD-visits not calibrated, 1 calibrated with flags" in html
+    assert "FAILED, PSF_FAILED" in html and "PSF_FALLBACK" in html and "only 3 usable" in html

@@ -149,7 +149,8 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
         assert comments.count(f"calib_{detector}") == 1, comments
     # Per visit also one job of forced photometry; per patch one job of coadds
     # and Objects; prepare (ingest, refcat, sky map) one job; the four tables
-    # and the run summary one each.
+    # and the run summary one each; the metrics one, the report's figures one (raw
+    # input: no truth figure).
     patches = set(re.findall(r"patch_\d+_\d+", comments))
     assert patches, comments
     for patch in patches:
@@ -157,7 +158,8 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
     n_patches = len(patches)
     for visit in visits:
         assert comments.count(f"forced_{visit}") == 1, comments
-    assert len(jobs) == 2 * len(visits) + len(detectors) + n_patches + 1 + 5, comments
+    assert comments.count("qa_figures") == 1 and comments.count("rule_metrics") == 1, comments
+    assert len(jobs) == 2 * len(visits) + len(detectors) + n_patches + 1 + 5 + 2, comments
 
     # The products equal the local run's, row for row.
     slurm = Butler(tmp_path / "results")

@@ -200,6 +200,41 @@ def _goal_band(ax: Any, lo: float, hi: float, *, label: str, axis: str = "y") ->
     span(lo, hi, color="tab:green", alpha=0.15, label=label)
 
 
+def _dia_truth_panels(ax_e: Any, ax_q: Any, dia: Mapping[str, Any]) -> None:
+    """DIA efficiency against true S/N, and false positives per CCD-visit."""
+    bins = pd.DataFrame(dia.get("efficiency", {}).get("bins", []))
+    if len(bins) and bins["n"].sum():
+        bins = bins[bins["n"] > 0]
+        # geometric bin centres; the open last bin drawn at 1.5x its lower edge
+        upper = np.where(np.isfinite(bins["snr_max"]), bins["snr_max"], 2.25 * bins["snr_min"])
+        centre = np.sqrt(np.maximum(bins["snr_min"], 1.0) * upper)
+        eff = bins["n_detected"] / bins["n"]
+        err = np.sqrt(np.clip(eff * (1 - eff), 0.05, None) / bins["n"])
+        ax_e.errorbar(centre, eff, yerr=err, fmt="o", color="tab:blue", label='found (1")')
+        ax_e.axvline(5.0, color="tab:green", ls=":", label="detection threshold 5σ")
+        ax_e.set_xscale("log")
+        ax_e.set_xlim(1.0, 1.5 * float(np.max(centre)))
+        ax_e.set_ylim(-0.05, 1.05)
+        ax_e.set_xlabel("|true difference| / noise")
+        ax_e.set_ylabel("DIA detection efficiency")
+        ax_e.set_title(f"{int(bins['n'].sum())} true flux changes", fontsize="medium")
+        ax_e.legend(fontsize="small")
+    else:
+        ax_e.set_axis_off()
+    fp = dia.get("false_positives", {})
+    counts = np.asarray(fp.get("per_ccd_visit", []), dtype=float)
+    if counts.size:
+        ax_q.hist(counts, bins=min(20, max(5, counts.size // 2)), color="tab:red")
+        ax_q.axvline(np.median(counts), color="k", ls="--", label=f"median {np.median(counts):.0f}")
+        ax_q.set_xlabel("false DIASources per CCD-visit")
+        ax_q.set_ylabel("CCD-visits")
+        share = fp.get("n_at_static_objects", 0) / max(fp.get("n_total", 1), 1)
+        ax_q.set_title(f"false positives ({share:.0%} at static objects)", fontsize="medium")
+        ax_q.legend(fontsize="small")
+    else:
+        ax_q.set_axis_off()
+
+
 def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None) -> Figure:
     """The figures against a simulation's truth, each with its goal.
 
@@ -211,10 +246,11 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
     """
     truth = metrics.get("truth", {})
     static = truth.get("static_sky", {})
-    fig = Figure(figsize=(4 * _PANEL + 1, 2 * _PANEL + 0.6), layout="constrained")
-    panels = fig.subplot_mosaic("CAPF;LTTT")
+    fig = Figure(figsize=(4 * _PANEL + 1, 3 * _PANEL), layout="constrained")
+    panels = fig.subplot_mosaic("CAPF;LEQT", height_ratios=[1, 1])
     ax_c, ax_a, ax_p, ax_f = (panels[k] for k in "CAPF")
-    ax_l, ax_t = panels["L"], panels["T"]
+    ax_l, ax_e, ax_q, ax_t = (panels[k] for k in "LEQT")
+    _dia_truth_panels(ax_e, ax_q, truth.get("difference_imaging", {}))
     for band, c in static.get("completeness", {}).items():
         colour = BAND_COLOURS.get(band)
         bins = pd.DataFrame(c.get("bins", []))
@@ -299,21 +335,21 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
     rows = []
     purity = static.get("purity", {})
     if purity:
-        rows.append(("Object purity (S/N>10)", purity.get("purity"), "≥ 0.99"))
+        rows.append(("Object purity, S/N>10", purity.get("purity"), "≥ 0.99"))
     for band, bias in static.get("bright_star_bias", {}).items():
-        rows.append((f"coadd bright-star bias {band} (mmag)", bias.get("median_mmag"), "|x| ≤ 5"))
+        rows.append((f"star bias {band} (mmag)", bias.get("median_mmag"), "|x| ≤ 5"))
     association = truth.get("association", {})
     if association:
         rows.append(
             (
-                "transients in one DIAObject",
+                "transients: 1 DIAObject",
                 association.get("transient", {}).get("fraction_in_one_object"),
                 "1",
             )
         )
         rows.append(
             (
-                "DIAObjects merging 2 truths",
+                "merged truths",
                 association.get("n_merging_true_objects_2arcsec_apart"),
                 "0",
             )
@@ -326,9 +362,9 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
             loc="upper left",
             colLoc="left",
             cellLoc="left",
-            colWidths=[0.5, 0.2, 0.3],
+            colWidths=[0.6, 0.2, 0.2],
             bbox=(0.0, 0.0, 1.0, 1.0),
         )
         table.auto_set_font_size(False)
-        table.set_fontsize(9)
+        table.set_fontsize(8)
     return fig

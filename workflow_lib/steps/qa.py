@@ -81,6 +81,7 @@ def write_metrics(
             truth_ccdvisit=read_table(truth_ccdvisit_path),
             truth_lightcurve=read_table(truth_lightcurve_path) if truth_lightcurve_path else None,
             dia_sources=dia_sources,
+            dia_ccd=read_table(dia_ccd_table_path) if dia_ccd_table_path else None,
             dia_objects=dia_objects,
             dia_forced=read_table(dia_forced_table_path) if dia_forced_table_path else None,
             output_dir=str(ProductPaths.of_product("metrics", metrics_path).root)
@@ -102,6 +103,7 @@ def _truth_metrics(
     truth_ccdvisit: pd.DataFrame,
     truth_lightcurve: pd.DataFrame | None,
     dia_sources: pd.DataFrame | None,
+    dia_ccd: pd.DataFrame | None,
     dia_objects: pd.DataFrame | None,
     dia_forced: pd.DataFrame | None,
     output_dir: str | None,
@@ -116,6 +118,16 @@ def _truth_metrics(
         from workflow_lib.steps.quality import static_sky_quality
 
         out["static_sky"] = static_sky_quality(output_dir, template_window=template_window)
+    if dia_sources is not None and dia_ccd is not None:
+        from workflow_lib.qa.dia_metrics import detection_efficiency, false_positives
+
+        out["difference_imaging"] = {
+            "false_positives": false_positives(dia_sources, dia_ccd, truth)
+        }
+        if truth_lightcurve is not None:
+            out["difference_imaging"]["efficiency"] = detection_efficiency(
+                dia_sources, dia_ccd, truth, truth_lightcurve, template_window=template_window
+            )
     if dia_sources is not None and dia_objects is not None:
         from workflow_lib.qa.dia_metrics import association_metrics, light_curve_pulls
 
@@ -160,16 +172,23 @@ def _save(fig: Any, path: str) -> None:
 
 
 def plot_ccd_visits(*, ccdvisit_table_path: str, plot_path: str, failed_path: str) -> None:
-    """Per-CCD-visit quality against time, and the page listing failed CCD-visits with reasons."""
+    """Per-CCD-visit quality against time, and the page listing flagged and failed CCD-visits."""
     from workflow_lib.core.flags import CcdVisitFlag
     from workflow_lib.qa.plots import ccd_visit_figure
 
     ccd_visits = read_table(ccdvisit_table_path)
     _save(ccd_visit_figure(ccd_visits), plot_path)
-    failed = ccd_visits[(ccd_visits["flags"].to_numpy() & int(CcdVisitFlag.FAILED)) != 0]
-    columns = ["visit", "detector", "band", "midpointMjdTai", "failReason"]
-    table = failed[columns].sort_values(["visit", "detector"])
-    heading = f"{len(table)} of {len(ccd_visits)} CCD-visits not calibrated"
+    flags = ccd_visits["flags"].to_numpy()
+    listed = ccd_visits[flags != 0].assign(
+        flagNames=[", ".join(f.name for f in CcdVisitFlag(int(v))) for v in flags[flags != 0]]
+    )
+    columns = ["visit", "detector", "band", "midpointMjdTai", "flagNames", "failReason"]
+    table = listed[columns].sort_values(["visit", "detector"])
+    n_failed = int(((flags & int(CcdVisitFlag.FAILED)) != 0).sum())
+    heading = (
+        f"{n_failed} of {len(ccd_visits)} CCD-visits not calibrated, "
+        f"{len(table) - n_failed} calibrated with flags"
+    )
     page = (
         '<!DOCTYPE html><html><head><meta charset="utf-8"><title>failed CCD-visits</title>'
         "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:left}</style>"
