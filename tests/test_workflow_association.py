@@ -22,7 +22,8 @@ from workflow_lib.workflow import WorkflowPlan
 
 matplotlib.use("Agg")
 pytestmark = pytest.mark.workflow
-DIFFIM = {**TINY, "diffim": {"enabled": True}}
+# The static-sky figures against truth too, for the packaged tiny thresholds.
+DIFFIM = {**TINY, "diffim": {"enabled": True}, "qa": {"truth_static_sky": True}}
 TEMPLATE_END_MJD = 60630.0
 
 
