@@ -239,3 +239,32 @@ def test_ccd_visit_page_lists_flagged_and_failed_ccd_visits(tmp_path):
     html = page.read_text()
     assert "1 of 3 CCD-visits not calibrated, 1 calibrated with flags" in html
     assert "FAILED, PSF_FAILED" in html and "PSF_FALLBACK" in html and "only 3 usable" in html
+
+
+def test_a_failing_step_writes_its_traceback_to_the_job_log(tmp_path):
+    import logging
+    from types import SimpleNamespace
+
+    from workflow_lib.steps.runner import run_snakemake_job
+
+    class Named(dict):  # what the runner uses of Snakemake's named lists: items()
+        pass
+
+    log_path = tmp_path / "job.log"
+    smk = SimpleNamespace(
+        rule="qa_ccd_visits",
+        threads=1,
+        log=[str(log_path)],
+        input=Named(ccdvisit_table_path=str(tmp_path / "no_such_CcdVisit.parquet")),
+        output=Named(plot_path=str(tmp_path / "a.png"), failed_path=str(tmp_path / "b.html")),
+        params=Named(step="qa:plot_ccd_visits"),
+        wildcards=Named(),
+    )
+    try:
+        with pytest.raises(OSError):
+            run_snakemake_job(smk)
+    finally:
+        logging.getLogger().handlers.clear()
+    text = log_path.read_text()
+    assert "step qa:plot_ccd_visits failed" in text and "Traceback" in text
+    assert "no_such_CcdVisit.parquet" in text

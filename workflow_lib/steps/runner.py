@@ -91,7 +91,13 @@ def run_snakemake_job(smk: Any) -> Any:
     log.info("rule %s: step %s (%.2f s after the job's process started)", smk.rule, spec,
              _seconds_since_process_start())  # fmt: skip
     start = time.perf_counter()
-    result = func(**kwargs)
+    try:
+        result = func(**kwargs)
+    except BaseException:
+        # The job's log is where Snakemake points the user: the traceback goes there
+        # too (and on to Snakemake's own output when the exception propagates).
+        log.exception("step %s failed after %.2f s", spec, time.perf_counter() - start)
+        raise
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     log.info(
         "step %s done in %.2f s, peak memory %.0f MB", spec, time.perf_counter() - start, peak_mb
