@@ -28,6 +28,7 @@ from scipy.spatial import cKDTree
 
 from workflow_lib.core.flags import ARTIFACT_DIA_SOURCE, DiaForcedSourceFlag
 from workflow_lib.core.sky import tangent_plane_arcsec
+from workflow_lib.qa.metrics import pull_histogram
 
 MATCH_ARCSEC = 1.0
 MERGE_ARCSEC = 2.0
@@ -58,6 +59,7 @@ def _pull_summary(pull: np.ndarray) -> dict[str, Any]:
         "n": int(pull.size),
         "median": float(np.median(pull)) if pull.size else float("nan"),
         "robust_sigma": robust_sigma(pull),
+        "histogram": pull_histogram(pull),
     }
 
 

@@ -159,6 +159,22 @@ STATIC_SKY_TARGETS: dict[str, float] = {
 }
 
 
+PULL_EDGES = np.arange(-5.0, 5.0001, 0.25)
+
+
+def pull_histogram(pulls: np.ndarray) -> dict[str, Any]:
+    """Counts of ``pulls`` in 0.25-wide bins over [-5, 5], and those outside (for plots)."""
+    pulls = np.asarray(pulls, dtype=np.float64)
+    pulls = pulls[np.isfinite(pulls)]
+    counts, _ = np.histogram(pulls, bins=PULL_EDGES)
+    return {
+        "edges": PULL_EDGES.round(2).tolist(),
+        "counts": counts.tolist(),
+        "n_below": int((pulls < PULL_EDGES[0]).sum()),
+        "n_above": int((pulls > PULL_EDGES[-1]).sum()),
+    }
+
+
 def _robust_sigma(values: np.ndarray) -> float:
     """Interquartile range / 1.349 (NaN for fewer than 2 values)."""
     values = np.asarray(values, dtype=np.float64)
@@ -620,6 +636,7 @@ def forced_photometry_pulls(
             "n_stars": int(link["truth_pos"].nunique()),
             "sigma": sigma,
             "median": float(np.median(table["pull"])) if len(table) else float("nan"),
+            "histogram": pull_histogram(table["pull"].to_numpy()),
             "by_band": {
                 str(b): {
                     "n": len(g),

@@ -200,6 +200,28 @@ def _goal_band(ax: Any, lo: float, hi: float, *, label: str, axis: str = "y") ->
     span(lo, hi, color="tab:green", alpha=0.15, label=label)
 
 
+def _pull_histograms(ax: Any, groups: Mapping[str, Mapping[str, Any]]) -> None:
+    """Pull histograms (``metrics`` ``histogram`` entries) as densities, with N(0, 1)."""
+    colours = iter(["tab:gray", "tab:purple", "tab:blue"])
+    for label, group in groups.items():
+        hist = group.get("histogram")
+        colour = next(colours)
+        if not hist or not group.get("n"):
+            continue
+        edges, counts = np.asarray(hist["edges"]), np.asarray(hist["counts"], float)
+        total = counts.sum() + hist["n_below"] + hist["n_above"]
+        density = counts / max(total, 1) / np.diff(edges)
+        sigma = group.get("robust_sigma", group.get("sigma"))
+        ax.stairs(
+            density, edges, color=colour, lw=1.5,
+            label=f"{label}: n={group['n']}, σ={sigma:.2f}" if sigma is not None else label,
+        )  # fmt: skip
+    grid = np.linspace(-5, 5, 201)
+    ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), "g--", lw=1, label="N(0, 1)")
+    ax.set_ylabel("density")
+    ax.legend(fontsize="x-small")
+
+
 def _dia_truth_panels(ax_e: Any, ax_q: Any, dia: Mapping[str, Any]) -> None:
     """DIA efficiency against true S/N, and false positives per CCD-visit."""
     bins = pd.DataFrame(dia.get("efficiency", {}).get("bins", []))
@@ -247,9 +269,9 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
     truth = metrics.get("truth", {})
     static = truth.get("static_sky", {})
     fig = Figure(figsize=(4 * _PANEL + 1, 3 * _PANEL), layout="constrained")
-    panels = fig.subplot_mosaic("CAPF;LEQT", height_ratios=[1, 1])
+    panels = fig.subplot_mosaic("CAPF;HLEQ;TTTT", height_ratios=[1, 1, 0.55])
     ax_c, ax_a, ax_p, ax_f = (panels[k] for k in "CAPF")
-    ax_l, ax_e, ax_q, ax_t = (panels[k] for k in "LEQT")
+    ax_h, ax_l, ax_e, ax_q, ax_t = (panels[k] for k in "HLEQT")
     _dia_truth_panels(ax_e, ax_q, truth.get("difference_imaging", {}))
     for band, c in static.get("completeness", {}).items():
         colour = BAND_COLOURS.get(band)
@@ -316,21 +338,22 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
         ax_f.set_axis_off()
 
     lc = truth.get("light_curves", {})
-    groups = {
-        "transients\nhostless": lc.get("transient", {}).get("hostless", {}),
-        "transients\nhosted": lc.get("transient", {}).get("hosted", {}),
-        "noise": lc.get("noise", {}),
+    dia_groups = {
+        "noise (no true change)": lc.get("noise", {}),
+        "transients": lc.get("transient", {}),
     }
-    if any(g.get("n") for g in groups.values()):
-        values = [g.get("robust_sigma") for g in groups.values()]
-        ax_l.bar(range(3), [np.nan if v is None else v for v in values], color="tab:purple")
-        ax_l.set_xticks(range(3), [f"{k}\n(n={g.get('n', 0)})" for k, g in groups.items()])
-        _goal_band(ax_l, 0.95, 1.05, label="goal 0.95-1.05")
-        ax_l.set_ylabel("robust σ of psfDiffFlux pulls")
-        ax_l.set_title("DIA light curves", fontsize="medium")
-        ax_l.legend(fontsize="small")
+    if any(g.get("n") for g in dia_groups.values()):
+        _pull_histograms(ax_l, dia_groups)
+        ax_l.set_xlabel("(psfDiffFlux - true) / psfDiffFluxErr")
+        ax_l.set_title("DIA light-curve pulls (goal σ 0.95-1.05)", fontsize="medium")
     else:
         ax_l.set_axis_off()
+    if forced.get("histogram"):
+        _pull_histograms(ax_h, {"stars, true S/N < 20": forced})
+        ax_h.set_xlabel("(psfFlux - true) / psfFluxErr")
+        ax_h.set_title("forced photometry pulls (goal σ 0.9-1.1)", fontsize="medium")
+    else:
+        ax_h.set_axis_off()
 
     rows = []
     purity = static.get("purity", {})
@@ -362,7 +385,7 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
             loc="upper left",
             colLoc="left",
             cellLoc="left",
-            colWidths=[0.6, 0.2, 0.2],
+            colWidths=[0.5, 0.25, 0.25],
             bbox=(0.0, 0.0, 1.0, 1.0),
         )
         table.auto_set_font_size(False)
