@@ -430,9 +430,22 @@ def object_purity(
     )
     n = len(bright)
     purity = float(match["matched"].mean()) if n else float("nan")
+    # Purity against the reference-band PSF magnitude, in 0.5-mag bins (for the report).
+    ref = bright["refBand"].astype(str).to_numpy()
+    flux = np.array([bright[f"{b}_psfFlux"].iloc[k] for k, b in enumerate(ref)], dtype=float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = 31.4 - 2.5 * np.log10(flux)
+    matched = match["matched"].to_numpy(dtype=bool)
+    which = np.floor(mag / 0.5)
+    bins = [
+        {"mag": float((k + 0.5) * 0.5), "n": int(sel.sum()), "purity": float(matched[sel].mean())}
+        for k in np.unique(which[np.isfinite(which)])
+        for sel in [which == k]
+    ]
     return {
         "snr_min": float(snr_min),
         "n_objects": int(n),
+        "bins": bins,
         "n_unmatched": int(n - match["matched"].sum()),
         "purity": purity,
         "unmatched_object_ids": bright["objectId"][~match["matched"]].astype(int).tolist()[:50],

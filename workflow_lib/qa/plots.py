@@ -284,9 +284,19 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
             ax_c.plot(mags, c_max / (1 + np.exp((mags - m50) / width)), "-", color=colour)
         if c.get("depth_mag") is not None:
             ax_c.axvline(c["depth_mag"], color=colour, ls=":", lw=1)
-    ax_c.set_xlabel("true magnitude (AB)")
-    ax_c.set_ylabel("completeness (stars)")
-    ax_c.set_title("completeness (dotted: 5σ depth;\ngoal: 50% within 0.3 mag)", fontsize="medium")
+    purity_bins = pd.DataFrame(static.get("purity", {}).get("bins", []))
+    if len(purity_bins):
+        ax_c.plot(
+            purity_bins["mag"], purity_bins["purity"], "ks-", ms=3, lw=0.8,
+            label="purity (Objects, S/N>10;\nmeasured ref-band mag)",
+        )  # fmt: skip
+        ax_c.axhline(0.99, color="k", ls=":", lw=0.8)
+    ax_c.set_xlabel("magnitude (AB)")
+    ax_c.set_ylabel("completeness (stars) / purity")
+    ax_c.set_title(
+        "completeness, purity (dotted: 5σ depth;\ngoal: 50% within 0.3 mag; 0.99)",
+        fontsize="medium",
+    )
     ax_c.legend(fontsize="small")
 
     if matched_stars is not None and len(matched_stars):
