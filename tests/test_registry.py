@@ -8,6 +8,7 @@ import os
 import numpy as np
 import pandas as pd
 import pytest
+from astropy.io import fits
 
 from workflow_lib.core.config import Selection
 from workflow_lib.core.registry import (
@@ -89,7 +90,12 @@ def test_calibrations_need_less_than_science(tmp_path, write_fake_raw):
 
 def test_amplifiers_must_tile_the_detector(tmp_path, write_fake_raw):
     path = write_fake_raw(tmp_path / "a.fits", amp_overrides={"DETSEC": "[1:16,1:8]"})
-    assert "DETSECs cover" in _scan_one(path).problems[0]
+    assert "HDU 2: DETSEC [1:16,1:8] overlaps that of HDU 1" in _scan_one(path).problems[0]
+    gap = write_fake_raw(tmp_path / "b.fits", amp_overrides={"DETSEC": "[17:32,1:8]"})
+    gap_amps = fits.open(gap)  # move the second amplifier up: a gap below it
+    gap_amps[2].header["DETSEC"] = "[17:32,9:16]"
+    gap_amps.writeto(tmp_path / "c.fits")
+    assert "DETSECs cover 256 pixels of a 32x16" in _scan_one(tmp_path / "c.fits").problems[0]
 
 
 def test_scan_reports_every_bad_file_and_keeps_the_good(tmp_path, write_fake_raw):

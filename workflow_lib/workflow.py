@@ -46,6 +46,8 @@ class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan, 
                 f"(the registry has {int((self.registry['obstype'] == 'science').sum())})"
             )
         self.calibrations = select_calibrations(self.registry, self.science)
+        if self.cfg.diffim.enabled:
+            self._check_template_window()
 
     # -- registry ---------------------------------------------------------------
     @property
@@ -76,7 +78,6 @@ class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan, 
         if self.simulated:
             planned = self._survey_plan.registry(self.image_format).copy()
             name = "sim_raw" if self.image_format == "raw" else "sim_eimage"
-            planned["n_amplifiers"] = 0
             planned["path"] = [
                 str(self.paths.path(name, exposure=e, detector=d))
                 for e, d in zip(planned["exposure"], planned["detector"], strict=True)

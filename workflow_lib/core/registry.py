@@ -89,8 +89,12 @@ REGISTRY_COLUMNS: tuple[str, ...] = (
     "dec",
     *CORNER_COLUMNS,
     "n_amplifiers",
+    "detector_nx",
+    "detector_ny",
     "path",
 )
+# Integer columns a table may lack (an older registry, a simulator's plan): 0 = unknown.
+_OPTIONAL_INT_COLUMNS = ("n_amplifiers", "detector_nx", "detector_ny")
 OBSTYPES = ("science", "bias", "dark", "flat")
 # Other instruments call a science frame an "object" frame.
 _OBSTYPE_ALIASES = {"object": "science"}
@@ -218,6 +222,8 @@ def registry_record(
         "dec": dec,
         **corners,
         "n_amplifiers": len(amplifiers),
+        "detector_nx": detector_size[0],
+        "detector_ny": detector_size[1],
         "path": path,
     }
 
@@ -294,6 +300,7 @@ def _check_amplifiers(amplifiers: Sequence[Mapping[str, Any]], path: str) -> tup
         raise BadInputFile(path, "no amplifier image HDUs (raw format needs one HDU per amplifier)")
     covered = 0
     extent_x = extent_y = 0
+    placed: list[tuple[int, Section]] = []
     for index, header in enumerate(amplifiers, start=1):
         where = f"HDU {index}"
         for key in AMPLIFIER_KEYWORDS:
@@ -330,14 +337,31 @@ def _check_amplifiers(amplifiers: Sequence[Mapping[str, Any]], path: str) -> tup
                 f"{where}: DATASEC {header['DATASEC']} and DETSEC {header['DETSEC']} "
                 "differ in size",
             )
+        for other_index, other in placed:
+            if _overlap(det, other):
+                raise BadInputFile(
+                    path,
+                    f"{where}: DETSEC {header['DETSEC']} overlaps that of HDU {other_index}",
+                )
+        placed.append((index, det))
         covered += det.shape[0] * det.shape[1]
         extent_x = max(extent_x, det.x.stop)
         extent_y = max(extent_y, det.y.stop)
+    # Disjoint rectangles whose areas add up to their bounding box tile it exactly.
     if covered != extent_x * extent_y:
         raise BadInputFile(
             path, f"amplifier DETSECs cover {covered} pixels of a {extent_x}x{extent_y} detector"
         )
     return extent_x, extent_y
+
+
+def _overlap(a: Section, b: Section) -> bool:
+    return (
+        a.x.start < b.x.stop
+        and b.x.start < a.x.stop
+        and a.y.start < b.y.stop
+        and (b.y.start < a.y.stop)
+    )
 
 
 def find_duplicates(registry: pd.DataFrame) -> list[str]:
@@ -352,6 +376,55 @@ def find_duplicates(registry: pd.DataFrame) -> list[str]:
     return problems
 
 
+def find_inconsistent_files(registry: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Files that disagree with the other files of their detector or visit.
+
+    Every file of a detector must have the same amplifier layout (a file that
+    lost amplifier HDUs can still tile a smaller detector), and every detector
+    of a science visit the same band. The value most files share is taken as
+    right; when no value is in the majority, every file of the group is out.
+    Returns (one problem line per file, the paths to leave out).
+    """
+    problems: list[str] = []
+    bad: list[str] = []
+    sized = registry[registry["detector_nx"] > 0]
+    for detector, rows in sized.groupby("detector"):
+        layout = [
+            f"{n} amplifier(s) on a {nx}x{ny} detector"
+            for n, nx, ny in rows[["n_amplifiers", "detector_nx", "detector_ny"]].itertuples(
+                index=False
+            )
+        ]
+        _odd_ones_out(rows, pd.Series(layout, index=rows.index), f"detector {detector}",
+                      problems, bad)  # fmt: skip
+    science = registry[registry["obstype"] == "science"]
+    for visit, rows in science.groupby("visit"):
+        bands = "band " + rows["band"].astype(str)
+        _odd_ones_out(rows, bands, f"visit {visit}", problems, bad)
+    return problems, bad
+
+
+def _odd_ones_out(
+    rows: pd.DataFrame, values: pd.Series, group: str, problems: list[str], bad: list[str]
+) -> None:
+    counts = values.value_counts()
+    if len(counts) < 2:
+        return
+    majority = counts.index[0] if counts.iloc[0] > counts.iloc[1] else None
+    for index, value in values.items():
+        if value == majority:
+            continue
+        path = str(rows.at[index, "path"])
+        if majority is None:
+            seen = "; ".join(f"{v} in {c} file(s)" for v, c in counts.items())
+            problems.append(f"{path}: {value}, but the files of {group} disagree ({seen})")
+        else:
+            problems.append(
+                f"{path}: {value}, but {counts.iloc[0]} other file(s) of {group} have {majority}"
+            )
+        bad.append(path)
+
+
 def empty_registry() -> pd.DataFrame:
     """A registry with no rows but the right columns and dtypes."""
     return as_registry([])
@@ -362,7 +435,7 @@ def as_registry(records: Sequence[Mapping[str, Any]] | pd.DataFrame) -> pd.DataF
     table = pd.DataFrame(list(records) if not isinstance(records, pd.DataFrame) else records)
     for col in REGISTRY_COLUMNS:
         if col not in table:
-            table[col] = pd.Series(dtype=object)
+            table[col] = 0 if col in _OPTIONAL_INT_COLUMNS else pd.Series(dtype=object)
     table = table[list(REGISTRY_COLUMNS)].astype(
         {
             "exposure": np.int64,
@@ -377,6 +450,8 @@ def as_registry(records: Sequence[Mapping[str, Any]] | pd.DataFrame) -> pd.DataF
             "dec": np.float64,
             **dict.fromkeys(CORNER_COLUMNS, np.float64),
             "n_amplifiers": np.int64,
+            "detector_nx": np.int64,
+            "detector_ny": np.int64,
             "path": str,
         }
     )

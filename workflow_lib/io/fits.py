@@ -7,11 +7,14 @@ partial file behind.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
 from workflow_lib.io.atomic import atomic_output
 
@@ -55,18 +58,26 @@ def read_image_hdus(
     """Read a multi-extension image file.
 
     Returns the primary header and, for every image extension that holds data,
-    ``(data, header)`` with data in native byte order. For tile-compressed
-    files the primary header of the compressed container is returned, which
-    fpack keeps identical to the original.
+    ``(data, header)`` with data in native byte order; a damaged file raises
+    DamagedFitsFile. For tile-compressed files the primary header of the
+    compressed container is returned, which fpack keeps identical to the original.
     """
     images: list[tuple[np.ndarray, fits.Header]] = []
-    with fits.open(path, memmap=False) as hdul:
-        primary = hdul[0].header.copy()
-        for hdu in hdul[1:]:
-            if isinstance(hdu, (fits.ImageHDU, fits.CompImageHDU)) and hdu.data is not None:
-                images.append((to_native(hdu.data, in_place=True), hdu.header.copy()))
-        if not images and hdul[0].data is not None:
-            images.append((to_native(hdul[0].data, in_place=True), primary))
+    try:
+        # checksum=True: where the file has CHECKSUM/DATASUM cards, damaged bytes
+        # raise DamagedFitsFile instead of passing as pixels.
+        with _damage_as_error(), fits.open(path, memmap=False, checksum=True) as hdul:
+            primary = hdul[0].header.copy()
+            for hdu in hdul[1:]:
+                if isinstance(hdu, (fits.ImageHDU, fits.CompImageHDU)) and hdu.data is not None:
+                    images.append((to_native(hdu.data, in_place=True), hdu.header.copy()))
+            if not images and hdul[0].data is not None:
+                images.append((to_native(hdul[0].data, in_place=True), primary))
+    except (DamagedFitsFile, OSError, MemoryError):
+        raise
+    except Exception as err:  # a decoder's own error types (cfitsio, zlib, numpy)
+        text = " ".join(str(err).split())
+        raise DamagedFitsFile(f"damaged FITS file ({type(err).__name__}: {text})") from err
     return primary, images
 
 
@@ -112,17 +123,75 @@ def _write_hdulist(path: str | os.PathLike[str], hdul: fits.HDUList) -> None:
             hdul.writeto(tmp, checksum=True)
 
 
+class DamagedFitsFile(ValueError):
+    """A FITS file whose bytes do not match what its headers declare."""
+
+
 def read_headers(path: str | os.PathLike[str]) -> tuple[fits.Header, list[fits.Header]]:
     """Primary header and the header of every image extension, without pixel data.
 
     For tile-compressed extensions astropy presents the uncompressed image
-    header, so NAXISn describe the image either way.
+    header, so NAXISn describe the image either way. A file shorter or longer
+    than its headers declare (a cut copy, a gzip stream that stops early) or
+    whose headers astropy had to repair raises DamagedFitsFile: astropy itself
+    only warns, and would hand back the HDUs before the cut as a whole file.
     """
-    with fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
+    with _damage_as_error(), fits.open(path, memmap=False, lazy_load_hdus=True) as hdul:
         primary = hdul[0].header.copy()
         extensions = [
             hdu.header.copy()
             for hdu in hdul[1:]
             if isinstance(hdu, (fits.ImageHDU, fits.CompImageHDU))
         ]
+        last = hdul.fileinfo(len(hdul) - 1)
+        declared = int(last["datLoc"]) + int(last["datSpan"])
+    size, gzipped = _stream_size(path)
+    if gzipped and size != declared % 2**32:
+        raise DamagedFitsFile(
+            "damaged FITS file: the gzip stream is cut or corrupt (its length trailer "
+            f"says {size} bytes, the headers declare {declared})"
+        )
+    if not gzipped and size != declared:
+        raise DamagedFitsFile(
+            f"damaged FITS file: {size} bytes where its {len(extensions) + 1} HDU headers "
+            f"declare {declared}"
+        )
+    if "NEXTEND" in primary and int(primary["NEXTEND"]) != len(extensions):
+        raise DamagedFitsFile(
+            f"primary header says NEXTEND={primary['NEXTEND']} but the file has "
+            f"{len(extensions)} image extension(s)"
+        )
     return primary, extensions
+
+
+def _stream_size(path: str | os.PathLike[str]) -> tuple[int, bool]:
+    """(length of the FITS byte stream, whether it is gzipped).
+
+    For gzip that length is the ISIZE trailer, the uncompressed length modulo
+    2**32; a cut gzip file ends in deflate bytes instead, which match the
+    declared length by chance only.
+    """
+    size = os.path.getsize(path)
+    with open(path, "rb") as stream:
+        if stream.read(2) != b"\x1f\x8b":
+            return size, False
+        if size < 18:  # shorter than a gzip header and trailer
+            return 0, True
+        stream.seek(-4, os.SEEK_END)
+        return int.from_bytes(stream.read(4), "little"), True
+
+
+@contextmanager
+def _damage_as_error() -> Iterator[None]:
+    """Raise DamagedFitsFile where astropy only warns of a damaged file.
+
+    astropy warns, and goes on, on a file shorter than its headers, a header it
+    had to repair, or a CHECKSUM/DATASUM that does not match the bytes read.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        if issubclass(warning.category, (fits.verify.VerifyWarning, AstropyUserWarning)):
+            text = " ".join(str(warning.message).split())
+            raise DamagedFitsFile(f"damaged FITS file ({text})")

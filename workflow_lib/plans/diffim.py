@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from workflow_lib.core.config import ConfigError
 from workflow_lib.plans.base import PlanState
 
 
@@ -24,6 +25,26 @@ class DiffimPlan(PlanState):
                 for t, p in self.warp_patches(wildcards)
             ],
         }
+
+    def _check_template_window(self) -> None:
+        """Stop before any job when the template's MJD window holds no selected visit.
+
+        Every template coadd would be empty and every subtraction a skip; the
+        window is known from the registry, so the run need not find out per CCD.
+        """
+        window = self.cfg.template
+        mjd = self.science["mjd"]
+        inside = mjd.between(
+            -float("inf") if window.mjd_min is None else window.mjd_min,
+            float("inf") if window.mjd_max is None else window.mjd_max,
+        )
+        if not inside.any():
+            raise ConfigError(
+                f"config: template: the window mjd_min={window.mjd_min}, "
+                f"mjd_max={window.mjd_max} holds none of the {mjd.size} selected science "
+                f"exposures (MJD {mjd.min():.3f} to {mjd.max():.3f}): difference imaging "
+                "would have no template"
+            )
 
     def diffim_ccd_ids(self) -> list[tuple[int, int]]:
         """Science CCDs that overlap at least one patch (the others have no template)."""

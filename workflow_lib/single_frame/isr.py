@@ -354,6 +354,16 @@ def check_usable(image: np.ndarray, saturated: np.ndarray, *, min_fraction: floa
             f"only {usable.sum()} of {n} pixels are finite and unsaturated "
             f"({saturated.mean():.1%} saturated)"
         )
+    # A blank or zeroed image (a failed readout) has no noise at all. The
+    # subsample check is cheap and almost always decides; only a constant
+    # subsample pays for the full pass.
+    sample = image[::7, ::7][usable[::7, ::7]]
+    if sample.size and sample.min() == sample.max():
+        values = image[usable]
+        if values.min() == values.max():
+            raise UnprocessableExposure(
+                f"every usable pixel has the same value ({values[0]:g}): a blank image"
+            )
 
 
 # --------------------------------------------------------------------------

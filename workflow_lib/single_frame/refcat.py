@@ -161,7 +161,8 @@ def standardize_refcat(
     ``sigma_{column}`` (the CatSim habit) when present.
 
     Raises ValueError naming ``source`` (the file) and the missing column or the
-    problem: non-numeric values, ra outside [0, 360), dec outside [-90, 90], no rows.
+    problem: non-numeric values, ra outside [0, 360), dec outside [-90, 90], no rows,
+    ids shared by several rows.
     Doing this once, up front, means a bad catalog fails before any pixel is read.
     """
     for what, name in (("id", columns.id), ("ra", columns.ra), ("dec", columns.dec)):
@@ -191,8 +192,14 @@ def standardize_refcat(
     ids = _numeric(table, columns.id, "id", source)
     if not np.all(np.isfinite(ids)) or np.any(ids != np.round(ids)):
         raise ValueError(f"{_where(source)}column '{columns.id}' (id) is not an integer id")
-    if table[columns.id].duplicated().any():
-        log.warning("%sduplicate ids in column '%s'", _where(source), columns.id)
+    duplicated = table[columns.id].duplicated(keep=False)
+    if duplicated.any():
+        # A star listed twice is two references at one position: an ambiguous match.
+        examples = ", ".join(str(v) for v in table.loc[duplicated, columns.id].unique()[:3])
+        raise ValueError(
+            f"{_where(source)}column '{columns.id}' (id) has {int(duplicated.sum())} rows "
+            f"sharing an id, e.g. {examples}"
+        )
     id_values = pd.to_numeric(table[columns.id]).to_numpy()
     data: dict[str, np.ndarray] = {
         "id": id_values.astype(np.int64),

@@ -23,6 +23,7 @@ from workflow_lib.core.registry import (
     BadInputFile,
     as_registry,
     find_duplicates,
+    find_inconsistent_files,
     registry_record,
 )
 from workflow_lib.core.timing import ProgressLog
@@ -32,8 +33,8 @@ from workflow_lib.io.fits import is_fits_name, read_headers
 log = logging.getLogger(__name__)
 
 # Bumped whenever registry rows gain or change columns, so old caches are re-read
-# (2: header-WCS footprint corners).
-_CACHE_VERSION = 2
+# (2: header-WCS footprint corners; 3: assembled detector size).
+_CACHE_VERSION = 3
 
 
 class IngestError(RuntimeError):
@@ -102,6 +103,10 @@ def scan_files(
         problems.extend(duplicates)
         registry = registry.drop_duplicates(["exposure", "detector"], keep=False)
         registry = registry.reset_index(drop=True)
+    inconsistent, bad_paths = find_inconsistent_files(registry)
+    if inconsistent:
+        problems.extend(inconsistent)
+        registry = registry[~registry["path"].isin(bad_paths)].reset_index(drop=True)
     if cache_path is not None and new_cache != cache:
         _save_cache(cache_path, image_format, new_cache)
     return ScanResult(registry=registry, problems=problems)

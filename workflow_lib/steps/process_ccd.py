@@ -21,7 +21,7 @@ from workflow_lib import __version__
 from workflow_lib.core.config import CalibrateConfig, IsrConfig
 from workflow_lib.core.flags import CcdVisitFlag
 from workflow_lib.core.timing import PhaseClock
-from workflow_lib.io import read_image_hdus, write_table
+from workflow_lib.io import read_header, read_image_hdus, write_table
 from workflow_lib.io.exposure import write_exposure, write_failure_record
 from workflow_lib.single_frame.calibrate import (
     approximate_wcs,
@@ -96,10 +96,15 @@ def process_ccd(
     clock = PhaseClock()
     isr_config = IsrConfig.from_dict(isr)
     calib_config = CalibrateConfig.from_dict(calibrate)
-    primary, hdus = read_image_hdus(raw_path)
+    try:
+        primary, hdus = read_image_hdus(raw_path)
+        read_error = None
+    except (OSError, ValueError) as err:  # damaged since ingest, or only now seen to be
+        primary, hdus = _header_or_empty(raw_path), []
+        read_error = f"raw file unreadable: {' '.join(str(err).split())}"
     clock.lap("read_raw")
-    band = str(primary["FILTER"]).strip().lower()
-    mjd, exptime = float(primary["MJD-OBS"]), float(primary["EXPTIME"])
+    band = str(primary.get("FILTER", "")).strip().lower()
+    mjd, exptime = float(primary.get("MJD-OBS", np.nan)), float(primary.get("EXPTIME", np.nan))
     ids = dict(visit=visit, detector=detector, band=band, mjd=mjd, exptime=exptime)
     provenance = {
         "package_version": __version__,
@@ -111,6 +116,8 @@ def process_ccd(
 
     masters: dict[str, Any] = {}
     try:
+        if read_error is not None:
+            raise isr_numerics.UnprocessableExposure(read_error)
         if image_format == "eimage":
             isr_result = isr_numerics.eimage_exposure(
                 hdus[0][0], primary, cosmic_rays=isr_config.detect_cosmic_rays
@@ -175,6 +182,16 @@ def process_ccd(
     clock.lap("write")
     log.info("QA step_timings_s = %s", clock.rounded()["wall"])
     log.info("QA step_cpu_timings_s = %s", clock.rounded()["cpu"])
+
+
+def _header_or_empty(path: str) -> Any:
+    """The primary header of a file that cannot be read whole, for its failure record."""
+    from astropy.io import fits
+
+    try:
+        return read_header(path)
+    except (OSError, ValueError):
+        return fits.Header()
 
 
 def _write(calexp, sources, row, calexp_path, src_path, ccdvisit_path, primary, provenance):  # type: ignore[no-untyped-def]
