@@ -390,3 +390,9 @@ def test_our_own_files_pass_the_checks(tmp_path):
         write_raw_file(tmp_path / name, fake_primary(), fake_amplifiers())
         assert _problems(tmp_path / name) == []
         assert len(read_image_hdus(tmp_path / name)[1]) == 2
+    # A header keyword edited by hand breaks CHECKSUM but not DATASUM: still read.
+    with fits.open(tmp_path / "a.fits", mode="update", checksum=False) as hdul:
+        hdul[1].header.set("GAIN", 1.6)
+    with pytest.warns(UserWarning, match="Checksum verification failed"):
+        fits.getdata(tmp_path / "a.fits", 1, checksum=True)
+    assert read_image_hdus(tmp_path / "a.fits")[1][0][1]["GAIN"] == 1.6
