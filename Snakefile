@@ -6,9 +6,14 @@ import os
 from snakemake.utils import min_version
 
 from workflow_lib.core.paths import wildcard_constraints as dimension_constraints
+from workflow_lib.stale_locks import clear_stale_locks_and_register
 from workflow_lib.workflow import WorkflowPlan
 
 min_version("9.0")
+
+# A run killed hard leaves Snakemake's lock behind; the same command restarts it.
+if workflow.is_main_process:
+    clear_stale_locks_and_register(".snakemake")
 
 
 configfile: os.path.join(workflow.basedir, "config.yaml")
