@@ -4,6 +4,7 @@
     python -m benchmarks.run sim-tiny dryrun-default --repeats 5
     python -m benchmarks.run workflow-default --repeats 1   # + CPU per rule
     python -m benchmarks.run job-overhead
+    python -m benchmarks.run consolidate-sources --repeats 1   # 10^4 Source files, 17 GB of disk
 
 Benchmarks are run by hand and quoted in notes; they are not timed tests.
 """
@@ -17,6 +18,7 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from benchmarks.bench_tables import bench_consolidate
 from benchmarks.harness import Measurement, measure
 from benchmarks.rule_costs import format_costs, rule_costs
 
@@ -136,6 +138,7 @@ BENCHMARKS: dict[str, Callable[[int, Path], str]] = {
     "workflow-tiny": lambda r, w: bench_workflow("tiny", r, w),
     "workflow-default": lambda r, w: bench_workflow("default", r, w),
     "job-overhead": bench_job_overhead,
+    "consolidate-sources": lambda r, w: bench_consolidate(10_000, 5_000, r, w).line(),
 }
 
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from astropy.io import fits
 
 from workflow_lib.core.exposure import Exposure
 from workflow_lib.core.flags import CcdVisitFlag, SourceFlag, describe
-from workflow_lib.io import read_table, write_csv, write_table
+from workflow_lib.io import read_table, write_concatenated, write_csv, write_table
 from workflow_lib.io.exposure import (
     ProcessingFailed,
     is_failure_record,
@@ -84,10 +85,11 @@ def test_consolidation_and_summary_list_failed_ccds(tmp_path):
     for i, row in enumerate(rows):
         paths.append(str(tmp_path / f"row{i}.parquet"))
         write_table(pd.DataFrame([row]), paths[-1])
-    table = consolidate_table(
+    n_rows = consolidate_table(
         input_paths=paths, output_path=str(tmp_path / "CcdVisit.parquet"), table="CcdVisit"
     )
-    assert table["visit"].tolist() == [1, 2]  # sorted
+    table = read_table(tmp_path / "CcdVisit.parquet")
+    assert n_rows == 2 and table["visit"].tolist() == [1, 2]  # sorted
     assert table["midpointMjdTai"].iloc[0] == pytest.approx(60600.0 + 15.0 / 86400.0)
 
     registry = pd.DataFrame(
@@ -116,7 +118,43 @@ def test_empty_per_ccd_tables_still_consolidate(tmp_path):
         output_path=str(tmp_path / "S.parquet"),
         table="Source",
     )
-    assert out.empty and list(read_table(tmp_path / "S.parquet").columns) == ["visit", "detector"]
+    assert out == 0 and list(read_table(tmp_path / "S.parquet").columns) == ["visit", "detector"]
+
+
+def test_streamed_consolidation_equals_concatenating_and_sorting(tmp_path):
+    """Pieces in any order, empty ones with untyped columns, small row groups: the
+    result is the stable (visit, detector) sort of the concatenation, dtypes kept."""
+    rng = np.random.default_rng(4)
+    pieces = []
+    for visit, detector, n in [(3, 1, 5), (1, 2, 0), (1, 0, 7), (2, 0, 4), (1, 0, 3), (3, 0, 6)]:
+        pieces.append(pd.DataFrame({
+            "sourceId": rng.integers(0, 2**62, n), "visit": np.full(n, visit),
+            "detector": np.full(n, detector), "band": ["r"] * n if n else [],
+            "psfFlux": rng.normal(size=n).astype(np.float32),
+        }))  # fmt: skip
+    paths = []
+    for i, piece in enumerate(pieces):
+        paths.append(str(tmp_path / f"p{i}.parquet"))
+        write_table(piece.astype({"band": object}) if piece.empty else piece, paths[-1])
+    expected = (
+        pd.concat([p for p in pieces if len(p)], ignore_index=True)
+        .sort_values(["visit", "detector"], kind="stable")
+        .reset_index(drop=True)
+    )
+    out = tmp_path / "Source.parquet"
+    assert write_concatenated(paths, out, sort_keys=("visit", "detector"), row_group_rows=8) == 25
+    pd.testing.assert_frame_equal(read_table(out), expected, check_exact=True)
+    assert pq.ParquetFile(out).metadata.num_row_groups > 1
+    # A piece holding several (visit, detector): sorted in memory, same answer.
+    write_table(pd.concat([pieces[0], pieces[2]], ignore_index=True), paths[0])
+    mixed = [paths[0], *paths[3:]]
+    expected = (
+        pd.concat([pieces[0], pieces[2], *pieces[3:]], ignore_index=True)
+        .sort_values(["visit", "detector"], kind="stable")
+        .reset_index(drop=True)
+    )
+    write_concatenated(mixed, out, sort_keys=("visit", "detector"))
+    pd.testing.assert_frame_equal(read_table(out), expected, check_exact=True)
 
 
 def test_process_ccd_inputs_follow_the_available_calibrations():

@@ -15,7 +15,13 @@ from workflow_lib.io.fits import (
     write_image_file,
     write_raw_file,
 )
-from workflow_lib.io.tables import read_table, read_tables, write_csv, write_table
+from workflow_lib.io.tables import (
+    read_table,
+    read_tables,
+    write_concatenated,
+    write_csv,
+    write_table,
+)
 
 __all__ = [
     "atomic_output",
@@ -25,6 +31,7 @@ __all__ = [
     "read_table",
     "read_tables",
     "to_native",
+    "write_concatenated",
     "write_csv",
     "write_image_file",
     "write_raw_file",

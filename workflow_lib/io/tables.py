@@ -11,6 +11,7 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute
 import pyarrow.parquet as pq
 
 from workflow_lib.core.timing import ProgressLog
@@ -82,6 +83,107 @@ def read_table(path: str | os.PathLike[str], *, columns: list[str] | None = None
                 df[col] = df[col].to_numpy().astype(df[col].dtype.newbyteorder("="))
         return df[columns] if columns is not None else df
     raise ValueError(f"{p}: unsupported table format (expected .parquet, .csv or .fits)")
+
+
+def write_concatenated(
+    paths: Sequence[str | os.PathLike[str]],
+    output_path: str | os.PathLike[str],
+    *,
+    sort_keys: Sequence[str] = (),
+    provenance: Mapping[str, Any] | None = None,
+    row_group_rows: int = 256_000,
+) -> int:
+    """Concatenate the Parquet tables at ``paths`` into ``output_path``, streaming.
+
+    Never holds more than one row group (``row_group_rows``) of the output in
+    memory, nor more than one input open, whatever the number of inputs: 10^4
+    per-CCD Source files are consolidated in the memory of a few of them. Rows
+    come out sorted by ``sort_keys`` (stable: input order among equal keys).
+    Pieces whose keys are constant (one per-CCD file, one (visit, detector)) are
+    ordered from their Parquet footers alone; if one is not, the pieces are read
+    whole and sorted in memory, with a warning. Returns the number of rows written.
+    """
+    if not paths:
+        raise ValueError(f"{output_path}: no input tables to concatenate")
+    footers = [pq.read_metadata(p) for p in paths]
+    schema = _unified_schema([f.schema.to_arrow_schema() for f in footers],
+                             [f.num_rows for f in footers], provenance)  # fmt: skip
+    keys = [k for k in sort_keys if k in schema.names]
+    piece_keys = [_constant_keys(f, keys) for f in footers] if keys else [None] * len(paths)
+    if any(k is False for k in piece_keys):
+        log.warning("%s: pieces span several %s; sorting in memory", output_path, keys)
+        merged = pa.concat_tables([_conformed(pq.read_table(p), schema) for p in paths])
+        merged = merged.take(pa.compute.sort_indices(merged, [(k, "ascending") for k in keys]))
+        with atomic_output(output_path) as tmp:
+            pq.write_table(merged, tmp, row_group_size=row_group_rows)
+        return merged.num_rows
+    # Empty pieces (key None) contribute no rows: their place does not matter.
+    order = sorted(
+        (i for i in range(len(paths)) if footers[i].num_rows), key=lambda i: piece_keys[i] or ()
+    )
+    n_rows = 0
+    buffered: list[pa.Table] = []
+    with atomic_output(output_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
+        for index in order:
+            piece = _conformed(pq.read_table(paths[index]), schema)
+            buffered.append(piece)
+            n_rows += piece.num_rows
+            if sum(t.num_rows for t in buffered) >= row_group_rows:
+                writer.write_table(pa.concat_tables(buffered), row_group_size=row_group_rows)
+                buffered = []
+        if buffered or n_rows == 0:
+            writer.write_table(
+                pa.concat_tables(buffered) if buffered else schema.empty_table(),
+                row_group_size=row_group_rows,
+            )
+    return n_rows
+
+
+def _unified_schema(
+    schemas: Sequence[pa.Schema], n_rows: Sequence[int], provenance: Mapping[str, Any] | None
+) -> pa.Schema:
+    """One schema for every piece: an empty piece's all-null column takes the others' type."""
+    unified = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
+    # Field order and pandas metadata of the first piece that has rows.
+    with_rows = [s for s, n in zip(schemas, n_rows, strict=True) if n]
+    first = with_rows[0] if with_rows else schemas[0]
+    names = list(first.names) + [n for n in unified.names if n not in first.names]
+    unified = pa.schema([unified.field(n) for n in names])
+    meta = dict(first.metadata or {})
+    meta.pop(_PROVENANCE_KEY, None)
+    if provenance is not None:
+        meta[_PROVENANCE_KEY] = json.dumps(provenance, default=str).encode()
+    return unified.with_metadata(meta)
+
+
+def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with ``schema``'s columns, order and types (absent columns null)."""
+    columns = [
+        table.column(f.name).cast(f.type) if f.name in table.column_names
+        else pa.nulls(table.num_rows, f.type)
+        for f in schema
+    ]  # fmt: skip
+    return pa.Table.from_arrays(columns, schema=schema)
+
+
+def _constant_keys(footer: pq.FileMetaData, keys: Sequence[str]) -> tuple | bool | None:
+    """The piece's key values if constant over its rows; None if empty; False otherwise."""
+    if footer.num_rows == 0:
+        return None
+    names = footer.schema.to_arrow_schema().names
+    values = []
+    for key in keys:
+        column = names.index(key)
+        seen = set()
+        for group in range(footer.num_row_groups):
+            stats = footer.row_group(group).column(column).statistics
+            if stats is None or not stats.has_min_max or stats.null_count:
+                return False
+            seen.update((stats.min, stats.max))
+        if len(seen) != 1:
+            return False
+        values.append(seen.pop())
+    return tuple(values)
 
 
 def read_tables(paths: Sequence[str | os.PathLike[str]]) -> pd.DataFrame:

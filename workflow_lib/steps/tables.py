@@ -6,27 +6,27 @@ import logging
 import os
 from collections.abc import Sequence
 
-import pandas as pd
-
 from workflow_lib import __version__
 from workflow_lib.core.paths import ProductPaths
-from workflow_lib.io import read_tables, write_table
+from workflow_lib.io import write_concatenated
 
 log = logging.getLogger(__name__)
 
 
-def consolidate_table(*, input_paths: list[str], output_path: str, table: str) -> pd.DataFrame:
-    """Concatenate per-CCD tables, sorted by (visit, detector), into ``output_path``."""
-    combined = read_tables(input_paths)
-    if {"visit", "detector"} <= set(combined.columns):
-        combined = combined.sort_values(["visit", "detector"], kind="stable").reset_index(drop=True)
-    write_table(
-        combined,
+def consolidate_table(*, input_paths: list[str], output_path: str, table: str) -> int:
+    """Concatenate per-CCD tables, sorted by (visit, detector), into ``output_path``.
+
+    Streamed (``io.write_concatenated``): memory does not grow with the number
+    of pieces. Returns the number of rows.
+    """
+    n_rows = write_concatenated(
+        input_paths,
         output_path,
+        sort_keys=("visit", "detector"),
         provenance={"package_version": __version__, "table": table, "n_inputs": len(input_paths)},
     )
-    log.info("%s: %d rows from %d files", table, len(combined), len(input_paths))
-    return combined
+    log.info("%s: %d rows from %d files", table, n_rows, len(input_paths))
+    return n_rows
 
 
 # Consolidated table -> the per-CCD dataset type it is built from.
@@ -57,8 +57,7 @@ def consolidate_output_dir(
             str(paths.path(source, **i))
             for i in sorted(data_ids, key=lambda i: (int(i["visit"]), int(i["detector"])))
         ]
-        combined = consolidate_table(
+        counts[table] = consolidate_table(
             input_paths=input_paths, output_path=str(paths.path(table)), table=table
         )
-        counts[table] = len(combined)
     return counts
