@@ -22,11 +22,15 @@ rule make_skymap:
 # One job per CCD writes its warps onto every patch it overlaps: a direct warp,
 # a warp PSF-matched to the template model PSF (template-eligible CCDs only)
 # and one PSF-matched to the wider model that deep coadds use to find artifacts.
+# They are deleted once every coadd that reads them is made, unless keep_warps.
+WARP_DIR = directory(paths.pattern("warpDir"))
+
+
 rule warp:
     input:
         unpack(plan.warp_inputs),
     output:
-        warp_dir=directory(paths.pattern("warpDir")),
+        warp_dir=WARP_DIR if plan.config["keep_warps"] else temp(WARP_DIR),
     params:
         step="coadd:make_warps",
         patches=plan.warp_patches,

@@ -155,3 +155,12 @@ def test_locks_without_a_record_or_from_another_host_are_kept(tmp_path):
         path.unlink()
     _record(tmp_path, os.getpid(), 12345.0)
     assert clear_stale_locks_and_register(tmp_path) == [str(lock)]
+
+
+@pytest.mark.workflow
+def test_warps_are_deleted_once_the_coadds_are_made(tiny_run):
+    """keep_warps (false by default): warps are Snakemake temp() outputs."""
+    results = tiny_run / "results"
+    assert list(results.glob("coadd/*/*/deepCoadd_*.fits"))
+    assert list(results.glob("coadd/*/*/templateCoadd_*.fits"))
+    assert not list(results.glob("warp/*/*/*.fits"))

@@ -98,3 +98,29 @@ def test_every_rule_has_measured_resources_in_the_profile(tmp_path):
     # Every group-components key names a group the profile defines.
     group_names = {entry.split("=", 1)[1] for entry in profile["groups"]}
     assert {entry.split("=", 1)[0] for entry in profile["group-components"]} <= group_names
+
+
+def _rule_resources():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "rule_resources", REPO / "scripts" / "slurm" / "rule_resources.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.mark.parametrize("profile", ["default", "slurm"])
+def test_measured_jobs_fit_the_profiles_resources(tiny_run, profile):
+    """Every job of the tiny run (step peak from its log, plus the Snakemake process)
+    fits the memory and wall time the profile gives its rule at the first attempt."""
+    tool = _rule_resources()
+    figures = tool.collect(tiny_run / "results" / "logs")
+    assert {"process_ccd", "warp", "deep_coadd", "coadd_objects"} <= set(figures)
+    config = REPO / "profiles" / profile / "config.yaml"
+    assert tool.over_profile(figures, config, snakemake_mb=400.0) == []
+    # And the check does bite: a job beyond its rule's memory and time.
+    figures["process_ccd"].append((10_000.0, 90_000.0))
+    problems = tool.over_profile(figures, config, snakemake_mb=400.0)
+    assert [p.split(":")[0] for p in problems] == ["process_ccd", "process_ccd"]

@@ -8,6 +8,7 @@ the 'ours parse' peak RSS at your survey's size).
 
     python scripts/slurm/rule_resources.py results/
     python scripts/slurm/rule_resources.py results/ --snakemake-mb 600 --time-factor 3
+    python scripts/slurm/rule_resources.py results/ --check profiles/slurm/config.yaml
 
 Suggestions: mem_mb = (step peak + Snakemake) x memory factor, rounded up to
 500 MB; runtime = slowest job x time factor + start-up, in whole minutes (at
@@ -39,6 +40,40 @@ def collect(log_dir: Path) -> dict[str, list[tuple[float, float]]]:
     return dict(figures)
 
 
+def _first_attempt(value: object) -> float:
+    """A profile resource at attempt 1: a number, or an expression in ``attempt``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    return float(eval(str(value), {"__builtins__": {}}, {"attempt": 1}))  # profile's own text
+
+
+def over_profile(
+    figures: dict[str, list[tuple[float, float]]], profile: Path, *, snakemake_mb: float
+) -> list[str]:
+    """One line per rule whose measured jobs exceed the profile's first-attempt resources.
+
+    A job's memory is its step's peak plus the Snakemake process that runs it;
+    its time, the step's slowest wall time (runtime is in minutes).
+    """
+    import yaml
+
+    config = yaml.safe_load(profile.read_text())
+    default = config.get("default-resources") or {}
+    per_rule = config.get("set-resources") or {}
+    problems = []
+    for rule, jobs in sorted(figures.items()):
+        resources = {**default, **(per_rule.get(rule) or {})}
+        peak = max(m for _, m in jobs) + snakemake_mb
+        slowest = max(s for s, _ in jobs)
+        if "mem_mb" in resources and peak > _first_attempt(resources["mem_mb"]):
+            problems.append(f"{rule}: {peak:.0f} MB measured (step + Snakemake) > mem_mb "
+                            f"{resources['mem_mb']} in {profile}")  # fmt: skip
+        if "runtime" in resources and slowest > 60 * _first_attempt(resources["runtime"]):
+            problems.append(f"{rule}: {slowest:.0f} s measured > runtime "
+                            f"{resources['runtime']} min in {profile}")  # fmt: skip
+    return problems
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("output_dir", type=Path, help="a run's output_dir (its logs/ is read)")
@@ -55,11 +90,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--startup-s", type=float, default=30.0, help="Snakemake start-up inside each job (s)"
     )
+    parser.add_argument(
+        "--check", type=Path, metavar="PROFILE",
+        help="exit 1, listing them, if any rule's jobs exceed this profile's resources",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     figures = collect(args.output_dir / "logs")
     if not figures:
         print(f"no job logs with timings under {args.output_dir / 'logs'}", file=sys.stderr)
         return 1
+    if args.check is not None:
+        problems = over_profile(figures, args.check, snakemake_mb=args.snakemake_mb)
+        print("\n".join(problems) or f"every rule fits {args.check}")
+        return 1 if problems else 0
     print(f"{'rule':<24}{'jobs':>6}{'median s':>10}{'max s':>9}{'max MB':>9}"
           f"{'mem_mb':>9}{'runtime':>9}")  # fmt: skip
     for rule, jobs in sorted(figures.items()):
