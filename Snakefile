@@ -6,7 +6,7 @@ import os
 from snakemake.utils import min_version
 
 from workflow_lib.core.paths import wildcard_constraints as dimension_constraints
-from workflow_lib.stale_locks import clear_stale_locks_and_register
+from workflow_lib.plans.stale_locks import clear_stale_locks_and_register
 from workflow_lib.workflow import WorkflowPlan
 
 min_version("9.0")

@@ -19,7 +19,7 @@ from astropy.io import fits
 from conftest import REPO, SNAKEMAKE, TINY, snakemake
 from test_dag import job_counts
 
-from workflow_lib.stale_locks import RUNS_DIR, clear_stale_locks_and_register
+from workflow_lib.plans.stale_locks import RUNS_DIR, clear_stale_locks_and_register
 
 
 def _command(run_dir: Path, config: dict, *args: str) -> list[str]:

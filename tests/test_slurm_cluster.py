@@ -3,8 +3,9 @@
 scripts/slurm/cluster.sh installs Debian's Slurm, MUNGE and MariaDB packages
 (as root) and starts munged, MariaDB, slurmdbd, slurmctld and slurmd on free
 ports; the test runs the tiny survey through ``profiles/slurm``, then checks
-from SLURM's accounting (sacct) that every job ran as a SLURM job and that
-the products equal those of the local run. Skipped, with the reason, where the
+from SLURM's accounting (sacct) that every job ran as a SLURM job, that one
+job cancelled mid-run (scancel) was retried by the profile while the rest went
+on, and that the products equal those of the local run. Skipped, with the reason, where the
 cluster cannot be brought up (not root, no apt-get); never skipped in CI.
 
 To save time the SLURM run does not simulate the survey again: it reads the
@@ -21,6 +22,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -81,10 +84,31 @@ def _raw_mode_config(sim_root: Path, visits: list[int]) -> dict:
     }  # fmt: skip
 
 
-def _run_bounded(command: list[str], env: dict, cwd: Path) -> subprocess.CompletedProcess:
-    """Run Snakemake; past the limit SIGTERM (it cancels its SLURM jobs), then SIGKILL."""
+def _cancel_once(env: dict, comment: str, done: threading.Event, cancelled: list[str]) -> None:
+    """``scancel`` the first running SLURM job whose comment holds ``comment``."""
+    while not done.is_set():
+        queue = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], env=env,
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        for line in queue.stdout.splitlines():
+            job_id, job_comment, state = line.split("|")
+            if comment in job_comment and state == "RUNNING":
+                time.sleep(1.0)  # mid-run: its Snakemake has started on the node
+                subprocess.run(["scancel", job_id], env=env, timeout=30, check=True)
+                cancelled.append(job_id)
+                return
+        time.sleep(0.2)
+
+
+def _run_bounded(
+    command: list[str], env: dict, cwd: Path, *, cancel_comment: str
+) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """Run Snakemake, ``scancel`` one job of it once; past the limit SIGTERM (it cancels
+    its SLURM jobs), then SIGKILL. Returns the run and the ids of the cancelled jobs."""
     proc = subprocess.Popen(command, cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    done, cancelled = threading.Event(), []
+    canceller = threading.Thread(target=_cancel_once, args=(env, cancel_comment, done, cancelled))
+    canceller.start()
     try:
         output, _ = proc.communicate(timeout=RUN_TIMEOUT_S)
     except subprocess.TimeoutExpired:
@@ -95,7 +119,10 @@ def _run_bounded(command: list[str], env: dict, cwd: Path) -> subprocess.Complet
             proc.kill()
             output, _ = proc.communicate()
         pytest.fail(f"snakemake through SLURM ran past {RUN_TIMEOUT_S} s:\n{output[-4000:]}")
-    return subprocess.CompletedProcess(command, proc.returncode, output, "")
+    finally:
+        done.set()
+        canceller.join(timeout=60)
+    return subprocess.CompletedProcess(command, proc.returncode, output, ""), cancelled
 
 
 def _sacct(env: dict, *args: str) -> list[dict[str, str]]:
@@ -126,8 +153,13 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
             "ccdvisit_table", "source_table", "object_table", "forced_source_table")),
         "--verbose",
     ]  # fmt: skip
-    result = _run_bounded(command, slurm_env, tmp_path)
+    # One visit's job is cancelled mid-run (scancel): the profile's retries
+    # resubmit it, and the rest of the DAG goes on.
+    result, cancelled = _run_bounded(
+        command, slurm_env, tmp_path, cancel_comment=f"visit_{visits[0]}"
+    )
     assert result.returncode == 0, result.stdout[-6000:]
+    assert len(cancelled) == 1, "the visit job was never seen running"
 
     # The plugin asked sacct (accounting is up), not squeue, for the job states.
     status_query = r"Status query timing \(cycle\): command=(\w+)"
@@ -136,7 +168,11 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
     # SLURM's accounting: every job of this run completed as a SLURM job, grouped
     # as the profile says (one job per visit, one per detector's calibrations).
     run_id = re.search(r"SLURM run ID: (\S+)", result.stdout).group(1)
-    jobs = _sacct(slurm_env, "--name", run_id)
+    every_job = _sacct(slurm_env, "--name", run_id)
+    killed = [j for j in every_job if j["JobID"] in cancelled]
+    assert len(killed) == 1 and killed[0]["State"].startswith("CANCELLED"), every_job
+    assert f"visit_{visits[0]}" in killed[0]["Comment"]
+    jobs = [j for j in every_job if j["JobID"] not in cancelled]
     assert jobs and all(j["State"] == "COMPLETED" and j["ExitCode"] == "0:0" for j in jobs), jobs
     # A group job runs its members one after another (the plugin's `--jobs 1`
     # inside the allocation), so the profile asks for one CPU per job.
