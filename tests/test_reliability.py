@@ -69,17 +69,19 @@ def _assert_nothing_half_written(results: Path) -> None:
 
 @pytest.mark.workflow
 def test_killed_twice_and_restarted_equals_an_uninterrupted_run(tiny_run, tmp_path):
-    """SIGKILL during single-frame processing and again during the warps, then the same
-    command to the end (one core, other hash seeds): the tables of one clean run."""
+    """SIGKILL during single-frame processing, during the warps and during the coadds, then
+    the same command to the end (one core, other hash seeds): the tables of a clean run."""
     results = tmp_path / "results"
     command = _command(tmp_path, TINY, "--cores", "2")
     _kill_when(command, lambda: _count(results, "calexp/*/calexp_*.fits") >= 4, hash_seed=1)
     assert _count(results, "calexp/*/calexp_*.fits") < 20
     _assert_nothing_half_written(results)
     _kill_when(command, lambda: _count(results, "warp/*/*/*.fits") >= 4, hash_seed=2)
+    _assert_nothing_half_written(results)
+    _kill_when(command, lambda: _count(results, "coadd/*/*/*Coadd_*.fits") >= 1, hash_seed=3)
     assert not (results / "tables" / "Object.parquet").exists()
     _assert_nothing_half_written(results)
-    env = {**os.environ, "PYTHONHASHSEED": "3"}
+    env = {**os.environ, "PYTHONHASHSEED": "4"}
     finished = subprocess.run([*command[:-1], "1"], capture_output=True, text=True, env=env)
     assert finished.returncode == 0, finished.stderr[-3000:]
     reference = tiny_run / "results" / "tables"  # may hold more tables: other tests add to it

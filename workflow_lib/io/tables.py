@@ -105,12 +105,24 @@ def write_concatenated(
     """
     if not paths:
         raise ValueError(f"{output_path}: no input tables to concatenate")
-    footers = [pq.read_metadata(p) for p in paths]
-    schema = _unified_schema([f.schema.to_arrow_schema() for f in footers],
-                             [f.num_rows for f in footers], provenance)  # fmt: skip
+    # One pass over the footers, keeping only what ordering needs (a footer
+    # object is tens of kB: 10^4 of them would outweigh the data in flight).
+    schemas: list[pa.Schema] = []
+    first_with_rows: pa.Schema | None = None
+    n_rows_of: list[int] = []
+    piece_keys: list[tuple | bool | None] = []
+    for path in paths:
+        footer = pq.read_metadata(path)
+        piece_schema = footer.schema.to_arrow_schema()
+        if not any(piece_schema.equals(known, check_metadata=True) for known in schemas):
+            schemas.append(piece_schema)
+        if first_with_rows is None and footer.num_rows:
+            first_with_rows = piece_schema
+        n_rows_of.append(footer.num_rows)
+        piece_keys.append(_constant_keys(footer, sort_keys))
+    schema = _unified_schema(schemas, first_with_rows or schemas[0], provenance)
     keys = [k for k in sort_keys if k in schema.names]
-    piece_keys = [_constant_keys(f, keys) for f in footers] if keys else [None] * len(paths)
-    if any(k is False for k in piece_keys):
+    if keys and any(k is False for k in piece_keys):
         log.warning("%s: pieces span several %s; sorting in memory", output_path, keys)
         merged = pa.concat_tables([_conformed(pq.read_table(p), schema) for p in paths])
         merged = merged.take(pa.compute.sort_indices(merged, [(k, "ascending") for k in keys]))
@@ -119,7 +131,7 @@ def write_concatenated(
         return merged.num_rows
     # Empty pieces (key None) contribute no rows: their place does not matter.
     order = sorted(
-        (i for i in range(len(paths)) if footers[i].num_rows), key=lambda i: piece_keys[i] or ()
+        (i for i in range(len(paths)) if n_rows_of[i]), key=lambda i: piece_keys[i] or ()
     )
     n_rows = 0
     buffered: list[pa.Table] = []
@@ -140,13 +152,13 @@ def write_concatenated(
 
 
 def _unified_schema(
-    schemas: Sequence[pa.Schema], n_rows: Sequence[int], provenance: Mapping[str, Any] | None
+    schemas: Sequence[pa.Schema], first: pa.Schema, provenance: Mapping[str, Any] | None
 ) -> pa.Schema:
-    """One schema for every piece: an empty piece's all-null column takes the others' type."""
+    """One schema for every piece: an empty piece's all-null column takes the others' type.
+
+    Field order and pandas metadata are those of ``first`` (the first piece with rows).
+    """
     unified = pa.unify_schemas([s.remove_metadata() for s in schemas], promote_options="permissive")
-    # Field order and pandas metadata of the first piece that has rows.
-    with_rows = [s for s, n in zip(schemas, n_rows, strict=True) if n]
-    first = with_rows[0] if with_rows else schemas[0]
     names = list(first.names) + [n for n in unified.names if n not in first.names]
     unified = pa.schema([unified.field(n) for n in names])
     meta = dict(first.metadata or {})
@@ -167,12 +179,15 @@ def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
 
 
 def _constant_keys(footer: pq.FileMetaData, keys: Sequence[str]) -> tuple | bool | None:
-    """The piece's key values if constant over its rows; None if empty; False otherwise."""
+    """The piece's ``keys`` values if constant over its rows; None if it is empty; False
+    if they vary, a key column is missing or its statistics are."""
     if footer.num_rows == 0:
         return None
     names = footer.schema.to_arrow_schema().names
     values = []
     for key in keys:
+        if key not in names:
+            return False
         column = names.index(key)
         seen = set()
         for group in range(footer.num_row_groups):
