@@ -390,6 +390,17 @@ def test_our_own_files_pass_the_checks(tmp_path):
         write_raw_file(tmp_path / name, fake_primary(), fake_amplifiers())
         assert _problems(tmp_path / name) == []
         assert len(read_image_hdus(tmp_path / name)[1]) == 2
+    # A keyword astropy calls non-standard is not damage.
+    # astropy warns of them (VerifyWarning) and reads on; so do we.
+    write_raw_file(tmp_path / "odd.fits", fake_primary(ODDVAL=1), fake_amplifiers())
+    data = (tmp_path / "odd.fits").read_bytes()
+    at = data.index(b"ODDVAL  =")
+    for card in (b"odd-key = 'x'", b"ODDVAL  = 1.2.3", b"ODD KEY = 3"):
+        (tmp_path / "odd.fits").write_bytes(data[:at] + card.ljust(80) + data[at + 80 :])
+        with pytest.warns(fits.verify.VerifyWarning):
+            assert _problems(tmp_path / "odd.fits") == []
+        with pytest.warns(fits.verify.VerifyWarning):
+            assert len(read_image_hdus(tmp_path / "odd.fits")[1]) == 2
     # A header keyword edited by hand breaks CHECKSUM but not DATASUM: still read.
     with fits.open(tmp_path / "a.fits", mode="update", checksum=False) as hdul:
         hdul[1].header.set("GAIN", 1.6)

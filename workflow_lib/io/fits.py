@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 from astropy.io import fits
-from astropy.utils.exceptions import AstropyUserWarning
 
 from workflow_lib.io.atomic import atomic_output
 
@@ -181,22 +180,30 @@ def _stream_size(path: str | os.PathLike[str]) -> tuple[int, bool]:
         return int.from_bytes(stream.read(4), "little"), True
 
 
+# What astropy says, as a warning only, of a damaged file: cut short, a header it
+# had to repair (a block of garbage, non-ASCII bytes), pixels whose DATASUM
+# fails. Other warnings (a non-standard keyword, say) are not damage and are
+# passed on. CHECKSUM is left out on purpose: it covers the header too, which a
+# keyword edited by hand breaks (the header is validated at ingest), while
+# DATASUM still guards the pixels.
+_DAMAGE_WARNINGS = (
+    "may have been truncated",
+    "Error validating header",
+    "non-ASCII characters",
+    "Datasum verification failed",
+    "Unexpected bytes trailing",
+)
+
+
 @contextmanager
 def _damage_as_error() -> Iterator[None]:
-    """Raise DamagedFitsFile where astropy only warns of a damaged file.
-
-    astropy warns, and goes on, on a file shorter than its headers, a header it
-    had to repair, or a CHECKSUM/DATASUM that does not match the bytes read.
-    """
+    """Raise DamagedFitsFile where astropy only warns of a damaged file."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield
     for warning in caught:
-        # CHECKSUM covers the header too: a keyword edited by hand since (its
-        # header is validated at ingest) breaks it, and DATASUM still guards the
-        # pixels.
-        if str(warning.message).startswith("Checksum verification failed"):
-            continue
-        if issubclass(warning.category, (fits.verify.VerifyWarning, AstropyUserWarning)):
-            text = " ".join(str(warning.message).split())
+        text = " ".join(str(warning.message).split())
+        if any(marker in text for marker in _DAMAGE_WARNINGS):
             raise DamagedFitsFile(f"damaged FITS file ({text})")
+    for warning in caught:  # not damage: let the caller's filters decide
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
