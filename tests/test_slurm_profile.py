@@ -125,3 +125,31 @@ def test_measured_jobs_fit_the_profiles_resources(tiny_run, profile, snakemake_m
     figures["process_ccd"].append((10_000.0, 90_000.0))
     problems = tool.over_profile(figures, config, snakemake_mb=snakemake_mb)
     assert [p.split(":")[0] for p in problems] == ["process_ccd", "process_ccd"]
+
+
+def test_a_job_cancelled_by_a_user_reads_as_cancelled(monkeypatch):
+    """sacct says 'CANCELLED by 0'; the plugin knows only 'CANCELLED' (and would wait)."""
+    import asyncio
+    import inspect
+    import types
+
+    import snakemake_executor_plugin_slurm as real
+
+    from workflow_lib.plans import slurm_status
+
+    # The installed plugin still has the function this wraps, and still needs it.
+    assert inspect.iscoroutinefunction(real.query_job_status) or getattr(
+        real.query_job_status, "first_word_states", False
+    )
+    assert '"CANCELLED",' in inspect.getsource(real.Executor.check_active_jobs)
+
+    async def query_job_status(command, logger):
+        return {"5": "CANCELLED by 0", "6": "COMPLETED", "7": "RUNNING"}, 0.01
+
+    plugin = types.SimpleNamespace(query_job_status=query_job_status)
+    monkeypatch.setitem(__import__("sys").modules, "snakemake_executor_plugin_slurm", plugin)
+    assert slurm_status.read_cancelled_jobs_as_cancelled()
+    assert not slurm_status.read_cancelled_jobs_as_cancelled()  # wrapped once only
+    statuses, _ = asyncio.run(plugin.query_job_status("sacct ...", None))
+    assert statuses == {"5": "CANCELLED", "6": "COMPLETED", "7": "RUNNING"}
+    assert slurm_status.first_word_states(None) is None
