@@ -54,6 +54,7 @@ case "$command" in
         fi
         export DC2_REQUIRE_BROWSER=1
         "$venv/bin/ruff" check .
+        "$venv/bin/ruff" format --check .
         exec "$venv/bin/python" -m pytest "$@"
         ;;
     *)

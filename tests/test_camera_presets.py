@@ -109,7 +109,7 @@ XFAIL: dict[tuple[str, str], str] = {
         'seeing cases too sit ~5 mmag above their 4" truth.'
     ),
     ("seeing_2.0", "wcs"): (
-        "Centroids pulled ~100 mas by neighbours at 2\" seeing (see the astrometry xfail) bias "
+        'Centroids pulled ~100 mas by neighbours at 2" seeing (see the astrometry xfail) bias '
         "the WCS fit of one CCD: 239 mas from the true WCS at worst over the detector (774 mas "
         "before workflow_lib/single_frame/astrometry.py _choose_order made the radial model "
         "the default whenever a boresight is given, so that a cubic SIP no longer kept its "

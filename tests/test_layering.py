@@ -21,9 +21,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "workflow_lib"
 LADDER = ("core", "single_frame", "static_sky", "objects", "diffim", "association")
-ALLOWED: dict[str, set[str]] = {
-    stage: {"core", *LADDER[: i + 1]} for i, stage in enumerate(LADDER)
-}
+ALLOWED: dict[str, set[str]] = {stage: {"core", *LADDER[: i + 1]} for i, stage in enumerate(LADDER)}
 ALLOWED |= {
     "qa": {"core", "qa"},
     "sim": {"core", "sim"},

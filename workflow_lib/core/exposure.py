@@ -32,6 +32,7 @@ def copy_cards(header: Mapping[str, object], drop: Callable[[str], bool]) -> fit
                 out.append(fits.Card(f"HIERARCH {key}" if len(key) > 8 else key, value))
     return out
 
+
 # LSST's default plane order (afw Mask), then the planes the stages add.
 DEFAULT_MASK_PLANES: tuple[str, ...] = (
     "BAD",

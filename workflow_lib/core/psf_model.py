@@ -180,4 +180,3 @@ def evaluate_kernels(psf: PsfModel, x: np.ndarray, y: np.ndarray, *, half: int |
     with np.errstate(divide="ignore", invalid="ignore"):
         kernels /= totals[:, None, None]
     return kernels
-

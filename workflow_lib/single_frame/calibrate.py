@@ -355,9 +355,7 @@ def _process(
         mask=exposure.mask,
         wcs=wcs,
         psf=psf_model,
-        photo_calib=PhotoCalib(
-            1.0, zero_point=zp_fit.zero_point, zero_point_err=zero_point_err
-        ),
+        photo_calib=PhotoCalib(1.0, zero_point=zp_fit.zero_point, zero_point_err=zero_point_err),
         metadata=_calexp_metadata(exposure.metadata, apcorr),
         mask_planes=exposure.mask_planes,
         origin=exposure.origin,

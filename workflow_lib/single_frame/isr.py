@@ -29,6 +29,7 @@ from workflow_lib.single_frame.cosmic_rays import detect_cosmic_rays, interpolat
 
 log = logging.getLogger(__name__)
 
+
 def amplifier_gains(amps: Sequence[tuple[np.ndarray, Mapping[str, Any]]]) -> list[float]:
     """The ``GAIN`` (e-/ADU) of every amplifier; KeyError naming the amplifier if absent."""
     gains = []

@@ -29,12 +29,6 @@ from workflow_lib.core.psf_model import (
 log = logging.getLogger(__name__)
 
 
-
-
-
-
-
-
 # --------------------------------------------------------------------------
 # Fitting a PsfModel to stars (PSFEx-like)
 # --------------------------------------------------------------------------
@@ -51,6 +45,8 @@ def psf_star_margin(kernel_size: int) -> int:
     512-pixel CCD with a 41-pixel kernel, 17% of the area.
     """
     return kernel_size // 4 + LANCZOS_ORDER
+
+
 # Fewest stars for each polynomial order (order 0 needs MIN_PSF_STARS): a
 # constant pixelised kernel is already better than a parametric one with 2
 # clean stars; a spatial term needs stars spread over the image.
@@ -170,10 +166,6 @@ def _cut_stamps_clipped(
     out = array[np.clip(rows, 0, ny - 1)[:, :, None], np.clip(cols, 0, nx - 1)[:, None, :]]
     out[~inside] = np.asarray(fill).astype(array.dtype)
     return out
-
-
-
-
 
 
 def kernel_centroid(kernel: np.ndarray, *, sigma: float | None = None) -> tuple[float, float]:
@@ -503,9 +495,7 @@ def fit_moffat_psf(
     def residuals(p: np.ndarray) -> np.ndarray:
         return ((model(p) - data) * np.sqrt(weight)).ravel()
 
-    start = np.concatenate(
-        [[fwhm_guess, 3.0, 0.0, 0.0], x[idx] - ix[idx], y[idx] - iy[idx], flux0]
-    )
+    start = np.concatenate([[fwhm_guess, 3.0, 0.0, 0.0], x[idx] - ix[idx], y[idx] - iy[idx], flux0])
     lower = np.concatenate([[0.8, 1.3, -0.5, -0.5], np.full(2 * n, -1.5), 0.1 * flux0])
     upper = np.concatenate([[6.0 * fwhm_guess, 10.0, 0.5, 0.5], np.full(2 * n, 1.5), 10 * flux0])
     fit = least_squares(residuals, np.clip(start, lower, upper), bounds=(lower, upper))
@@ -788,9 +778,7 @@ def _candidate_stamps(
     own_light = (np.maximum(repaired, 0.0) * window).sum(axis=(1, 2))
     neighbor_ratio = np.where(own_light > 0, neighbor / np.where(own_light > 0, own_light, 1), 9.0)
     sigma = max(fwhm / 2.3548, 0.8)
-    cxx, cyy, cxy, _ = windowed_moments(
-        repaired, good, half + x[ci] - ix, half + y[ci] - iy, sigma
-    )
+    cxx, cyy, cxy, _ = windowed_moments(repaired, good, half + x[ci] - ix, half + y[ci] - iy, sigma)
     radius = (cxx * cyy - cxy**2) ** 0.25
     return {
         "snr": snr,
@@ -828,6 +816,7 @@ def determine_psf(
     detection rows offered to it (``result.used`` indexes them); raises
     :class:`PsfFitError` only when no point-like source exists at all.
     """
+
     def select(known: np.ndarray | None) -> PsfStarSelection:
         return select_psf_stars(
             detections, image, variance, mask, segmentation=segmentation,
