@@ -246,6 +246,12 @@ class TemplateConfig:
             )
         return cfg
 
+    def in_window(self, mjd: float) -> bool:
+        """Whether an exposure midpoint ``mjd`` lies in [mjd_min, mjd_max] (None = open)."""
+        if self.mjd_min is not None and mjd < self.mjd_min:
+            return False
+        return self.mjd_max is None or mjd <= self.mjd_max
+
 
 @dataclass(frozen=True)
 class IsrConfig:

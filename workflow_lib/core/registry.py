@@ -356,12 +356,9 @@ def _check_amplifiers(amplifiers: Sequence[Mapping[str, Any]], path: str) -> tup
 
 
 def _overlap(a: Section, b: Section) -> bool:
-    return (
-        a.x.start < b.x.stop
-        and b.x.start < a.x.stop
-        and a.y.start < b.y.stop
-        and (b.y.start < a.y.stop)
-    )
+    """Whether two detector sections share a pixel."""
+    x = a.x.start < b.x.stop and b.x.start < a.x.stop
+    return x and a.y.start < b.y.stop and b.y.start < a.y.stop
 
 
 def find_duplicates(registry: pd.DataFrame) -> list[str]:

@@ -119,7 +119,7 @@ def write_concatenated(
         if first_with_rows is None and footer.num_rows:
             first_with_rows = piece_schema
         n_rows_of.append(footer.num_rows)
-        piece_keys.append(_constant_keys(footer, sort_keys))
+        piece_keys.append(_constant_keys(footer, piece_schema.names, sort_keys))
     schema = _unified_schema(schemas, first_with_rows or schemas[0], provenance)
     keys = [k for k in sort_keys if k in schema.names]
     if keys and any(k is False for k in piece_keys):
@@ -133,16 +133,17 @@ def write_concatenated(
     order = sorted(
         (i for i in range(len(paths)) if n_rows_of[i]), key=lambda i: piece_keys[i] or ()
     )
-    n_rows = 0
+    n_rows = n_buffered = 0
     buffered: list[pa.Table] = []
     with atomic_output(output_path) as tmp, pq.ParquetWriter(tmp, schema) as writer:
         for index in order:
             piece = _conformed(pq.read_table(paths[index]), schema)
             buffered.append(piece)
             n_rows += piece.num_rows
-            if sum(t.num_rows for t in buffered) >= row_group_rows:
+            n_buffered += piece.num_rows
+            if n_buffered >= row_group_rows:
                 writer.write_table(pa.concat_tables(buffered), row_group_size=row_group_rows)
-                buffered = []
+                buffered, n_buffered = [], 0
         if buffered or n_rows == 0:
             writer.write_table(
                 pa.concat_tables(buffered) if buffered else schema.empty_table(),
@@ -178,12 +179,13 @@ def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def _constant_keys(footer: pq.FileMetaData, keys: Sequence[str]) -> tuple | bool | None:
+def _constant_keys(
+    footer: pq.FileMetaData, names: Sequence[str], keys: Sequence[str]
+) -> tuple | bool | None:
     """The piece's ``keys`` values if constant over its rows; None if it is empty; False
-    if they vary, a key column is missing or its statistics are."""
+    if they vary, a key column is missing or its statistics are. ``names``: its columns."""
     if footer.num_rows == 0:
         return None
-    names = footer.schema.to_arrow_schema().names
     values = []
     for key in keys:
         if key not in names:

@@ -31,19 +31,16 @@ class DiffimPlan(PlanState):
 
         Every template coadd would be empty and every subtraction a skip; the
         window is known from the registry, so the run need not find out per CCD.
+        The window is judged on exposure midpoints, as the template selection does.
         """
         window = self.cfg.template
-        mjd = self.science["mjd"]
-        inside = mjd.between(
-            -float("inf") if window.mjd_min is None else window.mjd_min,
-            float("inf") if window.mjd_max is None else window.mjd_max,
-        )
-        if not inside.any():
+        midpoints = self.science["mjd"] + 0.5 * self.science["exptime"] / 86400.0
+        if not any(window.in_window(float(mjd)) for mjd in midpoints):
             raise ConfigError(
                 f"config: template: the window mjd_min={window.mjd_min}, "
-                f"mjd_max={window.mjd_max} holds none of the {mjd.size} selected science "
-                f"exposures (MJD {mjd.min():.3f} to {mjd.max():.3f}): difference imaging "
-                "would have no template"
+                f"mjd_max={window.mjd_max} holds none of the {midpoints.size} selected science "
+                f"exposures (MJD {midpoints.min():.3f} to {midpoints.max():.3f}): difference "
+                "imaging would have no template"
             )
 
     def diffim_ccd_ids(self) -> list[tuple[int, int]]:

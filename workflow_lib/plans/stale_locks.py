@@ -36,20 +36,19 @@ def clear_stale_locks_and_register(snakemake_dir: str | os.PathLike[str]) -> lis
     runs = root / RUNS_DIR
     records = _read_records(runs)
     host = socket.gethostname()
-    alive = [r for r in records if r["host"] != host or _is_alive(r)]
-    for record in records:
-        if record not in alive:
-            record["path"].unlink(missing_ok=True)
+    dead = [r for r in records if r["host"] == host and not _is_alive(r)]
+    for record in dead:
+        record["path"].unlink(missing_ok=True)
     removed: list[str] = []
-    locks = sorted((root / "locks").glob("*.lock")) if (root / "locks").is_dir() else []
-    if locks and records and not alive:
-        for lock in locks:
+    if records and len(dead) == len(records):
+        for lock in sorted((root / "locks").glob("*.lock")):
             lock.unlink(missing_ok=True)
             removed.append(str(lock))
-        dead = ", ".join(f"pid {r['pid']}" for r in records)
+    if removed:
+        pids = ", ".join(f"pid {r['pid']}" for r in dead)
         log.warning(
             "removed %d lock(s) of an earlier run in this directory that was killed (%s on %s)",
-            len(removed), dead, host,
+            len(removed), pids, host,
         )  # fmt: skip
     _register(runs, host)
     return removed

@@ -13,15 +13,12 @@ Numerics only: DataFrames and arrays in and out; file handling lives in
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
 
 from workflow_lib.core.config import BANDS, RefcatColumns
-
-log = logging.getLogger(__name__)
 
 #: Shard size used when nothing else is asked for: nside 64 pixels are ~0.9 deg
 #: across, between an LSST detector (0.23 deg) and the focal plane (3.5 deg).

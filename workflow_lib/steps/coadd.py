@@ -49,12 +49,6 @@ def write_skymap(*, skymap_path: str, skymap: dict[str, Any]) -> None:
     log.info("sky map %s written", sky.kind)
 
 
-def _in_template_window(mjd: float, template: TemplateConfig) -> bool:
-    if template.mjd_min is not None and mjd < template.mjd_min:
-        return False
-    return template.mjd_max is None or mjd <= template.mjd_max
-
-
 def make_warps(
     *,
     calexp_path: str,
@@ -109,7 +103,7 @@ def make_warps(
                     continue
                 if flavour == "psfMatchedWarp":
                     # Only template-eligible CCDs: in the MJD window and sharp enough.
-                    if not _in_template_window(float(row["midpointMjdTai"]), template_cfg):
+                    if not template_cfg.in_window(float(row["midpointMjdTai"])):
                         continue
                     if not seeing <= template_cfg.max_psf_fwhm:
                         continue
