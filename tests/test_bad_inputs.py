@@ -335,6 +335,7 @@ def _subtract(dia_ccd, out: Path, **overrides) -> pd.Series:
     kwargs = {
         **{k: dia_ccd[k] for k in ("calexp_path", "ccdvisit_path", "src_path", "skymap_path")},
         "template_paths": dia_ccd["template_paths"],
+        "template_psf_paths": dia_ccd["template_psf_paths"],
         "patches": dia_ccd["patches"],
         "difference_path": str(out / "diff.fits"),
         "dia_source_path": str(out / "diaSrc.parquet"),
@@ -349,7 +350,7 @@ def _subtract(dia_ccd, out: Path, **overrides) -> pd.Series:
 
 
 def test_no_template_coverage(dia_ccd, tmp_path):
-    row = _subtract(dia_ccd, tmp_path, template_paths=[], patches=[])
+    row = _subtract(dia_ccd, tmp_path, template_paths=[], template_psf_paths=[], patches=[])
     assert row["failed"] and "template covers 0.0% of the CCD" in row["failReason"]
     assert read_table(tmp_path / "diaSrc.parquet").empty
 
@@ -361,6 +362,32 @@ def test_too_few_stars_for_psf_matching(dia_ccd, tmp_path):
     row = _subtract(dia_ccd, tmp_path / "out", src_path=str(tmp_path / "src.parquet"))
     assert not row["failed"]
     assert row["method"] == "psf_models" and row["nKernelStamps"] == 0
+
+
+def test_science_visit_is_its_own_template(dia_ccd, tmp_path):
+    """A CCD-visit that is most of its own template is a recorded skip, not a difference
+    of the visit with itself (its noise cancelled, every residual a DIASource)."""
+    from workflow_lib.io.coadd_psf import read_coadd_psf
+
+    config = {**TINY, "output_dir": str(Path(dia_ccd["skymap_path"]).parents[1])}
+    plan = WorkflowPlan({**config, "diffim": {"enabled": True}})
+    inputs = read_coadd_psf(dia_ccd["template_psf_paths"][0]).input_ids
+    assert inputs is not None
+    in_template = [ccd for ccd in plan.diffim_ccd_ids() if ccd[0] in set(inputs[:, 0])]
+    visit, detector = in_template[0]
+    wildcards = {"visit": str(visit), "detector": str(detector)}
+    own = {
+        **dia_ccd, **plan.diffim_inputs(wildcards), "visit": visit, "detector": detector,
+        "patches": [list(p) for p in plan.warp_patches(wildcards)],
+    }  # fmt: skip
+    row = _subtract(own, tmp_path / "skip")
+    assert row["failed"] and "this visit's own pixels" in row["failReason"], row["failReason"]
+    assert row["templateSelfWeight"] > 0.5
+    allowed = {**dia_ccd["diffim"], "max_template_self_weight": 1.0}
+    row = _subtract(own, tmp_path / "allowed", diffim=allowed)
+    assert not row["failed"] and row["templateSelfWeight"] > 0.5
+    # A visit outside the template: none of its pixels are in it.
+    assert _subtract(dia_ccd, tmp_path / "other")["templateSelfWeight"] == 0.0
 
 
 # ------------------------------------------------------------------------- the table

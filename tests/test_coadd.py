@@ -525,6 +525,12 @@ def test_coadd_psf_follows_coverage():
     )
     assert abs(left / only_left - 1.0) < 0.03
     assert abs(right / expected_right - 1.0) < 0.03
+    # Whose weight the coadd holds: visit 0 alone on the left, a third of it on the right
+    # (equal weights), none of visit 5 anywhere; stored with the PSF file.
+    share = result.coadd_psf.visit_weight_share(0, np.array([20.0, 180.0]), np.array([60.0] * 2))
+    np.testing.assert_allclose(share, [1.0, 1.0 / 3.0], rtol=1e-6)
+    assert np.all(result.coadd_psf.visit_weight_share(5, np.array([20.0]), np.array([60.0])) == 0)
+    assert np.isnan(result.coadd_psf.visit_weight_share(0, np.array([20.0]), np.array([500.0])))
 
 
 # --------------------------------------------------------------------------
@@ -745,6 +751,23 @@ def test_template_selection_per_calexp(ccd_visits):
         select_template_visits(ccd_visits, max_images=0, **kw)
 
 
+def test_template_selection_by_seeing_quantile(ccd_visits):
+    """No FWHM cut: the best third of what passes, but at least min_images (LSST's qMax and
+    nVisitsMin); the window and the flags still apply."""
+    kw = dict(band="r", mjd_min=60000.0, mjd_max=60050.0, max_psf_fwhm=None, max_images=None)
+    everything = select_template_ccd_visits(ccd_visits, **kw)
+    # In the window and usable: 2, 1/10, 9, 7/11, 7/10, 1/11 (0.95 passes without a cut).
+    assert len(everything) == 6
+    third = select_template_ccd_visits(ccd_visits, seeing_quantile=0.33, **kw)
+    assert list(zip(third["visit"], third["detector"], strict=True)) == [(2, 10), (1, 10)]
+    at_least = select_template_ccd_visits(ccd_visits, seeing_quantile=0.33, min_images=4, **kw)
+    assert len(at_least) == 4 and at_least["seeing"].max() == 0.85
+    capped = {**kw, "max_images": 3}
+    assert len(select_template_ccd_visits(ccd_visits, seeing_quantile=1.0, **capped)) == 3
+    with pytest.raises(ValueError):
+        select_template_ccd_visits(ccd_visits, seeing_quantile=0.0, **kw)
+
+
 def test_template_selection_per_visit(ccd_visits):
     kw = dict(band="r", mjd_min=60000.0, mjd_max=60050.0, max_psf_fwhm=0.9, per_detector=False)
     chosen = select_template_ccd_visits(ccd_visits, max_images=2, **kw)
@@ -766,6 +789,11 @@ def test_coadd_psf_file_round_trip(deep, tmp_path):
     np.testing.assert_allclose(back.kernels_at(x, y), deep.coadd_psf.kernels_at(x, y), atol=1e-12)
     np.testing.assert_array_equal(back.model.basis, deep.coadd_psf.model.basis)
     assert back.block == deep.coadd_psf.block and back.shape == SHAPE
+    np.testing.assert_array_equal(back.input_ids, deep.coadd_psf.input_ids)
+    assert deep.coadd_psf.input_ids is not None
+    np.testing.assert_array_equal(
+        back.visit_weight_share(1, x, y), deep.coadd_psf.visit_weight_share(1, x, y)
+    )
 
 
 def _with_aperture_corrections(exposures, ratios):

@@ -23,7 +23,15 @@ def test_empty_config_gets_every_default():
     assert cfg["output_dir"] == "results"
     assert cfg["input"]["source"] == "simulated"
     assert cfg["input"]["refcat_columns"]["ra"] == "ra"
-    assert cfg["template"]["max_psf_fwhm"] == 0.9
+    # No FWHM cut of our simulator's: relative to the survey's seeing. The simulated
+    # survey's open window takes its template season; any other input's stays open.
+    assert cfg["template"]["max_psf_fwhm"] is None and cfg["template"]["mjd_max"] == 60630.0
+    raw = {"input": {"source": "raw", "raw_dir": "d", "refcat": "r.csv"}}
+    assert validate_config(raw)["template"]["mjd_max"] is None
+    season = {"template": {"mjd_min": 60000.0}}
+    assert validate_config(season)["template"]["mjd_max"] is None  # a window given is kept
+    assert (cfg["template"]["seeing_quantile"], cfg["template"]["min_images"]) == (0.33, 6)
+    assert cfg["template"]["warp_type"] == "direct"
     assert cfg["select"] == {"visit": None, "detector": None, "band": None, "tract": None}
     # DC2's makeSkyMapConfig.py
     assert cfg["skymap"]["rings"]["num_rings"] == 120
@@ -33,9 +41,24 @@ def test_empty_config_gets_every_default():
 def test_model_psf_defaults_to_the_template_cut_and_may_not_be_narrower():
     assert load_config({"template": {"max_psf_fwhm": 1.1}}).coadd.model_psf_fwhm_arcsec == 1.1
     assert load_config({"coadd": {"model_psf_fwhm_arcsec": 1.2}}).coadd.model_psf_fwhm_arcsec == 1.2
+    assert load_config({}).coadd.model_psf_fwhm_arcsec is None  # direct-warp templates
     message = r"coadd.model_psf_fwhm_arcsec \(0.8\).*max_psf_fwhm \(0.9\)"
     with pytest.raises(ConfigError, match=message):
-        load_config({"coadd": {"model_psf_fwhm_arcsec": 0.8}})
+        load_config({"coadd": {"model_psf_fwhm_arcsec": 0.8}, "template": {"max_psf_fwhm": 0.9}})
+    with pytest.raises(ConfigError, match=r"template\.warp_type psf_matched needs a model PSF"):
+        load_config({"template": {"warp_type": "psf_matched"}})
+
+
+def test_template_selection_is_relative_unless_a_fwhm_cut_is_set():
+    relative = load_config({}).template.selection()
+    assert relative["max_psf_fwhm"] is None
+    assert (relative["seeing_quantile"], relative["min_images"]) == (0.33, 6)
+    # The CONTRACT's keys (an absolute cut) select as they say: no quantile on top.
+    absolute = load_config({"template": {"max_psf_fwhm": 0.9, "mjd_max": 60630.0}}).template
+    assert absolute.selection() == {
+        "mjd_min": None, "mjd_max": 60630.0, "max_psf_fwhm": 0.9, "max_images": 10,
+        "seeing_quantile": None, "min_images": 0,
+    }  # fmt: skip
 
 
 def test_reference_band_priority_lists_each_band_once():

@@ -12,6 +12,7 @@ from workflow_lib.diffim.template import (
     TemplatePiece,
     inner_region_mask,
     stitch_template,
+    template_self_weight,
 )
 
 
@@ -76,3 +77,13 @@ def test_inner_region_mask_follows_the_patch_frame():
     cols = np.flatnonzero(inner.all(axis=0))
     assert 16 <= cols.min() <= 24 and cols.max() == 63
     assert not inner[:, :16].any()
+
+
+def test_template_self_weight_takes_the_first_patch_with_inputs_at_each_point():
+    nan = np.nan
+    first = np.array([1.0, 1.0, nan, nan])
+    second = np.array([0.0, 0.0, 0.25, nan])
+    # Points 0-1 from the first patch, point 2 from the second, point 3 uncovered.
+    assert template_self_weight([first, second]) == (1.0 + 1.0 + 0.25) / 3
+    assert template_self_weight([]) == 0.0
+    assert template_self_weight([np.full(3, nan)]) == 0.0

@@ -66,9 +66,15 @@ def test_dia_tables_in_the_contract_form(diffim_run):
     ccds = butler.get("DiaCcdVisit")
     assert sorted(zip(ccds["visit"], ccds["detector"], strict=True)) == plan.diffim_ccd_ids()
     failed = ccds[ccds["failed"]]
-    # g and i templates miss detector 0: recorded skips, with the reason, and nothing else.
-    assert set(failed["band"]) <= {"g", "i"} and set(failed["detector"]) == {0}
-    assert failed["failReason"].str.contains("template covers").all()
+    # g and i templates miss detector 0; the one-visit templates of the template window
+    # are those visits' own pixels: recorded skips, with the reason, and nothing else.
+    own = failed["failReason"].str.contains("this visit's own pixels")
+    uncovered = failed[~own]
+    assert set(uncovered["band"]) <= {"g", "i"} and set(uncovered["detector"]) <= {0}
+    assert uncovered["failReason"].str.contains("template covers").all()
+    assert (failed.loc[own, "midpointMjdTai"] <= TEMPLATE_END_MJD).all() and own.sum() >= 3
+    assert (failed.loc[own, "templateSelfWeight"] > 0.5).all()
+    assert (ccds.loc[~ccds["failed"], "templateSelfWeight"] <= 0.5).all()
     assert (ccds.loc[~ccds["failed"], "templateCoverage"] > 0.5).all()
     assert set(zip(dia["visit"], dia["detector"], strict=True)) <= set(
         zip(ccds.loc[~ccds["failed"], "visit"], ccds.loc[~ccds["failed"], "detector"], strict=True)

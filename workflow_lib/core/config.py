@@ -67,8 +67,28 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     errors = list(validator.iter_errors(filled))
     if errors:
         raise ConfigError(_describe(jsonschema.exceptions.best_match(errors)))
+    _simulated_template_season(filled)
     WorkflowConfig.from_dict(filled)  # cross-field checks
     return filled
+
+
+def _simulated_template_season(config: dict[str, Any]) -> None:
+    """On the built-in simulated survey, an open template window takes the survey's
+    template season (visits of excellent seeing before the preset's ``template_mjd_end``;
+    the transients explode after it), as a real survey's template window would be set
+    from its observing history. Any other input keeps the window it is given."""
+    window = config["template"]
+    if config["input"]["source"] != "simulated" or (window["mjd_min"], window["mjd_max"]) != (
+        None,
+        None,
+    ):
+        return
+    from workflow_lib.sim.presets import get_preset
+
+    try:
+        window["mjd_max"] = float(get_preset(config["sim"]["preset"]).template_mjd_end)
+    except ValueError as err:
+        raise ConfigError(f"config: sim.preset: {err}") from None
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
@@ -227,24 +247,50 @@ class Selection:
 
 @dataclass(frozen=True)
 class TemplateConfig:
+    """Which calexps build a band's template coadd on a patch, and from which warps."""
+
     mjd_min: float | None
     mjd_max: float | None
-    max_psf_fwhm: float
+    max_psf_fwhm: float | None  # None: relative to the survey (seeing_quantile, min_images)
     max_images: int
+    seeing_quantile: float = 0.33
+    min_images: int = 6
+    warp_type: str = "direct"
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any]) -> TemplateConfig:
+        fwhm = section["max_psf_fwhm"]
         cfg = cls(
             mjd_min=section["mjd_min"],
             mjd_max=section["mjd_max"],
-            max_psf_fwhm=float(section["max_psf_fwhm"]),
+            max_psf_fwhm=None if fwhm is None else float(fwhm),
             max_images=int(section["max_images"]),
+            seeing_quantile=float(section["seeing_quantile"]),
+            min_images=int(section["min_images"]),
+            warp_type=str(section["warp_type"]),
         )
         if cfg.mjd_min is not None and cfg.mjd_max is not None and cfg.mjd_min >= cfg.mjd_max:
             raise ConfigError(
                 f"config: template: mjd_min ({cfg.mjd_min}) must be below mjd_max ({cfg.mjd_max})"
             )
         return cfg
+
+    @property
+    def psf_matched(self) -> bool:
+        return self.warp_type == "psf_matched"
+
+    def selection(self) -> dict[str, Any]:
+        """Keyword arguments of ``static_sky.coadd.select_template_ccd_visits``: an absolute
+        FWHM cut where one is set, else the survey's best-seeing quantile."""
+        relative = self.max_psf_fwhm is None
+        return {
+            "mjd_min": self.mjd_min,
+            "mjd_max": self.mjd_max,
+            "max_psf_fwhm": self.max_psf_fwhm,
+            "max_images": self.max_images,
+            "seeing_quantile": self.seeing_quantile if relative else None,
+            "min_images": self.min_images if relative else 0,
+        }
 
     def in_window(self, mjd: float) -> bool:
         """Whether an exposure midpoint ``mjd`` lies in [mjd_min, mjd_max] (None = open)."""
@@ -328,7 +374,7 @@ class SkyMapConfig:
 class CoaddConfig:
     """Warps and coadds; ``model_psf_fwhm_arcsec`` is resolved against the template cut."""
 
-    model_psf_fwhm_arcsec: float
+    model_psf_fwhm_arcsec: float | None  # None: no PSF-matched template warps
     rejection_psf_fwhm_arcsec: float
     reject_artifacts: bool
     clip_sigma: float
@@ -338,9 +384,14 @@ class CoaddConfig:
     def from_dict(cls, section: Mapping[str, Any], template: TemplateConfig) -> CoaddConfig:
         fwhm = section["model_psf_fwhm_arcsec"]
         fwhm = template.max_psf_fwhm if fwhm is None else float(fwhm)
+        if template.psf_matched and fwhm is None:
+            raise ConfigError(
+                "config: template.warp_type psf_matched needs a model PSF: set "
+                "coadd.model_psf_fwhm_arcsec or template.max_psf_fwhm"
+            )
         # A PSF-matched warp can only widen a PSF: visits the template admits
         # (FWHM up to max_psf_fwhm) must all fit under the model PSF.
-        if fwhm < template.max_psf_fwhm:
+        if fwhm is not None and template.max_psf_fwhm is not None and fwhm < template.max_psf_fwhm:
             raise ConfigError(
                 f"config: coadd.model_psf_fwhm_arcsec ({fwhm}) must be at least "
                 f"template.max_psf_fwhm ({template.max_psf_fwhm}): PSF matching cannot "
@@ -384,6 +435,8 @@ class DiffimConfig:
     kernel_grid_spacing: float
     background_order: int
     decorrelate: bool
+    max_template_self_weight: float
+    max_residual_ratio: float
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any]) -> DiffimConfig:
@@ -395,6 +448,8 @@ class DiffimConfig:
             kernel_grid_spacing=float(section["kernel_grid_spacing"]),
             background_order=int(section["background_order"]),
             decorrelate=bool(section["decorrelate"]),
+            max_template_self_weight=float(section["max_template_self_weight"]),
+            max_residual_ratio=float(section["max_residual_ratio"]),
         )
 
 

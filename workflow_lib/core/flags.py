@@ -96,6 +96,10 @@ class DiaSourceFlag(IntFlag):
     DIPOLE = 1 << 7  # a positive and a negative lobe side by side (also isDipole)
     MASKED = 1 << 8  # too much of the PSF-fit stamp is masked
     TEMPLATE_EDGE = 1 << 9  # within a PSF of where the template has no data
+    # Not significant once the subtraction's own error at the static source beneath is
+    # counted: |flux| < sqrt((5 err)^2 + (2 residualRatio x its calexp flux)^2).
+    STATIC_RESIDUAL = 1 << 10
+    BAD_SUBTRACTION = 1 << 11  # on a CCD-visit whose residualRatio fails the quality gate
 
 
 class DiaForcedSourceFlag(IntFlag):
@@ -120,6 +124,8 @@ ARTIFACT_DIA_SOURCE = int(
     | DiaSourceFlag.SATURATED_CENTER
     | DiaSourceFlag.CR_CENTER
     | DiaSourceFlag.TEMPLATE_EDGE
+    | DiaSourceFlag.STATIC_RESIDUAL
+    | DiaSourceFlag.BAD_SUBTRACTION
 )
 
 

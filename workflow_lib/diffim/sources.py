@@ -45,6 +45,15 @@ class DiaDetectionConfig:
     dipole_max_separation_fwhm: float = 2.0
     dipole_min_lobe_ratio: float = 0.2
     fit_radius_fwhm: float = 2.0
+    # The subtraction's residual at static sources (see residual_ratio): measured within
+    # this many FWHM of bright point sources, from at least residual_min_stars of them;
+    # a CCD-visit whose ratio exceeds max_residual_ratio fails the quality gate.
+    residual_radius_fwhm: float = 2.0
+    residual_min_stars: int = 5
+    max_residual_ratio: float = 0.1
+    # A DIASource at a static source must exceed this many times the typical residual
+    # there (the ratio is the median of each star's largest lobe, not a Gaussian sigma).
+    residual_margin: float = 2.0
 
 
 def _detections(difference, variance, bad, kernel, config: DiaDetectionConfig, fwhm: float):  # type: ignore[no-untyped-def]
@@ -147,6 +156,117 @@ def _bits_near(mask, planes: MaskPlanes, x, y, names, half: int = 1) -> np.ndarr
     return hit
 
 
+def psf_flux_map(difference: np.ndarray, bad: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+    """The PSF flux of a point source centred on each pixel (the matched filter over the
+    PSF's norm), bad pixels taken as zero."""
+    k = kernel / kernel.sum()
+    data = np.where(bad, 0.0, difference)
+    return fft_convolve(data, k[::-1, ::-1], mode="same") / float((k**2).sum())
+
+
+def residual_ratio(
+    flux_map: np.ndarray,
+    bad: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    flux: np.ndarray,
+    radius: float,
+    *,
+    min_stars: int = 5,
+) -> tuple[float, int]:
+    """How much of a static source's flux the subtraction leaves, and from how many stars.
+
+    For each bright point source at (x, y) of calexp PSF flux ``flux`` (no bad
+    pixel within ``radius``): the largest |PSF flux| of the difference within
+    ``radius`` over ``flux`` (a residual's lobes, not their sum, are what
+    detection finds); the median of these ratios. NaN with fewer than
+    ``min_stars`` stars. It is the subtraction's quality figure (LSST's
+    kernel-source residual check) and its error floor at static sources.
+    """
+    ny, nx = flux_map.shape
+    r = int(np.ceil(radius))
+    ratios = []
+    for xi, yi, fi in zip(np.asarray(x), np.asarray(y), np.asarray(flux), strict=True):
+        ix, iy = int(np.floor(xi + 0.5)), int(np.floor(yi + 0.5))
+        if not (fi > 0 and r <= ix < nx - r and r <= iy < ny - r):
+            continue
+        box = (slice(iy - r, iy + r + 1), slice(ix - r, ix + r + 1))
+        if bad[box].any():
+            continue
+        ratios.append(float(np.abs(flux_map[box]).max()) / float(fi))
+    if len(ratios) < min_stars:
+        return float("nan"), len(ratios)
+    return float(np.median(ratios)), len(ratios)
+
+
+def static_residuals(
+    x: np.ndarray,
+    y: np.ndarray,
+    flux: np.ndarray,
+    flux_err: np.ndarray,
+    static_x: np.ndarray,
+    static_y: np.ndarray,
+    static_flux: np.ndarray,
+    ratio: float,
+    radius: float,
+    threshold: float,
+    margin: float,
+) -> np.ndarray:
+    """DIASources not significant once the subtraction's error at the static sources
+    beneath is counted: |flux| < sqrt((threshold err)^2 + (margin ratio F)^2), F the
+    brightest calexp source within ``radius`` (0 where none; a NaN ratio flags nothing)."""
+    x = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(ratio) or not x.size or not len(static_x):
+        return np.zeros(x.size, dtype=bool)
+    tree = cKDTree(np.c_[static_x, static_y])
+    brightest = np.zeros(x.size)
+    positive = np.clip(np.nan_to_num(np.asarray(static_flux, dtype=np.float64)), 0.0, None)
+    for i, near in enumerate(tree.query_ball_point(np.c_[x, y], radius)):
+        if near:
+            brightest[i] = positive[near].max()
+    noise = threshold * np.asarray(flux_err, dtype=np.float64)
+    floor = np.sqrt(noise**2 + (margin * ratio * brightest) ** 2)
+    with np.errstate(invalid="ignore"):
+        return np.abs(np.asarray(flux, dtype=np.float64)) < floor
+
+
+def blank_sky_pulls(
+    difference: np.ndarray,
+    variance: np.ndarray,
+    bad: np.ndarray,
+    psf: PsfModel,
+    avoid_x: np.ndarray,
+    avoid_y: np.ndarray,
+    *,
+    avoid_radius: float,
+    n_positions: int = 2000,
+    seed: int = 0,
+) -> np.ndarray:
+    """PSF flux / error at random blank places of a difference image: the noise check.
+
+    Positions are drawn uniformly (seeded), kept where no source (``avoid_x``,
+    ``avoid_y``: the calexp's sources and the DIASources) lies within
+    ``avoid_radius`` pixels and the fit stamp has no bad pixel; their PSF fluxes
+    (fitted alone, with the variance plane's errors) should scatter as N(0, 1)
+    when the variance plane is right for PSF-weighted sums.
+    """
+    ny, nx = difference.shape
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, nx - 1, n_positions)
+    y = rng.uniform(0, ny - 1, n_positions)
+    if len(avoid_x):
+        d, _ = cKDTree(np.c_[avoid_x, avoid_y]).query(np.c_[x, y])
+        x, y = x[d > avoid_radius], y[d > avoid_radius]
+    if not x.size:
+        return np.zeros(0)
+    fit = fixed_psf_fluxes(difference, variance, bad, psf, x, y, joint=False)
+    usable = ~(fit["flag"] | fit["flag_edge"] | fit["flag_masked"]).to_numpy(dtype=bool)
+    usable &= fit["masked_fraction"].to_numpy() == 0
+    flux = fit["psf_flux"].to_numpy()[usable]
+    err = fit["psf_flux_err"].to_numpy()[usable]
+    return flux / err
+
+
 def psf_noise_scale(
     difference: np.ndarray, variance: np.ndarray, bad: np.ndarray, kernel: np.ndarray
 ) -> float:
@@ -179,12 +299,22 @@ def detect_dia_sources(
     mask_planes: MaskPlanes,
     psf: PsfModel,
     config: DiaDetectionConfig | None = None,
+    static_sources: pd.DataFrame | None = None,
+    reference_stars: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
     """DIASources of a difference image: x, y (0-based), psf_flux, psf_flux_err, snr,
     is_dipole and flags (:class:`DiaSourceFlag`), in image units, ordered by position.
 
     The variance plane is first scaled so that the PSF-filtered image's noise
     is what it predicts (:func:`psf_noise_scale`; ``attrs["noise_scale"]``).
+    ``reference_stars`` (x, y, flux: the calexp's bright point sources) measure
+    the subtraction's residual ratio (:func:`residual_ratio`;
+    ``attrs["residual_ratio"]``, ``attrs["n_residual_stars"]``); DIASources
+    within ``residual_margin`` times that residual of the flux of the
+    ``static_sources`` beneath (x, y, flux: every calexp source) are flagged
+    STATIC_RESIDUAL, and every DIASource BAD_SUBTRACTION
+    when the ratio exceeds ``config.max_residual_ratio``
+    (``attrs["bad_subtraction"]``).
     """
     config = config or DiaDetectionConfig()
     bad = (mask & mask_planes.bitmask(*UNUSABLE_PLANES)) != 0
@@ -220,6 +350,25 @@ def detect_dia_sources(
     # Within a FWHM of NO_DATA: the template's (or the calexp's) edge.
     near_edge = _bits_near(mask, mask_planes, x, y, ("NO_DATA",), half=max(int(np.ceil(fwhm)), 2))
     flag(near_edge, DiaSourceFlag.TEMPLATE_EDGE)
+    ratio, n_stars = float("nan"), 0
+    radius = config.residual_radius_fwhm * fwhm
+    if reference_stars is not None and len(reference_stars):
+        flux_map = psf_flux_map(difference, bad, kernel)
+        ratio, n_stars = residual_ratio(
+            flux_map, bad, reference_stars["x"], reference_stars["y"], reference_stars["flux"],
+            radius, min_stars=config.residual_min_stars,
+        )  # fmt: skip
+    if static_sources is not None:
+        flag(
+            static_residuals(
+                x, y, fit["psf_flux"], fit["psf_flux_err"], static_sources["x"],
+                static_sources["y"], static_sources["flux"], ratio, radius,
+                config.threshold_sigma, config.residual_margin,
+            ),
+            DiaSourceFlag.STATIC_RESIDUAL,
+        )  # fmt: skip
+    bad_subtraction = bool(np.isfinite(ratio) and ratio > config.max_residual_ratio)
+    flag(np.full(len(found), bad_subtraction), DiaSourceFlag.BAD_SUBTRACTION)
     flag(found["sign"].to_numpy() < 0, DiaSourceFlag.NEGATIVE)
     is_dipole = found["sign"].to_numpy() == 0
     flag(is_dipole, DiaSourceFlag.DIPOLE)
@@ -238,5 +387,10 @@ def detect_dia_sources(
             "flags": flags,
         }
     )
-    table.attrs["noise_scale"] = noise_scale
+    table.attrs.update(
+        noise_scale=noise_scale,
+        residual_ratio=ratio,
+        n_residual_stars=n_stars,
+        bad_subtraction=bad_subtraction,
+    )
     return table

@@ -156,10 +156,10 @@ def fit_background(
 
 def kernel_candidates(
     sources: pd.DataFrame, *, min_snr: float = 10.0, max_snr: float = 500.0
-) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of the calexp's sources fit for the kernel fit: point-like, reliable
-    (unsaturated, unblended, off the edge), S/N between ``min_snr`` and ``max_snr``
-    (LSST's kernel candidates); the kernel fit rejects the variable ones."""
+) -> pd.DataFrame:
+    """The calexp's sources fit for the kernel fit: point-like, reliable (unsaturated,
+    unblended, off the edge), S/N between ``min_snr`` and ``max_snr`` (LSST's kernel
+    candidates); the kernel fit rejects the variable ones. The rows of ``sources``."""
     snr = sources["psfFlux"] / sources["psfFluxErr"]
     bad = int(UNRELIABLE_SOURCE | SourceFlag.BLENDED)
     use = (
@@ -168,8 +168,7 @@ def kernel_candidates(
         & (snr > min_snr)
         & (snr < max_snr)
     )
-    chosen = sources[use]
-    return chosen["x"].to_numpy(dtype=np.float64), chosen["y"].to_numpy(dtype=np.float64)
+    return sources[use]
 
 
 def _match_psf_models(science: Exposure, template: Exposure, config: SubtractionConfig):  # type: ignore[no-untyped-def]

@@ -9,10 +9,10 @@ coadd is deepest and farthest from its own edge), else the first patch that
 has data there. Where no patch has data the template is ``NO_DATA``.
 
 The template's PSF is that of the patch covering most of the CCD, warped with
-it. Template coadds are PSF-matched to one model PSF, so every patch has
-nearly the same PSF and the choice is a detail; a template built from
-patches with different PSFs would need a PSF per pixel region, which this
-does not do.
+it: the coadd PSF's POLYPIX fit, which follows the inputs' PSFs across the
+patch for direct-warp templates (the default), and is one model PSF for
+PSF-matched ones. Where the CCD spans patches of different PSFs, the other
+patches' PSFs are not used (a PSF per pixel region is not done).
 """
 
 from __future__ import annotations
@@ -126,6 +126,28 @@ def stitch_template(
         coverage=float(filled.mean()),
         n_patches=int((used > 0).sum()),
     )
+
+
+def template_self_weight(shares: Sequence[np.ndarray]) -> float:
+    """The science visit's mean share of its template's input weight over the CCD.
+
+    ``shares`` holds, per template piece in stitching order, the visit's share
+    of that patch's coadd weight at one common grid of CCD points (NaN where
+    the patch has no input there; see ``CoaddPsf.visit_weight_share``). Each
+    point takes the first piece with a value, as stitching takes the first
+    piece with data; the mean is over the points any piece covers (0.0 when
+    none does: no template, nothing of the visit in it).
+    """
+    if not len(shares):
+        return 0.0
+    stacked = np.vstack([np.asarray(s, dtype=np.float64) for s in shares])
+    covered = np.isfinite(stacked)
+    first = np.argmax(covered, axis=0)
+    points = covered.any(axis=0)
+    if not points.any():
+        return 0.0
+    values = stacked[first, np.arange(stacked.shape[1])]
+    return float(values[points].mean())
 
 
 def _psf_in_parent_frame(psf, origin: tuple[int, int]):  # type: ignore[no-untyped-def]

@@ -9,7 +9,9 @@ One FITS file per coadd (beside it, e.g. ``coaddPsf_{tract}_{patch}_{band}.fits`
   ``block_ny``, ``cov_offset`` (its coverage map in ``COVERAGE``),
   ``psf_order``, ``psf_xc``, ``psf_yc``, ``psf_xs``, ``psf_ys``,
   ``basis_offset``, ``n_terms`` (its PSF planes in ``PSFBASIS``), ``apCorr``
-  (its aperture correction, NaN if unknown; older files lack the column);
+  (its aperture correction, NaN if unknown; older files lack the column),
+  ``visit`` and ``detector`` (the calexp it was warped from; -1 if unknown,
+  older files lack the columns);
 - ``PSFBASIS``: the input PSFs' basis planes, stacked (n, s, s);
 - ``COVERAGE``: every input's block counts, flattened one after the other;
 - ``MODEL``: the POLYPIX fit, as the ``PSF`` HDU of an exposure.
@@ -44,10 +46,11 @@ def write_coadd_psf(coadd_psf: CoaddPsf, path: str | os.PathLike[str]) -> None:
     size = coadd_psf.size
     rows, planes, coverage = [], [], []
     basis_offset = cov_offset = 0
-    apcorr = coadd_psf.input_table()["apCorr"].to_numpy(dtype=np.float64)
-    for psf, weight, origin, block_origin, counts, ratio in zip(
+    inputs = coadd_psf.input_table()
+    apcorr = inputs["apCorr"].to_numpy(dtype=np.float64)
+    for psf, weight, origin, block_origin, counts, ratio, visit, detector in zip(
         coadd_psf.psfs, coadd_psf.weights, coadd_psf.origins, coadd_psf.block_origin,
-        coadd_psf.coverage, apcorr, strict=True,
+        coadd_psf.coverage, apcorr, inputs["visit"], inputs["detector"], strict=True,
     ):  # fmt: skip
         row = {
             "weight": float(weight), "x0": int(origin[0]), "y0": int(origin[1]),
@@ -56,7 +59,7 @@ def write_coadd_psf(coadd_psf: CoaddPsf, path: str | os.PathLike[str]) -> None:
             "block_ny": int(counts.shape[0]) if counts.ndim == 2 else 0,
             "cov_offset": cov_offset, "psf_order": -1, "psf_xc": 0.0, "psf_yc": 0.0,
             "psf_xs": 1.0, "psf_ys": 1.0, "basis_offset": basis_offset, "n_terms": 0,
-            "apCorr": float(ratio),
+            "apCorr": float(ratio), "visit": int(visit), "detector": int(detector),
         }  # fmt: skip
         coverage.append(np.asarray(counts, dtype=COVERAGE_DTYPE).ravel())
         cov_offset += counts.size
@@ -119,6 +122,10 @@ def read_coadd_psf(path: str | os.PathLike[str]) -> CoaddPsf:
     if "apCorr" in table.colnames and n_inputs:
         apcorr = np.asarray(table["apCorr"], dtype=np.float64)
         apcorr = apcorr if np.isfinite(apcorr).any() else None
+    input_ids = None
+    if {"visit", "detector"} <= set(table.colnames) and n_inputs:
+        input_ids = np.column_stack([table["visit"], table["detector"]]).astype(np.int64)
+        input_ids = None if (input_ids < 0).any() else input_ids
     return CoaddPsf(
         psfs=tuple(psfs),
         weights=np.asarray(table["weight"], dtype=np.float64) if n_inputs else np.zeros(0),
@@ -131,4 +138,5 @@ def read_coadd_psf(path: str | os.PathLike[str]) -> CoaddPsf:
         model=model, order=int(primary["PSFORDER"]),
         max_rms_residual=float(primary["PSFFRES"]), median_rms_residual=float(primary["PSFFMED"]),
         pure_cell_fraction=float(primary["PSFPURE"]), aperture_corrections=apcorr,
+        input_ids=input_ids,
     )  # fmt: skip

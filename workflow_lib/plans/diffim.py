@@ -14,15 +14,21 @@ class DiffimPlan(PlanState):
 
     # -- difference imaging: one job per calexp against the template coadds it overlaps --
     def diffim_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
-        """The calexp, its CcdVisit row, the sky map and its band's template coadds."""
+        """The calexp, its CcdVisit row, the sky map and its band's template coadds with
+        their coadd PSFs (which say whose pixels each template holds)."""
         ids = {"visit": int(wildcards["visit"]), "detector": int(wildcards["detector"])}
         band = self._band_of_ccd[(ids["visit"], ids["detector"])]
+        patches = self.warp_patches(wildcards)
         return {
             **self.warp_inputs(wildcards),
             "src_path": str(self.paths.path("src", **ids)),
             "template_paths": [
                 str(self.paths.path("templateCoadd", tract=t, patch=p, band=band))
-                for t, p in self.warp_patches(wildcards)
+                for t, p in patches
+            ],
+            "template_psf_paths": [
+                str(self.paths.path("templateCoaddPsf", tract=t, patch=p, band=band))
+                for t, p in patches
             ],
         }
 

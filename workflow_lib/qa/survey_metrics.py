@@ -23,7 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from scipy.spatial import cKDTree
 
-from workflow_lib.core.flags import CcdVisitFlag
+from workflow_lib.core.flags import ARTIFACT_DIA_SOURCE, CcdVisitFlag, DiaSourceFlag
 from workflow_lib.core.sky import tangent_plane_arcsec
 from workflow_lib.qa.metrics import BAD_SOURCE, repeatability
 
@@ -158,21 +158,38 @@ def object_summary(objects: pd.DataFrame) -> dict[str, Any]:
 def dia_summary(
     dia_sources: pd.DataFrame, dia_ccd: pd.DataFrame, dia_objects: pd.DataFrame | None
 ) -> dict[str, Any]:
-    """DIASources per subtracted CCD-visit, dipoles, DIAObjects and the associated fraction."""
+    """DIASources per subtracted CCD-visit, dipoles, the subtractions' quality figures
+    (residual ratio at bright stars, blank-sky noise of PSF fluxes), DIAObjects and the
+    associated fractions (of all DIASources, and of the clean ones, which all should be)."""
     subtracted = dia_ccd[~dia_ccd["failed"].astype(bool)]
     per_ccd = dia_sources.groupby(["visit", "detector"]).size()
     per_ccd = per_ccd.reindex(pd.MultiIndex.from_frame(subtracted[["visit", "detector"]]))
+    flags = dia_sources["flags"].to_numpy(dtype=np.int64)
+    clean = dia_sources[(flags & ARTIFACT_DIA_SOURCE) == 0]
     out: dict[str, Any] = {
         "n_ccd_visits_subtracted": len(subtracted),
         "n_ccd_visits_skipped": len(dia_ccd) - len(subtracted),
         "n_dia_sources": len(dia_sources),
+        "n_dia_sources_clean": len(clean),
+        "n_static_residuals": int((flags & int(DiaSourceFlag.STATIC_RESIDUAL) != 0).sum()),
         "dia_sources_per_ccd_visit_median": _median(per_ccd.fillna(0)),
         "n_dipoles": int(dia_sources["isDipole"].astype(bool).sum()),
     }
+    for column, name in (
+        ("residualRatio", "residual_ratio_median"),
+        ("blankNoiseSigma", "blank_noise_sigma_median"),
+    ):
+        if column in subtracted:
+            out[name] = _median(subtracted[column].dropna())
+    if "badSubtraction" in subtracted:
+        out["n_bad_subtractions"] = int(subtracted["badSubtraction"].astype(bool).sum())
     if dia_objects is not None:
         out["n_dia_objects"] = len(dia_objects)
         out["fraction_dia_sources_associated"] = (
             float((dia_sources["diaObjectId"] != 0).mean()) if len(dia_sources) else float("nan")
+        )
+        out["fraction_clean_dia_sources_associated"] = (
+            float((clean["diaObjectId"] != 0).mean()) if len(clean) else float("nan")
         )
     return out
 

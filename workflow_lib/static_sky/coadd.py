@@ -115,6 +115,8 @@ def select_template_ccd_visits(
     max_psf_fwhm: float | None,
     max_images: int | None,
     min_psf_fwhm: float | None = None,
+    seeing_quantile: float | None = None,
+    min_images: int = 0,
     per_detector: bool = True,
     exclude_flags: int = UNUSABLE_CCD_FLAGS,
 ) -> pd.DataFrame:
@@ -124,9 +126,12 @@ def select_template_ccd_visits(
     ``band`` (pass only those overlapping the patch) taken within
     [``mjd_min``, ``mjd_max``] (``midpointMjdTai``, inclusive, None = open)
     whose PSF FWHM (``seeing``, arcsec) is <= ``max_psf_fwhm`` (and >=
-    ``min_psf_fwhm``), keep the ``max_images`` with the smallest FWHM (None =
-    all). As in dia_pipe the unit is the calexp (one CCD of a visit), so a
-    visit's best CCDs may be chosen and its worse ones not.
+    ``min_psf_fwhm``; None = no cut), keep the ``max_images`` with the
+    smallest FWHM (None = all). ``seeing_quantile`` q keeps only the best
+    round(q n) of the n that pass, but at least ``min_images`` (LSST's
+    BestSeeingQuantileSelectVisitsTask, qMax and nVisitsMin): a cut relative
+    to the survey's own seeing. As in dia_pipe the unit is the calexp (one
+    CCD of a visit), so a visit's best CCDs may be chosen and its worse ones not.
     ``per_detector=False`` ranks whole visits instead (LSST's Gen3
     BestSeeingSelectVisitsTask): a visit's FWHM and MJD are the medians over
     its rows, ``max_images`` counts visits and all their rows are returned.
@@ -135,6 +140,8 @@ def select_template_ccd_visits(
     """
     if max_images is not None and max_images < 1:
         raise ValueError(f"max_images must be >= 1 or None, got {max_images}")
+    if seeing_quantile is not None and not 0.0 < seeing_quantile <= 1.0:
+        raise ValueError(f"seeing_quantile must be in (0, 1] or None, got {seeing_quantile}")
     rows = ccd_visits[ccd_visits["band"].astype(str) == str(band)]
     usable = np.isfinite(rows["seeing"].to_numpy(dtype=np.float64))
     if "flags" in rows:
@@ -160,6 +167,8 @@ def select_template_ccd_visits(
         keep &= mjd <= mjd_max
     # Ties broken by visit then row order, so the choice is reproducible.
     ranked = per_unit[keep].sort_values(["seeing", "visit"], kind="mergesort")
+    if seeing_quantile is not None:
+        ranked = ranked.head(max(int(np.round(seeing_quantile * len(ranked))), int(min_images)))
     if max_images is not None:
         ranked = ranked.head(int(max_images))
     chosen = units[units["_unit"].isin(ranked.index)]
@@ -418,6 +427,7 @@ def assemble_coadd(
         out.coverage, out.block_origin, block=out.block, shape=(ny, nx),
         cell_size=psf_cell_size, order=psf_order,
         aperture_corrections=[float("nan") if a is None else float(a) for a in apcorr],
+        input_ids=[(int(p.source.visit), int(p.source.detector)) for p in direct],
     )  # fmt: skip
     table = _input_table(direct, rejection, partner, out.stats)
     header = _coadd_header(

@@ -66,6 +66,8 @@ class CoaddPsf:
     # Each input's aperture correction (reference-aperture / PSF flux on its calexp);
     # NaN where unknown, None if no input had one.
     aperture_corrections: np.ndarray | None = None
+    # (visit, detector) of each input, (n, 2); None where not recorded (older files).
+    input_ids: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -89,6 +91,30 @@ class CoaddPsf:
             inside = (jy >= 0) & (jy < counts.shape[0]) & (jx >= 0) & (jx < counts.shape[1])
             out[inside, i] = counts[jy[inside], jx[inside]] / area[inside]
         return out
+
+    def visit_weight_share(self, visit: int, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Share of the coadd's input weight at coadd positions that is ``visit``'s own.
+
+        sum over the visit's inputs of w_i f_i / sum over all inputs of w_i f_i
+        (f_i the input's coverage of the position's block): 1 where the coadd
+        is that visit alone, NaN where no input covers the position (or it is off
+        the coadd). A
+        difference image of a visit against a template that is largely the
+        visit itself subtracts the visit from itself. Raises ValueError when
+        the inputs' ids were not recorded.
+        """
+        if self.input_ids is None:
+            raise ValueError("the coadd PSF does not record its inputs' visits")
+        x = np.atleast_1d(np.asarray(x, dtype=np.float64))
+        y = np.atleast_1d(np.asarray(y, dtype=np.float64))
+        weighted = self.fractions(x, y) * self.weights[None, :]
+        own = weighted[:, self.input_ids[:, 0] == int(visit)].sum(axis=1)
+        total = weighted.sum(axis=1)
+        # fractions() clamps to the edge blocks; off the coadd nothing covers.
+        ny, nx = self.shape
+        total[~((x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5))] = 0.0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(total > 0, own / total, np.nan)
 
     def kernels_at(self, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         """Coadd PSF kernels (n, s, s), unit sum, at coadd positions; zeros where no data."""
@@ -205,6 +231,8 @@ class CoaddPsf:
                 "block_nx": [c.shape[1] for c in self.coverage],
                 "block_ny": [c.shape[0] for c in self.coverage],
                 "has_psf": [p is not None for p in self.psfs],
+                "visit": self._ids_column(0),
+                "detector": self._ids_column(1),
                 "apCorr": (
                     np.full(len(self.psfs), np.nan)
                     if self.aperture_corrections is None
@@ -212,6 +240,11 @@ class CoaddPsf:
                 ),
             }
         )
+
+    def _ids_column(self, k: int) -> np.ndarray:
+        if self.input_ids is None:
+            return np.full(len(self.psfs), -1, dtype=np.int64)
+        return self.input_ids[:, k]
 
 
 def build_coadd_psf(
@@ -227,6 +260,7 @@ def build_coadd_psf(
     order: int = 3,
     full_fraction: float = 0.9,
     aperture_corrections: Sequence[float] | None = None,
+    input_ids: Sequence[tuple[int, int]] | None = None,
 ) -> CoaddPsf | None:
     """The coadd PSF from the inputs' block coverage, with its POLYPIX fit.
 
@@ -237,10 +271,16 @@ def build_coadd_psf(
     than ``full_fraction`` of the best-covered input's pixels), as such a
     mixture is what no star sees. Returns None if no input has a PSF or
     nothing is covered. ``aperture_corrections`` (per input, NaN where
-    unknown) make :meth:`CoaddPsf.aperture_correction_at`.
+    unknown) make :meth:`CoaddPsf.aperture_correction_at`; ``input_ids``
+    (visit, detector) per input make :meth:`CoaddPsf.visit_weight_share`.
     """
     if not any(p is not None for p in psfs):
         return None
+    ids = None
+    if input_ids is not None:
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(-1, 2)
+        if len(ids) != len(psfs):
+            raise ValueError(f"{len(ids)} input ids for {len(psfs)} inputs")
     apcorr = None
     if aperture_corrections is not None:
         apcorr = np.asarray(aperture_corrections, dtype=np.float64).reshape(-1)
@@ -318,5 +358,5 @@ def build_coadd_psf(
         shape=(int(ny), int(nx)), model=model, order=fit_order,
         max_rms_residual=float(rel.max()), median_rms_residual=float(np.median(rel)),
         pure_cell_fraction=float(np.mean(purity[good] > 0.99)),
-        aperture_corrections=apcorr,
+        aperture_corrections=apcorr, input_ids=ids,
     )  # fmt: skip

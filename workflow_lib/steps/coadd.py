@@ -102,10 +102,15 @@ def make_warps(
                 if flavour == "rejectionWarp" and not coadd_cfg.reject_artifacts:
                     continue
                 if flavour == "psfMatchedWarp":
-                    # Only template-eligible CCDs: in the MJD window and sharp enough.
+                    # Only for PSF-matched templates, and only template-eligible CCDs:
+                    # in the MJD window and sharp enough.
+                    if not template_cfg.psf_matched or fwhm_arcsec is None:
+                        continue
                     if not template_cfg.in_window(float(row["midpointMjdTai"])):
                         continue
-                    if not seeing <= template_cfg.max_psf_fwhm:
+                    if template_cfg.max_psf_fwhm is not None and not (
+                        seeing <= template_cfg.max_psf_fwhm
+                    ):
                         continue
                 # The model at its own size (+-3.5 sigma of its wing): cut to the
                 # calexp PSF's box, a wide model loses its wing and no kernel matches it.
@@ -268,25 +273,21 @@ def assemble_template_coadd(
     coadd: dict[str, Any],
     template: dict[str, Any],
 ) -> None:
-    """Template coadd of the best-seeing PSF-matched warps in the template's MJD window."""
+    """Template coadd of the best-seeing calexps on the patch (``template`` section): their
+    direct warps with artifact rejection as in deep coadds, or their PSF-matched warps."""
     from workflow_lib.io.warp_input import FitsWarpInput
     from workflow_lib.static_sky.coadd import assemble_coadd, select_template_ccd_visits
 
     template_cfg = TemplateConfig.from_dict(template)
     coadd_cfg = CoaddConfig.from_dict(coadd, template_cfg)
     ids = {"tract": tract, "patch": patch, "band": band, "coaddtyp": "template"}
-    matched = _warps_for_patch(warp_dirs, tract, patch)["psfMatchedWarp"]
+    warps = _warps_for_patch(warp_dirs, tract, patch)
+    flavour = "psfMatchedWarp" if template_cfg.psf_matched else "directWarp"
+    candidates = warps[flavour]
     rows = pd.concat([read_table(p) for p in ccdvisit_paths], ignore_index=True)
     ccds = zip(rows["visit"], rows["detector"], strict=True)
-    rows = rows[[(int(v), int(d)) in matched for v, d in ccds]]
-    chosen = select_template_ccd_visits(
-        rows,
-        band=band,
-        mjd_min=template_cfg.mjd_min,
-        mjd_max=template_cfg.mjd_max,
-        max_psf_fwhm=template_cfg.max_psf_fwhm,
-        max_images=template_cfg.max_images,
-    )
+    rows = rows[[(int(v), int(d)) in candidates for v, d in ccds]]
+    chosen = select_template_ccd_visits(rows, band=band, **template_cfg.selection())
     keys = sorted(
         (int(v), int(d)) for v, d in zip(chosen["visit"], chosen["detector"], strict=True)
     )
@@ -294,32 +295,40 @@ def assemble_template_coadd(
     provenance = {
         "step": "assemble_template_coadd",
         "visits": [int(v) for v in visits],
+        "warp_type": template_cfg.warp_type,
         "coadd": coadd,
         "template": template,
     }
     if not keys:
+        fwhm = template_cfg.max_psf_fwhm
+        cut = f"PSF FWHM <= {fwhm} arcsec" if fwhm is not None else "seeing quantile"
         reason = (
             f"no visit of band {band} on tract {tract} patch {patch} passes the template "
-            f"selection (MJD {template_cfg.mjd_min}..{template_cfg.mjd_max}, "
-            f"PSF FWHM <= {template_cfg.max_psf_fwhm} arcsec)"
+            f"selection (MJD {template_cfg.mjd_min}..{template_cfg.mjd_max}, {cut})"
         )
         _write_skipped_coadd(coadd_path, coadd_psf_path, ids, reason)
         return
     sky = read_skymap(skymap_path)
     shape, wcs = _patch_geometry(sky, tract, patch)
+    if template_cfg.psf_matched:
+        rejection = None  # the PSF-matched inputs themselves
+    else:
+        rejection = [FitsWarpInput(warps["rejectionWarp"][k]) for k in keys
+                     if k in warps["rejectionWarp"]]  # fmt: skip
     result = assemble_coadd(
-        [FitsWarpInput(matched[k]) for k in keys],
+        [FitsWarpInput(candidates[k]) for k in keys],
         shape=shape,
         wcs=wcs,
-        rejection_inputs=None,  # the PSF-matched inputs themselves
+        rejection_inputs=rejection,
         do_reject=coadd_cfg.reject_artifacts,
         clip_sigma=coadd_cfg.clip_sigma,
         do_interp=coadd_cfg.do_interp,
     )
     _write_coadd(result, coadd_path, coadd_psf_path, ids, provenance)
     log.info(
-        "template coadd tract %d patch %d band %s: visits %s", tract, patch, band, list(visits)
-    )
+        "template coadd tract %d patch %d band %s (%s warps): visits %s",
+        tract, patch, band, template_cfg.warp_type, list(visits),
+    )  # fmt: skip
 
 
 def _failure_header(ids: dict[str, Any]) -> Any:

@@ -62,9 +62,15 @@ DIA_CCD_COLUMNS: dict[str, str] = {
     "band": "object",
     "midpointMjdTai": "f8",
     "templateCoverage": "f8",
+    "templateSelfWeight": "f8",
     "nTemplatePatches": "i8",
     "convolved": "object",
     "method": "object",
+    "residualRatio": "f8",
+    "nResidualStars": "i8",
+    "badSubtraction": "bool",
+    "blankNoiseSigma": "f8",
+    "nBlankPositions": "i8",
     "nDiaSources": "i8",
     "failed": "bool",
     "failReason": "object",
@@ -83,23 +89,49 @@ def _empty(columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
+# Point sources at least this bright (S/N on the calexp) measure the subtraction's residual.
+RESIDUAL_STAR_SNR = 50.0
+# The noise check's blank places are this many PSF FWHM from every source.
+BLANK_AVOID_FWHM = 3.0
+# CCD points (every this many pixels) at which the visit's share of its template is judged.
+SELF_WEIGHT_GRID_PX = 16
+
+
 def _template_pieces(
-    template_paths: list[str], patches: list[list[int]], skymap_path: str, calexp: Exposure
-) -> list[Any]:
-    """Each readable template coadd warped onto the calexp, with its inner-region mask."""
-    from workflow_lib.diffim.template import TemplatePiece, inner_region_mask
+    template_paths: list[str],
+    template_psf_paths: list[str],
+    patches: list[list[int]],
+    skymap_path: str,
+    calexp: Exposure,
+    visit: int,
+) -> tuple[list[Any], float]:
+    """Each readable template coadd warped onto the calexp, with its inner-region mask;
+    and the visit's own share of the template's input weight over the CCD (NaN if a
+    coadd PSF does not record its inputs)."""
+    from workflow_lib.diffim.template import (
+        TemplatePiece,
+        inner_region_mask,
+        template_self_weight,
+    )
+    from workflow_lib.io.coadd_psf import read_coadd_psf
     from workflow_lib.static_sky.warp import warp_exposure
 
     sky = read_skymap(skymap_path)
     ny, nx = calexp.shape
-    pieces = []
-    for path, (tract, patch) in zip(template_paths, patches, strict=True):
+    assert calexp.wcs is not None
+    step = SELF_WEIGHT_GRID_PX
+    gx, gy = np.meshgrid(np.arange(step / 2, nx, step), np.arange(step / 2, ny, step))
+    grid_ra, grid_dec = calexp.wcs.all_pix2world(gx.ravel(), gy.ravel(), 0)
+    pieces, shares = [], []
+    unknown = False
+    for path, psf_path, (tract, patch) in zip(
+        template_paths, template_psf_paths, patches, strict=True
+    ):
         try:
             coadd = read_exposure(path)
         except ProcessingFailed as err:
             log.info("template %s: %s", path, err)
             continue
-        assert calexp.wcs is not None
         warp = warp_exposure(coadd, calexp.wcs, (0, 0, nx, ny))
         if warp is None:
             continue
@@ -107,7 +139,15 @@ def _template_pieces(
         ox, oy = info.outer_bbox[0], info.outer_bbox[1]
         inner = (info.inner_bbox[0] - ox, info.inner_bbox[1] - oy, *info.inner_bbox[2:])
         pieces.append(TemplatePiece(warp=warp, inner=inner_region_mask(warp, info.wcs, inner)))
-    return pieces
+        assert coadd.wcs is not None
+        cx, cy = coadd.wcs.all_world2pix(grid_ra, grid_dec, 0)
+        try:
+            shares.append(read_coadd_psf(psf_path).visit_weight_share(visit, cx, cy))
+        except ValueError as err:
+            log.info("template %s: visit share unknown: %s", psf_path, err)
+            unknown = True
+    self_weight = float("nan") if unknown else template_self_weight(shares)
+    return pieces, self_weight
 
 
 def _dia_source_table(
@@ -183,6 +223,7 @@ def subtract_ccd(
     ccdvisit_path: str,
     src_path: str,
     template_paths: list[str],
+    template_psf_paths: list[str],
     skymap_path: str,
     difference_path: str,
     dia_source_path: str,
@@ -193,7 +234,14 @@ def subtract_ccd(
     diffim: dict[str, Any],
 ) -> pd.DataFrame:
     """Difference image, DIASources and the CCD's record for one (visit, detector)."""
-    from workflow_lib.diffim.sources import DiaDetectionConfig, detect_dia_sources
+    from astropy.stats import mad_std
+
+    from workflow_lib.diffim.sources import (
+        UNUSABLE_PLANES,
+        DiaDetectionConfig,
+        blank_sky_pulls,
+        detect_dia_sources,
+    )
     from workflow_lib.diffim.subtract import SubtractionConfig, kernel_candidates, subtract_images
     from workflow_lib.diffim.template import stitch_template
     from workflow_lib.static_sky.psf_matching import PsfMatchingError
@@ -202,7 +250,7 @@ def subtract_ccd(
     provenance = {
         "package_version": __version__,
         "step": "subtract_ccd",
-        "inputs": [calexp_path, src_path, *template_paths],
+        "inputs": [calexp_path, src_path, *template_paths, *template_psf_paths],
         "diffim": diffim,
     }
     row = read_table(ccdvisit_path).iloc[0]
@@ -215,10 +263,16 @@ def subtract_ccd(
     record: dict[str, Any] = {
         **ids,
         "templateCoverage": 0.0,
+        "templateSelfWeight": 0.0,
         "nTemplatePatches": 0,
         "convolved": "",
         "nKernelStamps": 0,
         "method": cfg.method,
+        "residualRatio": float("nan"),
+        "nResidualStars": 0,
+        "badSubtraction": False,
+        "blankNoiseSigma": float("nan"),
+        "nBlankPositions": 0,
         "nDiaSources": 0,
         "failed": True,
         "failReason": "",
@@ -226,16 +280,25 @@ def subtract_ccd(
     table = _empty(DIA_SOURCE_COLUMNS)
     try:
         calexp = read_exposure(calexp_path)
-        template = stitch_template(
-            _template_pieces(template_paths, patches, skymap_path, calexp),
-            calexp.shape,
-            calexp.wcs,  # type: ignore[arg-type]
+        pieces, self_weight = _template_pieces(
+            template_paths, template_psf_paths, patches, skymap_path, calexp, int(visit)
         )
-        record.update(templateCoverage=template.coverage, nTemplatePatches=template.n_patches)
+        template = stitch_template(pieces, calexp.shape, calexp.wcs)  # type: ignore[arg-type]
+        record.update(
+            templateCoverage=template.coverage,
+            templateSelfWeight=self_weight,
+            nTemplatePatches=template.n_patches,
+        )
         if template.coverage < cfg.min_template_coverage or template.exposure.psf is None:
             raise ProcessingFailed(
                 f"template covers {template.coverage:.1%} of the CCD "
                 f"(< {cfg.min_template_coverage:.0%} required)"
+            )
+        if self_weight > cfg.max_template_self_weight:
+            raise ProcessingFailed(
+                f"the template is {self_weight:.0%} this visit's own pixels "
+                f"(> {cfg.max_template_self_weight:.0%} allowed): the difference would "
+                "subtract the visit from itself"
             )
         subtraction = SubtractionConfig(
             grid_spacing=cfg.kernel_grid_spacing,
@@ -243,16 +306,23 @@ def subtract_ccd(
             method=cfg.method,
             decorrelate=cfg.decorrelate,
         )
-        sources = kernel_candidates(read_table(src_path))
-        result = subtract_images(calexp, template.exposure, subtraction, kernel_sources=sources)
+        src = read_table(src_path)
+        candidates = kernel_candidates(src)
+        kernel_xy = (candidates["x"].to_numpy(), candidates["y"].to_numpy())
+        result = subtract_images(calexp, template.exposure, subtraction, kernel_sources=kernel_xy)
         diff = result.difference
+        # Bright point sources measure the subtraction's residual; every source is where
+        # one can be (fluxes in nJy, as the difference image).
+        bright = candidates[candidates["psfFlux"] > RESIDUAL_STAR_SNR * candidates["psfFluxErr"]]
         found = detect_dia_sources(
             diff.image,
             diff.variance,
             diff.mask,
             diff.mask_planes,
             result.psf,
-            DiaDetectionConfig(cfg.detection_threshold),
+            DiaDetectionConfig(cfg.detection_threshold, max_residual_ratio=cfg.max_residual_ratio),
+            static_sources=src[["x", "y"]].assign(flux=src["psfFlux"]),
+            reference_stars=bright[["x", "y"]].assign(flux=bright["psfFlux"]),
         )
         # The variance plane as detection used it: scaled so that PSF-weighted sums
         # (DIASource and forced fluxes) get the noise the filtered image has (the
@@ -263,12 +333,32 @@ def subtract_ccd(
         diff.metadata["DIFFNSCL"] = (noise_scale, "variance scaled by this squared (PSF noise)")
         fwhm = result.psf.fwhm_at(result.psf.x_center, result.psf.y_center)
         table = _dia_source_table(found, calexp, fwhm, ids)
+        pulls = blank_sky_pulls(
+            diff.image,
+            diff.variance,
+            (diff.mask & diff.mask_planes.bitmask(*UNUSABLE_PLANES)) != 0,
+            result.psf,
+            np.r_[src["x"].to_numpy(), found["x"].to_numpy()],
+            np.r_[src["y"].to_numpy(), found["y"].to_numpy()],
+            avoid_radius=BLANK_AVOID_FWHM * fwhm,
+            seed=int(visit) * 1000 + int(detector),
+        )
         diff.metadata["TMPLCOV"] = (template.coverage, "fraction of the CCD with template")
+        ratio = float(found.attrs["residual_ratio"])
+        diff.metadata["DIFFRRAT"] = (
+            ratio if np.isfinite(ratio) else -1.0,
+            "residual / flux at bright stars (-1: unknown)",
+        )
         write_exposure(diff, difference_path, provenance=provenance)
         record.update(
             convolved=result.convolved,
             method=result.method,
             nKernelStamps=result.n_kernel_stamps,
+            residualRatio=ratio,
+            nResidualStars=int(found.attrs["n_residual_stars"]),
+            badSubtraction=bool(found.attrs["bad_subtraction"]),
+            blankNoiseSigma=float(mad_std(pulls)) if pulls.size >= 20 else float("nan"),
+            nBlankPositions=int(pulls.size),
             nDiaSources=len(table),
             failed=False,
         )
