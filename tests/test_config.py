@@ -23,13 +23,8 @@ def test_empty_config_gets_every_default():
     assert cfg["output_dir"] == "results"
     assert cfg["input"]["source"] == "simulated"
     assert cfg["input"]["refcat_columns"]["ra"] == "ra"
-    # No FWHM cut of our simulator's: relative to the survey's seeing. The simulated
-    # survey's open window takes its template season; any other input's stays open.
-    assert cfg["template"]["max_psf_fwhm"] is None and cfg["template"]["mjd_max"] == 60630.0
-    raw = {"input": {"source": "raw", "raw_dir": "d", "refcat": "r.csv"}}
-    assert validate_config(raw)["template"]["mjd_max"] is None
-    season = {"template": {"mjd_min": 60000.0}}
-    assert validate_config(season)["template"]["mjd_max"] is None  # a window given is kept
+    # No FWHM cut or template season of our simulator's: relative to the survey's seeing.
+    assert cfg["template"]["max_psf_fwhm"] is None and cfg["template"]["mjd_max"] is None
     assert (cfg["template"]["seeing_quantile"], cfg["template"]["min_images"]) == (0.33, 6)
     assert cfg["template"]["warp_type"] == "direct"
     assert cfg["select"] == {"visit": None, "detector": None, "band": None, "tract": None}
@@ -47,6 +42,16 @@ def test_model_psf_defaults_to_the_template_cut_and_may_not_be_narrower():
         load_config({"coadd": {"model_psf_fwhm_arcsec": 0.8}, "template": {"max_psf_fwhm": 0.9}})
     with pytest.raises(ConfigError, match=r"template\.warp_type psf_matched needs a model PSF"):
         load_config({"template": {"warp_type": "psf_matched"}})
+
+
+def test_the_simulated_survey_takes_its_template_season_where_the_window_is_open():
+    from workflow_lib.workflow import with_simulated_template_season as season
+
+    assert season(validate_config({}))["template"]["mjd_max"] == 60630.0
+    raw = {"input": {"source": "raw", "raw_dir": "d", "refcat": "r.csv"}}
+    assert season(validate_config(raw))["template"]["mjd_max"] is None
+    given = season(validate_config({"template": {"mjd_min": 60000.0}}))["template"]
+    assert (given["mjd_min"], given["mjd_max"]) == (60000.0, None)  # a window given is kept
 
 
 def test_template_selection_is_relative_unless_a_fwhm_cut_is_set():

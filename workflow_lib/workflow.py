@@ -35,7 +35,7 @@ class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan, 
     """
 
     def __init__(self, config: Mapping[str, Any]) -> None:
-        self.config: dict[str, Any] = validate_config(config)
+        self.config: dict[str, Any] = with_simulated_template_season(validate_config(config))
         self.cfg = WorkflowConfig.from_dict(self.config)
         self.paths = ProductPaths(self.cfg.output_dir)
         self.registry = self._build_registry()
@@ -166,3 +166,21 @@ class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan, 
             targets += [self.paths.path("truth_object"), self.paths.path("sim_refcat")]
         targets += self.qa_targets()
         return [str(t) for t in targets]
+
+
+def with_simulated_template_season(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` (validated) with, on the built-in simulated survey, an open template
+    window set to the survey's template season: visits of excellent seeing before the
+    preset's ``template_mjd_end``, after which the transients explode, as a real survey's
+    window would be set from its observing history. Other inputs keep their window."""
+    window = config["template"]
+    simulated = config["input"]["source"] == "simulated"
+    if not simulated or window["mjd_min"] is not None or window["mjd_max"] is not None:
+        return config
+    from workflow_lib.sim.presets import get_preset
+
+    try:
+        window["mjd_max"] = float(get_preset(config["sim"]["preset"]).template_mjd_end)
+    except ValueError as err:
+        raise ConfigError(f"config: sim.preset: {err}") from None
+    return config

@@ -67,28 +67,8 @@ def validate_config(config: Mapping[str, Any]) -> dict[str, Any]:
     errors = list(validator.iter_errors(filled))
     if errors:
         raise ConfigError(_describe(jsonschema.exceptions.best_match(errors)))
-    _simulated_template_season(filled)
     WorkflowConfig.from_dict(filled)  # cross-field checks
     return filled
-
-
-def _simulated_template_season(config: dict[str, Any]) -> None:
-    """On the built-in simulated survey, an open template window takes the survey's
-    template season (visits of excellent seeing before the preset's ``template_mjd_end``;
-    the transients explode after it), as a real survey's template window would be set
-    from its observing history. Any other input keeps the window it is given."""
-    window = config["template"]
-    if config["input"]["source"] != "simulated" or (window["mjd_min"], window["mjd_max"]) != (
-        None,
-        None,
-    ):
-        return
-    from workflow_lib.sim.presets import get_preset
-
-    try:
-        window["mjd_max"] = float(get_preset(config["sim"]["preset"]).template_mjd_end)
-    except ValueError as err:
-        raise ConfigError(f"config: sim.preset: {err}") from None
 
 
 def _describe(error: jsonschema.ValidationError) -> str:
