@@ -65,9 +65,11 @@ class SyntheticSurvey:
         """Jobs of a full dry run: see rules/*.smk for raw input."""
         per_detector = 2 + len(BANDS) + 1  # bias, dark, a flat per band, defects
         # ingest_raw, shard_refcat, ccdvisit_table, source_table, run_summary,
-        # object_table, forced_source_table, metrics, qa_ccd_visits (no job needs
-        # the sky map; the synthetic sky has no patch overlap known before the run)
-        singles = 9
+        # object_table, forced_source_table, metrics, qa_ccd_visits, and with
+        # difference imaging dia_source_table, dia_ccd_visit_table, dia_object_table,
+        # dia_forced_source_table, qa_dia_cutouts, qa_light_curves (no job needs the
+        # sky map; the synthetic sky has no patch overlap known before the run)
+        singles = 15
         return self.n_ccds + self.n_detectors * per_detector + singles + 1  # + all
 
 

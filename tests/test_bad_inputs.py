@@ -307,7 +307,7 @@ def test_empty_selection():
 def test_template_window_after_every_visit():
     config = {**TINY, "diffim": {"enabled": True},
               "template": {"mjd_min": 70000.0, "mjd_max": 80000.0}}  # fmt: skip
-    with pytest.raises(ConfigError, match="holds none of the 20 selected science exposures"):
+    with pytest.raises(ConfigError, match="holds none of the 20 science exposures"):
         WorkflowPlan(config)
 
 

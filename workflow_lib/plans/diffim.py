@@ -33,18 +33,21 @@ class DiffimPlan(PlanState):
         }
 
     def _check_template_window(self) -> None:
-        """Stop before any job when the template's MJD window holds no selected visit.
+        """Stop before any job when the template's MJD window holds no science exposure.
 
         Every template coadd would be empty and every subtraction a skip; the
         window is known from the registry, so the run need not find out per CCD.
-        The window is judged on exposure midpoints, as the template selection does.
+        The window is judged on exposure midpoints, as the template selection does,
+        over every science exposure of the registry, not only the selected ones: a
+        partition of late visits (docs/hpc.md) is no error, its CCDs are recorded skips.
         """
         window = self.cfg.template
-        midpoints = self.science["mjd"] + 0.5 * self.science["exptime"] / 86400.0
+        science = self.registry[self.registry["obstype"] == "science"]
+        midpoints = science["mjd"] + 0.5 * science["exptime"] / 86400.0
         if not any(window.in_window(float(mjd)) for mjd in midpoints):
             raise ConfigError(
                 f"config: template: the window mjd_min={window.mjd_min}, "
-                f"mjd_max={window.mjd_max} holds none of the {midpoints.size} selected science "
+                f"mjd_max={window.mjd_max} holds none of the {midpoints.size} science "
                 f"exposures (MJD {midpoints.min():.3f} to {midpoints.max():.3f}): difference "
                 "imaging would have no template"
             )
