@@ -183,19 +183,25 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
     detectors = sorted(local_ccd["detector"].unique())
     for detector in detectors:
         assert comments.count(f"calib_{detector}") == 1, comments
-    # Per visit also one job of forced photometry; per patch one job of coadds
-    # and Objects; prepare (ingest, refcat, sky map) one job; the four tables
-    # and the run summary one each; the metrics one, the report's figures one (raw
+    # Per visit also one job each of forced photometry, difference imaging and DIA
+    # forced photometry; per patch one job of coadds and Objects and one of
+    # association; prepare (ingest, refcat, sky map) one job; the eight tables and
+    # the run summary one each; the metrics one, the report's figures one (raw
     # input: no truth figure).
-    patches = set(re.findall(r"patch_\d+_\d+", comments))
+    names = comments.split()
+    patches = set(re.findall(r"\brule_patch_(\d+_\d+)_", comments))
     assert patches, comments
     for patch in patches:
-        assert comments.count(f"{patch}_") == 1, comments
+        assert sum(name.startswith(f"rule_patch_{patch}_") for name in names) == 1, comments
+        assert names.count(f"rule_associate_patch_wildcards_{patch}") == 1, comments
     n_patches = len(patches)
     for visit in visits:
-        assert comments.count(f"forced_{visit}") == 1, comments
-    assert comments.count("qa_figures") == 1 and comments.count("rule_metrics") == 1, comments
-    assert len(jobs) == 2 * len(visits) + len(detectors) + n_patches + 1 + 5 + 2, comments
+        for group in ("forced", "diffim", "dia_forced"):
+            assert sum(name.startswith(f"rule_{group}_{visit}_") for name in names) == 1, comments
+    assert names.count("rule_metrics") == 1 and comments.count("qa_figures") == 1, comments
+    n_tables = 8
+    expected_jobs = 4 * len(visits) + len(detectors) + 2 * n_patches + 1 + n_tables + 1 + 2
+    assert len(jobs) == expected_jobs, comments
 
     # The products equal the local run's, row for row.
     slurm = Butler(tmp_path / "results")

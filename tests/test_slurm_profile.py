@@ -43,11 +43,18 @@ def profile_dry_run(tmp_path_factory) -> str:
 
 def test_ccds_are_grouped_per_visit_and_calibrations_per_detector(profile_dry_run):
     groups, ungrouped = grouped_jobs(profile_dry_run)
-    # Every job is in a group job but the consolidated tables and the metrics (see the
-    # profile) and the truth figure, which waits for the metrics.
+    # Every job is in a group job but the consolidated tables, the association of each
+    # patch (one job per patch already), the metrics (see the profile) and the truth
+    # figure, which waits for the metrics.
     tables = ["ccdvisit_table", "forced_source_table", "object_table", "source_table"]
-    assert sorted(ungrouped) == sorted(["all", "run_summary", "metrics", "qa_truth", *tables])
-    assert {rule for rule, _ in groups["qa_figures"]} == {"qa_ccd_visits", "qa_color_image"}
+    dia_tables = [
+        f"dia_{name}_table" for name in ("ccd_visit", "forced_source", "object", "source")
+    ]
+    others = ["all", "run_summary", "metrics", "qa_truth", "associate_patch"]
+    assert sorted(ungrouped) == sorted([*others, *tables, *dia_tables])
+    assert {rule for rule, _ in groups["qa_figures"]} == {
+        "qa_ccd_visits", "qa_color_image", "qa_dia_cutouts", "qa_light_curves"
+    }  # fmt: skip
     visit_groups = {g: jobs for g, jobs in groups.items() if g.startswith("visit_")}
     ccds = [wc for jobs in visit_groups.values() for rule, wc in jobs if rule == "process_ccd"]
     assert len(ccds) == 20  # the tiny survey: 10 visits x 2 detectors
@@ -57,6 +64,16 @@ def test_ccds_are_grouped_per_visit_and_calibrations_per_detector(profile_dry_ru
         assert {wc["visit"] for _, wc in jobs} == {name.removeprefix("visit_")}
         for rule in ("process_ccd", "warp"):
             assert sorted(wc["detector"] for r, wc in jobs if r == rule) == ["0", "1"]
+    # A visit's difference images, and its DIA forced photometry, one job each.
+    for prefix, rule in (("diffim_", "subtract_ccd"), ("dia_forced_", "dia_forced_ccd")):
+        dia_groups = {g: jobs for g, jobs in groups.items() if g.startswith(prefix)}
+        assert {g.removeprefix(prefix) for g in dia_groups} == {
+            g.removeprefix("visit_") for g in visit_groups
+        }
+        for name, jobs in dia_groups.items():
+            assert {r for r, _ in jobs} == {rule}
+            assert {wc["visit"] for _, wc in jobs} == {name.removeprefix(prefix)}
+            assert sorted(wc["detector"] for _, wc in jobs) == ["0", "1"]
     patch_groups = {g: jobs for g, jobs in groups.items() if g.startswith("patch_")}
     assert patch_groups, "per-patch coadds and Objects are grouped"
     for jobs in patch_groups.values():
