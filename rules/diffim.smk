@@ -14,7 +14,7 @@ rule subtract_ccd:
     params:
         step="diffim:subtract_ccd",
         patches=plan.warp_patches,
-        diffim=plan.section("diffim"),
+        diffim=plan.subtraction_section(),
     log:
         paths.root / "logs/diffim/{visit}/diffim_{visit}_{detector}.log",
     benchmark:
@@ -55,6 +55,45 @@ rule dia_ccd_visit_table:
         paths.root / "logs/tables/DiaCcdVisit.log",
     benchmark:
         paths.root / "benchmarks/tables/DiaCcdVisit.tsv"
+    conda:
+        "../envs/drp.yaml"
+    script:
+        "../scripts/run_step.py"
+
+
+# Source injection (diffim.injection.enabled): point sources put into each differenced
+# calexp, differenced and searched again; DiaInjection says which were found.
+rule inject_ccd:
+    input:
+        unpack(plan.injection_inputs),
+    output:
+        injection_path=paths.pattern("diaInjection"),
+    params:
+        step="diffim:inject_ccd",
+        patches=plan.warp_patches,
+        diffim=plan.section("diffim"),
+    log:
+        paths.root / "logs/diffim/{visit}/inject_{visit}_{detector}.log",
+    benchmark:
+        paths.root / "benchmarks/diffim/{visit}/inject_{visit}_{detector}.tsv"
+    conda:
+        "../envs/drp.yaml"
+    script:
+        "../scripts/run_step.py"
+
+
+rule dia_injection_table:
+    input:
+        input_paths=plan.diffim_paths("diaInjection"),
+    output:
+        output_path=paths.path("DiaInjection"),
+    params:
+        step="tables:consolidate_table",
+        table="DiaInjection",
+    log:
+        paths.root / "logs/tables/DiaInjection.log",
+    benchmark:
+        paths.root / "benchmarks/tables/DiaInjection.tsv"
     conda:
         "../envs/drp.yaml"
     script:

@@ -160,6 +160,8 @@ class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan, 
         targets += [self.paths.path("templateCoadd", **ids) for ids in self.coadd_ids]
         if self.cfg.diffim.enabled:
             targets += [self.paths.path("DiaSource"), self.paths.path("DiaCcdVisit")]
+            if self.cfg.diffim.injection:
+                targets.append(self.paths.path("DiaInjection"))
         if self.association_enabled:
             targets += [self.paths.path("DiaObject"), self.paths.path("DiaForcedSource")]
         if self.simulated:

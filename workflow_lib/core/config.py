@@ -417,9 +417,16 @@ class DiffimConfig:
     decorrelate: bool
     max_template_self_weight: float
     max_residual_ratio: float
+    injection: bool = False  # make the DiaInjection table (section ``injection``)
 
     @classmethod
     def from_dict(cls, section: Mapping[str, Any]) -> DiffimConfig:
+        injection = section.get("injection", {})
+        if injection.get("enabled") and injection["snr_min"] >= injection["snr_max"]:
+            raise ConfigError(
+                f"config: diffim: injection: snr_min ({injection['snr_min']}) must be below "
+                f"snr_max ({injection['snr_max']})"
+            )
         return cls(
             enabled=bool(section["enabled"]),
             method=str(section["method"]),
@@ -430,6 +437,7 @@ class DiffimConfig:
             decorrelate=bool(section["decorrelate"]),
             max_template_self_weight=float(section["max_template_self_weight"]),
             max_residual_ratio=float(section["max_residual_ratio"]),
+            injection=bool(injection.get("enabled", False)),
         )
 
 

@@ -126,6 +126,7 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     ),
     DatasetType("diaSrc", "diffim/{visit}/diaSrc_{visit}_{detector}.parquet", "table"),
     DatasetType("diaCcd", "diffim/{visit}/diaCcd_{visit}_{detector}.parquet", "table"),
+    DatasetType("diaInjection", "diffim/{visit}/diaInjection_{visit}_{detector}.parquet", "table"),
     # Association per (tract, patch): its DIAObjects and which DIASource joined which;
     # forced photometry of the DIAObjects per (visit, detector).
     DatasetType("diaObjectTable", "association/{tract}/diaObject_{tract}_{patch}.parquet", "table"),
@@ -140,6 +141,7 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     DatasetType("ForcedSource", "tables/ForcedSource.parquet", "table"),
     DatasetType("DiaSource", "tables/DiaSource.parquet", "table"),
     DatasetType("DiaCcdVisit", "tables/DiaCcdVisit.parquet", "table"),
+    DatasetType("DiaInjection", "tables/DiaInjection.parquet", "table"),
     DatasetType("DiaObject", "tables/DiaObject.parquet", "table"),
     DatasetType("DiaForcedSource", "tables/DiaForcedSource.parquet", "table"),
     # Quality assessment: the run's metrics and the report's figures.

@@ -32,6 +32,22 @@ class DiffimPlan(PlanState):
             ],
         }
 
+    def subtraction_section(self) -> dict[str, Any]:
+        """The ``diffim`` section for subtraction's ``params:``, without the injection
+        settings: turning injection on reruns the injection, not the subtraction."""
+        return {k: v for k, v in self.config["diffim"].items() if k != "injection"}
+
+    def injection_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:
+        """What subtraction read, and what it made: the run's difference image, its
+        DIASources (kept clear of) and its record (was the CCD-visit differenced)."""
+        ids = {"visit": int(wildcards["visit"]), "detector": int(wildcards["detector"])}
+        return {
+            **self.diffim_inputs(wildcards),
+            "difference_path": str(self.paths.path("differenceExp", **ids)),
+            "dia_source_path": str(self.paths.path("diaSrc", **ids)),
+            "dia_ccd_path": str(self.paths.path("diaCcd", **ids)),
+        }
+
     def _check_template_window(self) -> None:
         """Stop before any job when the template's MJD window holds no science exposure.
 

@@ -29,6 +29,8 @@ class QaPlan(PlanState):
         if self.cfg.diffim.enabled:
             inputs["dia_source_table_path"] = self._table("DiaSource")
             inputs["dia_ccd_table_path"] = self._table("DiaCcdVisit")
+            if self.cfg.diffim.injection:
+                inputs["dia_injection_table_path"] = self._table("DiaInjection")
         if self.association_enabled:
             inputs["dia_object_table_path"] = self._table("DiaObject")
             inputs["dia_forced_table_path"] = self._table("DiaForcedSource")

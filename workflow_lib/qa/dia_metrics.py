@@ -18,7 +18,6 @@ Robust sigma is 1.4826 MAD, as the issue's goals state.
 
 from __future__ import annotations
 
-import itertools
 from typing import Any
 
 import numpy as np
@@ -28,6 +27,7 @@ from scipy.spatial import cKDTree
 
 from workflow_lib.core.flags import ARTIFACT_DIA_SOURCE, DiaForcedSourceFlag
 from workflow_lib.core.sky import tangent_plane_arcsec
+from workflow_lib.qa.efficiency import efficiency_bins
 from workflow_lib.qa.metrics import pull_histogram
 
 MATCH_ARCSEC = 1.0
@@ -243,21 +243,9 @@ def detection_efficiency(
                 _plane(position[at, 0], position[at, 1], centre)
             )
             found[at] = d < MATCH_ARCSEC
-    bins = []
-    for lo, hi in itertools.pairwise(snr_edges):
-        sel = (snr >= lo) & (snr < hi)
-        bins.append(
-            {
-                "snr_min": float(lo),
-                "snr_max": float(hi),
-                "n": int(sel.sum()),
-                "n_detected": int(found[sel].sum()),
-                "efficiency": float(found[sel].mean()) if sel.any() else float("nan"),
-            }
-        )
     bright = snr >= 10
     return {
-        "bins": bins,
+        "bins": efficiency_bins(snr, found, snr_edges),
         "n_points": len(points),
         "efficiency_snr_gt_10": float(found[bright].mean()) if bright.any() else float("nan"),
     }

@@ -15,6 +15,7 @@ reason in the record, and the run goes on.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -217,6 +218,58 @@ def _dia_source_table(
     return table.astype(DIA_SOURCE_COLUMNS)
 
 
+@dataclass(frozen=True)
+class _Differenced:
+    subtraction: Any  # diffim.subtract.SubtractionResult
+    difference: Exposure  # its variance scaled as detection used it
+    found: pd.DataFrame  # detect_dia_sources' rows
+    table: pd.DataFrame  # the CONTRACT's DiaSource rows
+    fwhm: float  # of the difference image's PSF, pixels
+
+
+def _difference_and_sources(
+    calexp: Exposure, template: Exposure, src: pd.DataFrame, cfg: DiffimConfig, ids: dict[str, Any]
+) -> _Differenced:
+    """Subtract the template from the calexp and find and measure the DIASources: the
+    numerics of :func:`subtract_ccd`, shared with the injection check (:func:`inject_ccd`)."""
+    from workflow_lib.diffim.sources import DiaDetectionConfig, detect_dia_sources
+    from workflow_lib.diffim.subtract import SubtractionConfig, kernel_candidates, subtract_images
+
+    subtraction = SubtractionConfig(
+        grid_spacing=cfg.kernel_grid_spacing,
+        background_order=cfg.background_order,
+        method=cfg.method,
+        decorrelate=cfg.decorrelate,
+    )
+    candidates = kernel_candidates(src)
+    kernel_xy = (candidates["x"].to_numpy(), candidates["y"].to_numpy())
+    result = subtract_images(calexp, template, subtraction, kernel_sources=kernel_xy)
+    diff = result.difference
+    # Bright point sources measure the subtraction's residual; every source is where
+    # one can be (fluxes in nJy, as the difference image).
+    bright = candidates[candidates["psfFlux"] > RESIDUAL_STAR_SNR * candidates["psfFluxErr"]]
+    found = detect_dia_sources(
+        diff.image,
+        diff.variance,
+        diff.mask,
+        diff.mask_planes,
+        result.psf,
+        DiaDetectionConfig(cfg.detection_threshold, max_residual_ratio=cfg.max_residual_ratio),
+        static_sources=src[["x", "y"]].assign(flux=src["psfFlux"]),
+        reference_stars=bright[["x", "y"]].assign(flux=bright["psfFlux"]),
+    )
+    # The variance plane as detection used it: scaled so that PSF-weighted sums
+    # (DIASource and forced fluxes) get the noise the filtered image has (the
+    # template's own noise is correlated by its warps, which decorrelation does
+    # not know).
+    noise_scale = float(found.attrs.get("noise_scale", 1.0))
+    diff.variance = (diff.variance * noise_scale**2).astype(diff.variance.dtype)
+    diff.metadata["DIFFNSCL"] = (noise_scale, "variance scaled by this squared (PSF noise)")
+    fwhm = result.psf.fwhm_at(result.psf.x_center, result.psf.y_center)
+    table = _dia_source_table(found, calexp, fwhm, ids)
+    return _Differenced(subtraction=result, difference=diff, found=found, table=table, fwhm=fwhm)
+
+
 def subtract_ccd(
     *,
     calexp_path: str,
@@ -236,13 +289,7 @@ def subtract_ccd(
     """Difference image, DIASources and the CCD's record for one (visit, detector)."""
     from astropy.stats import mad_std
 
-    from workflow_lib.diffim.sources import (
-        UNUSABLE_PLANES,
-        DiaDetectionConfig,
-        blank_sky_pulls,
-        detect_dia_sources,
-    )
-    from workflow_lib.diffim.subtract import SubtractionConfig, kernel_candidates, subtract_images
+    from workflow_lib.diffim.sources import UNUSABLE_PLANES, blank_sky_pulls
     from workflow_lib.diffim.template import stitch_template
     from workflow_lib.static_sky.psf_matching import PsfMatchingError
 
@@ -300,39 +347,10 @@ def subtract_ccd(
                 f"(> {cfg.max_template_self_weight:.0%} allowed): the difference would "
                 "subtract the visit from itself"
             )
-        subtraction = SubtractionConfig(
-            grid_spacing=cfg.kernel_grid_spacing,
-            background_order=cfg.background_order,
-            method=cfg.method,
-            decorrelate=cfg.decorrelate,
-        )
         src = read_table(src_path)
-        candidates = kernel_candidates(src)
-        kernel_xy = (candidates["x"].to_numpy(), candidates["y"].to_numpy())
-        result = subtract_images(calexp, template.exposure, subtraction, kernel_sources=kernel_xy)
-        diff = result.difference
-        # Bright point sources measure the subtraction's residual; every source is where
-        # one can be (fluxes in nJy, as the difference image).
-        bright = candidates[candidates["psfFlux"] > RESIDUAL_STAR_SNR * candidates["psfFluxErr"]]
-        found = detect_dia_sources(
-            diff.image,
-            diff.variance,
-            diff.mask,
-            diff.mask_planes,
-            result.psf,
-            DiaDetectionConfig(cfg.detection_threshold, max_residual_ratio=cfg.max_residual_ratio),
-            static_sources=src[["x", "y"]].assign(flux=src["psfFlux"]),
-            reference_stars=bright[["x", "y"]].assign(flux=bright["psfFlux"]),
-        )
-        # The variance plane as detection used it: scaled so that PSF-weighted sums
-        # (DIASource and forced fluxes) get the noise the filtered image has (the
-        # template's own noise is correlated by its warps, which decorrelation does
-        # not know).
-        noise_scale = float(found.attrs.get("noise_scale", 1.0))
-        diff.variance = (diff.variance * noise_scale**2).astype(diff.variance.dtype)
-        diff.metadata["DIFFNSCL"] = (noise_scale, "variance scaled by this squared (PSF noise)")
-        fwhm = result.psf.fwhm_at(result.psf.x_center, result.psf.y_center)
-        table = _dia_source_table(found, calexp, fwhm, ids)
+        differenced = _difference_and_sources(calexp, template.exposure, src, cfg, ids)
+        diff, found, table = differenced.difference, differenced.found, differenced.table
+        result, fwhm = differenced.subtraction, differenced.fwhm
         pulls = blank_sky_pulls(
             diff.image,
             diff.variance,
@@ -377,4 +395,213 @@ def subtract_ccd(
     )
     write_table(table, dia_source_path, provenance=provenance)
     write_table(pd.DataFrame([record]).astype(DIA_CCD_COLUMNS), dia_ccd_path, provenance=provenance)
+    return table
+
+
+DIA_INJECTION_COLUMNS: dict[str, str] = {
+    "injectionId": "i8",
+    "visit": "i8",
+    "detector": "i8",
+    "band": "object",
+    "midpointMjdTai": "f8",
+    "ra": "f8",
+    "dec": "f8",
+    "x": "f8",
+    "y": "f8",
+    "injectedFlux": "f8",
+    "diffFlux": "f8",
+    "diffFluxErr": "f8",
+    "snr": "f8",
+    "hostFlux": "f8",
+    "detected": "bool",
+    "clean": "bool",
+    "flags": "i8",
+    "psfFlux": "f8",
+    "raOffset": "f8",
+    "decOffset": "f8",
+}
+# Injected sources keep this many difference-PSF FWHM from NO_DATA and BAD pixels (the
+# PSF fit's radius and the TEMPLATE_EDGE flag's reach) and from the run's DIASources.
+INJECTION_CLEARANCE_FWHM = 3.0
+INJECTION_MIN_SEPARATION_FWHM = 10.0
+INJECTION_MATCH_FWHM = 1.0
+
+
+def _injection_sites(
+    before: Exposure,
+    found_before: pd.DataFrame,
+    injection: dict[str, Any],
+    fwhm: float,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Positions and fluxes of the sources to inject, from the run's difference image:
+    where it has data, clear of its DIASources, at log-uniform S/N by its errors."""
+    from workflow_lib.diffim.injection import injection_positions
+    from workflow_lib.diffim.sources import UNUSABLE_PLANES, source_neighbourhood
+    from workflow_lib.objects.forced import fixed_psf_fluxes
+    from workflow_lib.single_frame.background import dilate_mask
+
+    assert before.psf is not None
+    clearance = INJECTION_CLEARANCE_FWHM * fwhm
+    unusable = (before.mask & before.mask_planes.bitmask(*UNUSABLE_PLANES)) != 0
+    blocked = dilate_mask(unusable, radius=clearance)
+    blocked |= source_neighbourhood(
+        before.shape, found_before["x"].to_numpy(), found_before["y"].to_numpy(), clearance
+    )
+    border = int(np.ceil(clearance))
+    blocked[:border], blocked[-border:], blocked[:, :border], blocked[:, -border:] = (True,) * 4
+    usable = ~blocked
+    n_wanted = round(float(injection["per_megapixel"]) * usable.sum() / 1e6)
+    x, y = injection_positions(usable, n_wanted, INJECTION_MIN_SEPARATION_FWHM * fwhm, rng)
+    expected_err = fixed_psf_fluxes(
+        before.image, before.variance, unusable, before.psf, x, y, joint=False
+    )["psf_flux_err"].to_numpy()
+    lo, hi = float(injection["snr_min"]), float(injection["snr_max"])
+    flux = np.exp(rng.uniform(np.log(lo), np.log(hi), x.size)) * expected_err
+    keep = np.isfinite(flux) & (flux > 0)
+    return x[keep], y[keep], flux[keep]
+
+
+def _brightest_within(src: pd.DataFrame, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
+    """PSF flux of the brightest calexp source within ``radius`` of each (x, y) (0: none)."""
+    from scipy.spatial import cKDTree
+
+    out = np.zeros(np.asarray(x).size)
+    if not len(src) or not out.size:
+        return out
+    flux = np.clip(np.nan_to_num(src["psfFlux"].to_numpy(dtype=np.float64)), 0.0, None)
+    near = cKDTree(src[["x", "y"]].to_numpy()).query_ball_point(np.c_[x, y], radius)
+    for i, rows in enumerate(near):
+        out[i] = flux[rows].max() if rows else 0.0
+    return out
+
+
+def _matched_columns(found: pd.DataFrame, match: np.ndarray, ra: np.ndarray, dec: np.ndarray):  # type: ignore[no-untyped-def]
+    """flags, PSF flux (PSF-model scale) and offsets (arcsec) of each injected source's
+    DIASource (``match`` row, -1: none; 0 and NaN where none)."""
+    hit = match >= 0
+    n = match.size
+    flags, flux = np.zeros(n, dtype=np.int64), np.full(n, np.nan)
+    d_ra, d_dec = np.full(n, np.nan), np.full(n, np.nan)
+    if hit.any():
+        rows = found.iloc[match[hit]]
+        flags[hit] = rows["flags"].to_numpy()
+        flux[hit] = (rows["psfFlux"] / rows["apCorr"]).to_numpy()
+        d_ra[hit] = (rows["ra"].to_numpy() - ra[hit]) * np.cos(np.deg2rad(dec[hit])) * 3600.0
+        d_dec[hit] = (rows["dec"].to_numpy() - dec[hit]) * 3600.0
+    return flags, flux, d_ra, d_dec
+
+
+def inject_ccd(
+    *,
+    calexp_path: str,
+    ccdvisit_path: str,
+    src_path: str,
+    template_paths: list[str],
+    template_psf_paths: list[str],
+    skymap_path: str,
+    difference_path: str,
+    dia_source_path: str,
+    dia_ccd_path: str,
+    injection_path: str,
+    visit: int,
+    detector: int,
+    patches: list[list[int]],
+    diffim: dict[str, Any],
+) -> pd.DataFrame:
+    """Point sources injected into one calexp, differenced and searched as the run did:
+    which are found, and how well they are measured (``diaInjection`` rows).
+
+    Sources of log-uniform S/N (``diffim.injection``) go where the run's difference
+    image has data, clear of its DIASources (:func:`_injection_sites`); each is then
+    measured on the new difference image by forced PSF photometry at its position
+    (``diffFlux``, ``diffFluxErr``; ``snr`` = injectedFlux / diffFluxErr, its true S/N)
+    and looked for among the new DIASources (within a FWHM). A CCD-visit the run did
+    not difference gets no rows.
+    """
+    from workflow_lib.core.flags import ARTIFACT_DIA_SOURCE
+    from workflow_lib.diffim.injection import match_injected, point_source_image
+    from workflow_lib.diffim.sources import UNUSABLE_PLANES
+    from workflow_lib.diffim.template import stitch_template
+    from workflow_lib.objects.forced import fixed_psf_fluxes
+    from workflow_lib.single_frame.calibrate import source_ids
+
+    cfg = DiffimConfig.from_dict(diffim)
+    provenance = {
+        "package_version": __version__,
+        "step": "inject_ccd",
+        "inputs": [calexp_path, difference_path, *template_paths],
+        "diffim": diffim,
+    }
+    record = read_table(dia_ccd_path).iloc[0]
+    if bool(record["failed"]):
+        log.info("visit %d detector %d: not differenced, nothing injected", visit, detector)
+        table = _empty(DIA_INJECTION_COLUMNS)
+        write_table(table, injection_path, provenance=provenance)
+        return table
+    ids = {
+        "visit": int(visit),
+        "detector": int(detector),
+        "band": str(record["band"]),
+        "midpointMjdTai": float(record["midpointMjdTai"]),
+    }
+    calexp = read_exposure(calexp_path)
+    before = read_exposure(difference_path)
+    assert before.psf is not None and calexp.wcs is not None and calexp.psf is not None
+    fwhm = before.psf.fwhm_at(before.psf.x_center, before.psf.y_center)
+    rng = np.random.default_rng([int(diffim["injection"]["seed"]), int(visit), int(detector)])
+    x, y, flux = _injection_sites(
+        before, read_table(dia_source_path), diffim["injection"], fwhm, rng
+    )
+
+    added = point_source_image(calexp.shape, calexp.psf, x, y, flux)
+    calexp.image = (calexp.image + added).astype(np.float32)
+    pieces, _ = _template_pieces(
+        template_paths, template_psf_paths, patches, skymap_path, calexp, int(visit)
+    )
+    template = stitch_template(pieces, calexp.shape, calexp.wcs)
+    src = read_table(src_path)
+    differenced = _difference_and_sources(calexp, template.exposure, src, cfg, ids)
+    diff, found = differenced.difference, differenced.table
+    assert diff.psf is not None
+    bad = (diff.mask & diff.mask_planes.bitmask(*UNUSABLE_PLANES)) != 0
+    forced = fixed_psf_fluxes(diff.image, diff.variance, bad, diff.psf, x, y, joint=False)
+    match = match_injected(
+        x, y, found["x"].to_numpy(), found["y"].to_numpy(), INJECTION_MATCH_FWHM * fwhm
+    )
+    ra, dec = calexp.wcs.all_pix2world(x, y, 0)
+    flags, measured, d_ra, d_dec = _matched_columns(found, match, ra, dec)
+    err = forced["psf_flux_err"].to_numpy(dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        snr = flux / err
+    n = x.size
+    table = pd.DataFrame(
+        {
+            "injectionId": source_ids(int(visit), int(detector), n) | np.int64(1 << 61),
+            "visit": np.full(n, ids["visit"]),
+            "detector": np.full(n, ids["detector"]),
+            "band": ids["band"],
+            "midpointMjdTai": ids["midpointMjdTai"],
+            "ra": ra,
+            "dec": dec,
+            "x": x,
+            "y": y,
+            "injectedFlux": flux,
+            "diffFlux": forced["psf_flux"].to_numpy(dtype=np.float64),
+            "diffFluxErr": err,
+            "snr": snr,
+            "hostFlux": _brightest_within(src, x, y, 2.0 * fwhm),
+            "detected": match >= 0,
+            "clean": (match >= 0) & ((flags & int(ARTIFACT_DIA_SOURCE)) == 0),
+            "flags": flags,
+            "psfFlux": measured,
+            "raOffset": d_ra,
+            "decOffset": d_dec,
+        }
+    ).astype(DIA_INJECTION_COLUMNS)
+    log.info(
+        "visit %d detector %d: %d sources injected, %d found, %d clean",
+        visit, detector, n, int(table["detected"].sum()), int(table["clean"].sum()),
+    )  # fmt: skip
+    write_table(table, injection_path, provenance=provenance)
     return table

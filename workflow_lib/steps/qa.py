@@ -52,12 +52,13 @@ def write_metrics(
     dia_ccd_table_path: str | None = None,
     dia_object_table_path: str | None = None,
     dia_forced_table_path: str | None = None,
+    dia_injection_table_path: str | None = None,
     truth_object_path: str | None = None,
     truth_ccdvisit_path: str | None = None,
     truth_lightcurve_path: str | None = None,
 ) -> dict[str, Any]:
     """Write ``metrics.json``: the truth-free figures, and the truth ones where truth exists."""
-    from workflow_lib.qa.survey_metrics import dia_summary, survey_metrics
+    from workflow_lib.qa.survey_metrics import dia_summary, injection_summary, survey_metrics
 
     ccd_visits = read_table(ccdvisit_table_path)
     sources = read_table(source_table_path)
@@ -72,6 +73,8 @@ def write_metrics(
         metrics["survey"]["difference_imaging"] = dia_summary(
             dia_sources, read_table(dia_ccd_table_path), dia_objects
         )
+    if dia_injection_table_path:
+        metrics["survey"]["injection"] = injection_summary(read_table(dia_injection_table_path))
     if truth_object_path and truth_ccdvisit_path:
         window = (template.get("mjd_min"), template.get("mjd_max"))
         metrics["truth"] = _truth_metrics(
