@@ -52,7 +52,7 @@ class DiaDetectionConfig:
     dipole_min_lobe_ratio: float = 0.2
     fit_radius_fwhm: float = 2.0
     # The subtraction's residual at static sources (see residual_ratio): measured within
-    # this many FWHM of bright point sources, from at least residual_min_stars of them;
+    # this many FWHM of bright sources, from at least residual_min_stars of them;
     # a CCD-visit whose ratio exceeds max_residual_ratio fails the quality gate.
     residual_radius_fwhm: float = 2.0
     residual_min_stars: int = 5
@@ -182,7 +182,7 @@ def residual_ratio(
 ) -> tuple[float, int]:
     """How much of a static source's flux the subtraction leaves, and from how many stars.
 
-    For each bright point source at (x, y) of calexp PSF flux ``flux`` (no bad
+    For each bright source at (x, y) of calexp PSF flux ``flux`` (no bad
     pixel within ``radius``): the largest |PSF flux| of the difference within
     ``radius`` over ``flux`` (a residual's lobes, not their sum, are what
     detection finds); the median of these ratios. NaN with fewer than
@@ -336,7 +336,7 @@ def detect_dia_sources(
 
     The variance plane is first scaled so that the PSF-filtered image's noise
     is what it predicts (:func:`psf_noise_scale`; ``attrs["noise_scale"]``).
-    ``reference_stars`` (x, y, flux: the calexp's bright point sources) measure
+    ``reference_stars`` (x, y, flux: the calexp's bright reliable sources) measure
     the subtraction's residual ratio (:func:`residual_ratio`;
     ``attrs["residual_ratio"]``, ``attrs["n_residual_stars"]``); DIASources
     within ``residual_margin`` times that residual of the flux of the

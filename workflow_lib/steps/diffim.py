@@ -90,7 +90,7 @@ def _empty(columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
 
-# Point sources at least this bright (S/N on the calexp) measure the subtraction's residual.
+# Sources at least this bright (S/N on the calexp) measure the subtraction's residual.
 RESIDUAL_STAR_SNR = 50.0
 # The noise check's blank places are this many PSF FWHM from every source.
 BLANK_AVOID_FWHM = 3.0
@@ -232,6 +232,7 @@ def _difference_and_sources(
 ) -> _Differenced:
     """Subtract the template from the calexp and find and measure the DIASources: the
     numerics of :func:`subtract_ccd`, shared with the injection check (:func:`inject_ccd`)."""
+    from workflow_lib.core.flags import UNRELIABLE_SOURCE
     from workflow_lib.diffim.sources import DiaDetectionConfig, detect_dia_sources
     from workflow_lib.diffim.subtract import SubtractionConfig, kernel_candidates, subtract_images
 
@@ -245,9 +246,11 @@ def _difference_and_sources(
     kernel_xy = (candidates["x"].to_numpy(), candidates["y"].to_numpy())
     result = subtract_images(calexp, template, subtraction, kernel_sources=kernel_xy)
     diff = result.difference
-    # Bright point sources measure the subtraction's residual; every source is where
-    # one can be (fluxes in nJy, as the difference image).
-    bright = candidates[candidates["psfFlux"] > RESIDUAL_STAR_SNR * candidates["psfFluxErr"]]
+    # Bright reliable sources, point-like or extended, measure the subtraction's residual
+    # (a field of few stars has its galaxies); every source is where one can be (fluxes
+    # in nJy, as the difference image).
+    reliable = (src["flags"].to_numpy(dtype=np.int64) & UNRELIABLE_SOURCE) == 0
+    bright = src[reliable & (src["psfFlux"] > RESIDUAL_STAR_SNR * src["psfFluxErr"]).to_numpy()]
     found = detect_dia_sources(
         diff.image,
         diff.variance,
@@ -365,7 +368,7 @@ def subtract_ccd(
         ratio = float(found.attrs["residual_ratio"])
         diff.metadata["DIFFRRAT"] = (
             ratio if np.isfinite(ratio) else -1.0,
-            "residual / flux at bright stars (-1: unknown)",
+            "residual / flux at bright sources (-1: unknown)",
         )
         write_exposure(diff, difference_path, provenance=provenance)
         record.update(
