@@ -205,6 +205,28 @@ def residual_ratio(
     return float(np.median(ratios)), len(ratios)
 
 
+def brightest_within(
+    static_x: np.ndarray,
+    static_y: np.ndarray,
+    static_flux: np.ndarray,
+    x: np.ndarray,
+    y: np.ndarray,
+    radius: float,
+) -> np.ndarray:
+    """Flux of the brightest static source within ``radius`` of each (x, y) (0: none;
+    negative and NaN fluxes count as 0)."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros(x.size)
+    if not x.size or not len(static_x):
+        return out
+    positive = np.clip(np.nan_to_num(np.asarray(static_flux, dtype=np.float64)), 0.0, None)
+    tree = cKDTree(np.c_[static_x, static_y])
+    for i, near in enumerate(tree.query_ball_point(np.c_[x, y], radius)):
+        if near:
+            out[i] = positive[near].max()
+    return out
+
+
 def static_residuals(
     x: np.ndarray,
     y: np.ndarray,
@@ -224,12 +246,7 @@ def static_residuals(
     x = np.asarray(x, dtype=np.float64)
     if not np.isfinite(ratio) or not x.size or not len(static_x):
         return np.zeros(x.size, dtype=bool)
-    tree = cKDTree(np.c_[static_x, static_y])
-    brightest = np.zeros(x.size)
-    positive = np.clip(np.nan_to_num(np.asarray(static_flux, dtype=np.float64)), 0.0, None)
-    for i, near in enumerate(tree.query_ball_point(np.c_[x, y], radius)):
-        if near:
-            brightest[i] = positive[near].max()
+    brightest = brightest_within(static_x, static_y, static_flux, x, y, radius)
     noise = threshold * np.asarray(flux_err, dtype=np.float64)
     floor = np.sqrt(noise**2 + (margin * ratio * brightest) ** 2)
     with np.errstate(invalid="ignore"):

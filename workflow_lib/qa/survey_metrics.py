@@ -263,9 +263,9 @@ def injection_summary(injections: pd.DataFrame) -> dict[str, Any]:
         "efficiency_snr_ge_6p5_blank_sky": fraction(high & ~hosted),
         "fraction_on_sources": float(hosted.mean()) if hosted.size else float("nan"),
         "lost_to_flags": {
-            flag.name: int((lost & ((flags & int(flag)) != 0)).sum())
+            flag.name: n
             for flag in DiaSourceFlag
-            if (lost & ((flags & int(flag)) != 0)).any()
+            if (n := int((lost & ((flags & int(flag)) != 0)).sum()))
         },
         "n_bright": len(rows),
         "flux_bias_snr_gt_20": _median(rows["psfFlux"] / rows["injectedFlux"] - 1.0),

@@ -86,6 +86,16 @@ def dia_source_ids(visit: int, detector: int, n: int) -> np.ndarray:
     return source_ids(visit, detector, n) | np.int64(1 << 62)
 
 
+def _ccd_ids(visit: int, detector: int, row: pd.Series) -> dict[str, Any]:
+    """The ids every DIA row of a CCD-visit carries, from its CcdVisit or DiaCcdVisit row."""
+    return {
+        "visit": int(visit),
+        "detector": int(detector),
+        "band": str(row["band"]),
+        "midpointMjdTai": float(row["midpointMjdTai"]),
+    }
+
+
 def _empty(columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({c: pd.Series(dtype=t) for c, t in columns.items()})
 
@@ -303,13 +313,7 @@ def subtract_ccd(
         "inputs": [calexp_path, src_path, *template_paths, *template_psf_paths],
         "diffim": diffim,
     }
-    row = read_table(ccdvisit_path).iloc[0]
-    ids = {
-        "visit": int(visit),
-        "detector": int(detector),
-        "band": str(row["band"]),
-        "midpointMjdTai": float(row["midpointMjdTai"]),
-    }
+    ids = _ccd_ids(visit, detector, read_table(ccdvisit_path).iloc[0])
     record: dict[str, Any] = {
         **ids,
         "templateCoverage": 0.0,
@@ -465,23 +469,11 @@ def _injection_sites(
     return x[keep], y[keep], flux[keep]
 
 
-def _brightest_within(src: pd.DataFrame, x: np.ndarray, y: np.ndarray, radius: float) -> np.ndarray:
-    """PSF flux of the brightest calexp source within ``radius`` of each (x, y) (0: none)."""
-    from scipy.spatial import cKDTree
-
-    out = np.zeros(np.asarray(x).size)
-    if not len(src) or not out.size:
-        return out
-    flux = np.clip(np.nan_to_num(src["psfFlux"].to_numpy(dtype=np.float64)), 0.0, None)
-    near = cKDTree(src[["x", "y"]].to_numpy()).query_ball_point(np.c_[x, y], radius)
-    for i, rows in enumerate(near):
-        out[i] = flux[rows].max() if rows else 0.0
-    return out
-
-
 def _matched_columns(found: pd.DataFrame, match: np.ndarray, ra: np.ndarray, dec: np.ndarray):  # type: ignore[no-untyped-def]
     """flags, PSF flux (PSF-model scale) and offsets (arcsec) of each injected source's
     DIASource (``match`` row, -1: none; 0 and NaN where none)."""
+    from workflow_lib.core.sky import tangent_plane_arcsec
+
     hit = match >= 0
     n = match.size
     flags, flux = np.zeros(n, dtype=np.int64), np.full(n, np.nan)
@@ -490,8 +482,9 @@ def _matched_columns(found: pd.DataFrame, match: np.ndarray, ra: np.ndarray, dec
         rows = found.iloc[match[hit]]
         flags[hit] = rows["flags"].to_numpy()
         flux[hit] = (rows["psfFlux"] / rows["apCorr"]).to_numpy()
-        d_ra[hit] = (rows["ra"].to_numpy() - ra[hit]) * np.cos(np.deg2rad(dec[hit])) * 3600.0
-        d_dec[hit] = (rows["dec"].to_numpy() - dec[hit]) * 3600.0
+        d_ra[hit], d_dec[hit] = tangent_plane_arcsec(
+            rows["ra"].to_numpy(), rows["dec"].to_numpy(), ra[hit], dec[hit]
+        )
     return flags, flux, d_ra, d_dec
 
 
@@ -524,7 +517,7 @@ def inject_ccd(
     """
     from workflow_lib.core.flags import ARTIFACT_DIA_SOURCE
     from workflow_lib.diffim.injection import match_injected, point_source_image
-    from workflow_lib.diffim.sources import UNUSABLE_PLANES
+    from workflow_lib.diffim.sources import UNUSABLE_PLANES, brightest_within
     from workflow_lib.diffim.template import stitch_template
     from workflow_lib.objects.forced import fixed_psf_fluxes
     from workflow_lib.single_frame.calibrate import source_ids
@@ -542,12 +535,7 @@ def inject_ccd(
         table = _empty(DIA_INJECTION_COLUMNS)
         write_table(table, injection_path, provenance=provenance)
         return table
-    ids = {
-        "visit": int(visit),
-        "detector": int(detector),
-        "band": str(record["band"]),
-        "midpointMjdTai": float(record["midpointMjdTai"]),
-    }
+    ids = _ccd_ids(visit, detector, record)
     calexp = read_exposure(calexp_path)
     before = read_exposure(difference_path)
     assert before.psf is not None and calexp.wcs is not None and calexp.psf is not None
@@ -593,7 +581,7 @@ def inject_ccd(
             "diffFlux": forced["psf_flux"].to_numpy(dtype=np.float64),
             "diffFluxErr": err,
             "snr": snr,
-            "hostFlux": _brightest_within(src, x, y, 2.0 * fwhm),
+            "hostFlux": brightest_within(src["x"], src["y"], src["psfFlux"], x, y, 2.0 * fwhm),
             "detected": match >= 0,
             "clean": (match >= 0) & ((flags & int(ARTIFACT_DIA_SOURCE)) == 0),
             "flags": flags,
