@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
+from workflow_lib.core.psf_model import PsfModel
 from workflow_lib.diffim.decorrelation import (
     convolved_psf,
     decorrelate,
@@ -112,8 +113,31 @@ def inner_var(image: np.ndarray, mask: np.ndarray) -> float:
 def test_decorrelated_psf_is_the_science_psf_convolved():
     psf = gaussian_kernel(2.2, 25)
     phi = decorrelation_kernel(gaussian_kernel(1.6, 15), SVAR, TVAR)
-    out = convolved_psf(psf, phi)
+    out = convolved_psf(PsfModel.constant(psf), phi).kernel_at(10.0, 10.0)
     assert out.shape == psf.shape and out.sum() == pytest.approx(1.0)
     full = fftconvolve(psf, phi, mode="full")[7:-7, 7:-7]
     np.testing.assert_allclose(out, full / full.sum(), atol=1e-12)
     assert out.max() > psf.max()  # phi sharpens the PSF
+
+
+def test_decorrelated_psf_varies_as_the_science_psf():
+    """A PSF that widens across the CCD stays a varying model: at every position the
+    model is that position's PSF convolved with phi, not the centre's."""
+    sharp, broad = gaussian_kernel(1.8, 25), gaussian_kernel(2.6, 25)
+    # Linear in u over a CCD of 1000 px: sharp at x = 0, broad at x = 999.
+    model = PsfModel(
+        basis=np.stack([(sharp + broad) / 2, (broad - sharp) / 2, np.zeros_like(sharp)]),
+        order=1,
+        x_center=499.5,
+        y_center=499.5,
+        x_scale=499.5,
+        y_scale=499.5,
+    )
+    phi = decorrelation_kernel(gaussian_kernel(1.6, 15), SVAR, TVAR)
+    out = convolved_psf(model, phi)
+    for x, kernel in ((0.0, sharp), (999.0, broad)):
+        full = fftconvolve(kernel, phi, mode="full")[7:-7, 7:-7]
+        np.testing.assert_allclose(out.kernel_at(x, 300.0), full / full.sum(), atol=1e-12)
+    # The centre's kernel would misread the flux at the broad edge by several per cent.
+    centre, edge = out.kernel_at(499.5, 300.0), out.kernel_at(999.0, 300.0)
+    assert (edge * centre).sum() / (centre * centre).sum() < 0.95

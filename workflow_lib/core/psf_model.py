@@ -111,7 +111,7 @@ class PsfModel:
             return []
         x0, x1, y0, y1 = self.fit_box
         return [
-            ("PSFXMIN", x0, "x clipped to [PSFXMIN, PSFXMAX] before u is formed"),
+            ("PSFXMIN", x0, "x clipped to [PSFXMIN, PSFXMAX] for u"),
             ("PSFXMAX", x1, "(the model's stars' extent)"),
             ("PSFYMIN", y0, "y clipped to [PSFYMIN, PSFYMAX]"),
             ("PSFYMAX", y1, ""),
@@ -162,6 +162,37 @@ def polynomial_terms(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
     u = np.atleast_1d(np.asarray(u, dtype=np.float64))
     v = np.atleast_1d(np.asarray(v, dtype=np.float64))
     return np.stack([u**i * v**j for i, j in monomial_exponents(order)], axis=1)
+
+
+def fit_psf_model(
+    x: np.ndarray,
+    y: np.ndarray,
+    kernels: np.ndarray,
+    order: int,
+    shape: tuple[int, int],
+    weights: np.ndarray | None = None,
+) -> PsfModel:
+    """The POLYPIX model of ``order`` that best fits ``kernels`` (n, s, s) known at pixel
+    positions (x, y) of an image of ``shape`` (ny, nx): a (weighted) least-squares fit of
+    every kernel pixel, the polynomial centred on the image and scaled to its half-sizes."""
+    ny, nx = shape
+    xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
+    xs, ys = max(nx / 2.0, 1.0), max(ny / 2.0, 1.0)
+    terms = polynomial_terms((np.asarray(x) - xc) / xs, (np.asarray(y) - yc) / ys, order)
+    flat = np.asarray(kernels, dtype=np.float64).reshape(len(terms), -1)
+    if weights is not None:
+        sqrt_w = np.sqrt(np.asarray(weights, dtype=np.float64))[:, None]
+        terms, flat = terms * sqrt_w, flat * sqrt_w
+    coef, *_ = np.linalg.lstsq(terms, flat, rcond=None)
+    size = kernels.shape[-1]
+    return PsfModel(
+        basis=coef.reshape(-1, size, size),
+        order=order,
+        x_center=xc,
+        y_center=yc,
+        x_scale=xs,
+        y_scale=ys,
+    )
 
 
 def evaluate_kernels(psf: PsfModel, x: np.ndarray, y: np.ndarray, *, half: int | None = None):

@@ -353,17 +353,6 @@ def _layout(n_basis: int, spatial_order: int, bg_order: int, constant_sum: bool)
     return _Layout(ks, ts, n_basis, spatial_order, bg_order)
 
 
-def _design(stamp, conv, layout, frame) -> np.ndarray:
-    """Design matrix (npix, n_params) of one stamp: convolved basis x spatial terms, then B."""
-    xc, yc, xs, ys = frame
-    p = polynomial_terms((stamp.x - xc) / xs, (stamp.y - yc) / ys, layout.spatial_order)[0]
-    kernel_part = conv[:, layout.kernel_k] * p[layout.kernel_t]
-    bg = polynomial_terms(
-        (stamp.pixel_x - xc) / xs, (stamp.pixel_y - yc) / ys, layout.background_order
-    )
-    return np.hstack([kernel_part, bg])
-
-
 def _solve_normal(ata: np.ndarray, atb: np.ndarray, ridge: np.ndarray) -> np.ndarray:
     """Solve the (Jacobi-preconditioned, ridge-damped) normal equations; lstsq if singular."""
     d = np.sqrt(np.diag(ata))
@@ -385,29 +374,74 @@ def _weights(stamp, kernel) -> np.ndarray:
     return 1.0 / var
 
 
-def _fit_once(stamps, convs, layout, frame, previous, ridge: float):
-    """Least-squares parameters and per-stamp chi^2 per pixel for the given stamps."""
-    n = layout.n_params
-    ata, atb = np.zeros((n, n)), np.zeros(n)
-    designs = []
+@dataclass(frozen=True)
+class _StampSums:
+    """Each stamp's weighted sums, from which the normal equations of any layout follow.
+
+    The stamp's columns are its convolved basis functions, then the background's
+    monomials in pixel position up to the highest order fitted. A kernel parameter
+    (basis k, spatial term t) is column k times the stamp's term t, constant over the
+    stamp, so the normal equations need only these sums: no stamp's pixels are read
+    again while stamps are rejected and the model simplified.
+    """
+
+    gram: np.ndarray  # (n_stamps, m, m): C^T W C
+    rhs: np.ndarray  # (n_stamps, m): C^T W s
+    sws: np.ndarray  # (n_stamps,): s^T W s
+    terms: np.ndarray  # (n_stamps, n_terms): kernel spatial terms at the stamp centres
+    npix: np.ndarray  # (n_stamps,)
+
+
+def _stamp_sums(stamps, convs, frame, spatial_order: int, bg_order: int, kernel=None) -> _StampSums:  # type: ignore[no-untyped-def]
+    """The sums of :class:`_StampSums`; weights with the template's variance through
+    ``kernel`` (the previous solution's K at each stamp) when given."""
+    xc, yc, xs, ys = frame
+    gram, rhs, sws = [], [], []
     for stamp, conv in zip(stamps, convs, strict=True):
-        a = _design(stamp, conv, layout, frame)
-        k = previous.kernel_at(stamp.x, stamp.y) if previous is not None else None
-        w = _weights(stamp, k)
-        designs.append((a, w))
-        ata += a.T @ (a * w[:, None])
-        atb += a.T @ (stamp.science * w)
+        bg = polynomial_terms((stamp.pixel_x - xc) / xs, (stamp.pixel_y - yc) / ys, bg_order)
+        columns = np.hstack([conv, bg])
+        w = _weights(stamp, None if kernel is None else kernel.kernel_at(stamp.x, stamp.y))
+        weighted = columns * w[:, None]
+        gram.append(columns.T @ weighted)
+        rhs.append(weighted.T @ stamp.science)
+        sws.append(float(stamp.science @ (w * stamp.science)))
+    centres = np.array([(s.x, s.y) for s in stamps], dtype=np.float64).reshape(-1, 2)
+    return _StampSums(
+        gram=np.array(gram),
+        rhs=np.array(rhs),
+        sws=np.array(sws),
+        terms=polynomial_terms((centres[:, 0] - xc) / xs, (centres[:, 1] - yc) / ys, spatial_order),
+        npix=np.array([s.science.size for s in stamps]),
+    )
+
+
+def _fit_once(sums: _StampSums, active: np.ndarray, layout: _Layout, ridge: float):  # type: ignore[no-untyped-def]
+    """Least-squares parameters and chi^2 per pixel of each of the ``active`` stamps."""
+    n_bg = len(monomial_exponents(layout.background_order))
+    n_terms = len(monomial_exponents(layout.spatial_order))
+    # Parameter j multiplies column col[j] by spatial term term[j]; background terms by 1.
+    col = np.concatenate([layout.kernel_k, layout.n_basis + np.arange(n_bg)])
+    term = np.concatenate([layout.kernel_t, np.zeros(n_bg, dtype=int)])
+    gram, rhs = sums.gram[active], sums.rhs[active]
+    p = sums.terms[active, :n_terms]
+    by_terms = np.tensordot(p[:, :, None] * p[:, None, :], gram, axes=(0, 0))
+    ata = by_terms[term[:, None], term[None, :], col[:, None], col[None, :]]
+    atb = (p.T @ rhs)[term, col]
     # Damp the shape functions only: the kernel sum and the background stay unbiased.
-    damp = np.zeros(n)
+    damp = np.zeros(col.size)
     damp[: layout.kernel_k.size] = np.where(layout.kernel_k > 0, ridge, 0.0)
     params = _solve_normal(ata, atb, damp)
     if not np.all(np.isfinite(params)):
         raise KernelFitError("kernel fit produced non-finite coefficients")
-    chi2 = np.array([
-        float((w * (s.science - a @ params) ** 2).sum()) / s.science.size
-        for s, (a, w) in zip(stamps, designs, strict=True)
-    ])  # fmt: skip
-    return params, chi2
+    # Each stamp's model is its columns times these coefficients.
+    coef = np.zeros((active.size, gram.shape[1]))
+    np.add.at(coef.T, col, (p[:, term] * params).T)
+    chi2 = (
+        sums.sws[active]
+        - 2.0 * np.einsum("si,si->s", coef, rhs)
+        + np.einsum("si,sij,sj->s", coef, gram, coef)
+    )
+    return params, np.maximum(chi2, 0.0) / sums.npix[active]
 
 
 def _outliers(chi2: np.ndarray, npix: np.ndarray, clip_sigma: float, keep: int) -> np.ndarray:
@@ -455,28 +489,31 @@ def _fit_with_rejection(stamps, sigmas, size, frame, config):
     """Fit, reject outlying stamps, refit (the model simplifying if too few are left)."""
     active = np.arange(len(stamps))
     rejected: list[int] = []
-    # Each stamp is convolved once per basis (the basis changes only with the stamp count).
-    cache: dict[tuple[int, ...], tuple[np.ndarray, list[np.ndarray]]] = {}
+    # Each stamp is convolved and summed once per basis (the basis changes only with the
+    # stamp count), unless its weights change with the kernel (the template's variance).
+    cache: dict[tuple[int, ...], tuple[np.ndarray, list[np.ndarray], _StampSums]] = {}
+    orders = (config.spatial_order, config.background_order)
     previous = None
     for iteration in range(config.max_iterations + 1):
         degrees, spatial_order, bg_order = _complexity(active.size, config)
         if degrees not in cache:
             basis = alard_lupton_basis(sigmas, degrees, size)
-            cache[degrees] = (basis, [s.convolve(basis) for s in stamps])
-        basis, convs = cache[degrees]
+            convs = [s.convolve(basis) for s in stamps]
+            cache[degrees] = (basis, convs, _stamp_sums(stamps, convs, frame, *orders))
+        basis, convs, sums = cache[degrees]
         layout = _layout(basis.shape[0], spatial_order, bg_order, config.constant_kernel_sum)
-        chosen, chosen_convs = [stamps[i] for i in active], [convs[i] for i in active]
-        if config.use_template_variance and previous is None:
-            # A first pass with science weights gives the K for the template's K^2 term.
-            first, _ = _fit_once(chosen, chosen_convs, layout, frame, None, config.ridge)
-            previous = _solution(first, layout, basis, frame)
-        params, chi2 = _fit_once(chosen, chosen_convs, layout, frame, previous, config.ridge)
+        if config.use_template_variance:
+            if previous is None:
+                # A first pass with science weights gives the K for the template's K^2 term.
+                first, _ = _fit_once(sums, active, layout, config.ridge)
+                previous = _solution(first, layout, basis, frame)
+            sums = _stamp_sums(stamps, convs, frame, *orders, kernel=previous)
+        params, chi2 = _fit_once(sums, active, layout, config.ridge)
         if config.use_template_variance:
             previous = _solution(params, layout, basis, frame)
         if iteration == config.max_iterations:
             break
-        npix = np.array([s.science.size for s in chosen])
-        bad = _outliers(chi2, npix, config.clip_sigma, config.min_stamps)
+        bad = _outliers(chi2, sums.npix[active], config.clip_sigma, config.min_stamps)
         if not bad.any():
             break
         rejected.extend(stamps[i].index for i in active[bad])

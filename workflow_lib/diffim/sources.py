@@ -323,6 +323,9 @@ def psf_noise_scale(
             use = blank
     if use.sum() < 100:
         return 1.0
+    # About a million pixels are enough for the robust sigma (as in variance_scale).
+    stride = max(1, int(np.sqrt(use.size / 1.0e6)))
+    use, filtered, predicted = (a[::stride, ::stride] for a in (use, filtered, predicted))
     return float(max(mad_std(filtered[use] / predicted[use]), 1e-3))
 
 

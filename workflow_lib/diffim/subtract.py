@@ -29,7 +29,7 @@ from astropy.stats import mad_std
 
 from workflow_lib.core.exposure import MASK_DTYPE, Exposure, MaskPlanes
 from workflow_lib.core.flags import UNRELIABLE_SOURCE, SourceFlag
-from workflow_lib.core.psf_model import PsfModel, polynomial_terms
+from workflow_lib.core.psf_model import PsfModel, fit_psf_model, polynomial_terms
 from workflow_lib.diffim.alard_lupton import (
     AlardLuptonConfig,
     AlardLuptonSolution,
@@ -234,10 +234,33 @@ def _match_alard_lupton(science, template, x, y, config: SubtractionConfig):  # 
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     scale = solution.kernel_sum_at(*centre)
     assert science.psf is not None and template.psf is not None
-    kernel = solution.kernel_at(*centre)
-    size = min(max(science.psf.size, template.psf.size), science.psf.size + kernel.shape[0] - 1)
-    psf = PsfModel.constant(convolved_psf(science.psf.kernel_at(*centre), kernel, size))
+    size = min(max(science.psf.size, template.psf.size), science.psf.size + solution.size - 1)
+    psf = _kernel_convolved_psf(science.psf, solution, science.shape, size)
     return _scaled(matched, 1 / scale), _scaled(template, 1 / scale), "science", psf, solution, phi
+
+
+def _kernel_convolved_psf(
+    psf: PsfModel, solution: AlardLuptonSolution, shape: tuple[int, int], size: int
+) -> PsfModel:
+    """The PSF K(x, y) * P(x, y) of an image convolved by the solution's kernel.
+
+    Both vary as polynomials over the CCD, so a model of their summed order, fitted to
+    the products on a grid, holds both variations.
+    """
+    order = psf.order + solution.spatial_order
+    ny, nx = shape
+    n_side = order + 3
+    gx, gy = (
+        g.ravel()
+        for g in np.meshgrid(np.linspace(0, nx - 1, n_side), np.linspace(0, ny - 1, n_side))
+    )
+    kernels = np.stack(
+        [
+            convolved_psf(psf, solution.kernel_at(x, y), size).kernel_at(x, y)
+            for x, y in zip(gx, gy, strict=True)
+        ]
+    )
+    return fit_psf_model(gx, gy, kernels, order, shape)
 
 
 def _scaled(exposure: Exposure, factor: float) -> Exposure:
@@ -332,8 +355,7 @@ def _finish(
     if phi is not None:
         image, variance = decorrelate(image, variance, phi)
         image = np.where(unusable, 0.0, image)
-        ny, nx = science.shape
-        psf = PsfModel.constant(convolved_psf(psf.kernel_at((nx - 1) / 2, (ny - 1) / 2), phi))
+        psf = convolved_psf(psf, phi)
     quiet = ~unusable
     if "DETECTED" in planes.bits:
         quiet &= (mask & planes.bitmask("DETECTED")) == 0

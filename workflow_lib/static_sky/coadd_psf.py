@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from workflow_lib.core.psf_model import PsfModel, evaluate_kernels, polynomial_terms
+from workflow_lib.core.psf_model import PsfModel, evaluate_kernels, fit_psf_model, polynomial_terms
 
 COVERAGE_DTYPE = np.uint16
 
@@ -334,22 +334,17 @@ def build_coadd_psf(
     purity = np.divide(w_full, wsum, out=np.zeros(n_cells), where=good)
 
     kernels = acc[good] / wsum[good, None, None]
-    xc, yc, xs, ys = (nx - 1) / 2.0, (ny - 1) / 2.0, nx / 2.0, ny / 2.0
     cx, cy = wx[good] / wsum[good], wy[good] / wsum[good]
     fill = counted.sum(axis=0)[good]
     fit_weight = (fill / fill.max()) * np.where(purity[good] > 0.99, 1.0, 0.1)
     fit_order = max(int(order), 0)
     while fit_order > 0 and (fit_order + 1) * (fit_order + 2) > int(good.sum()):
         fit_order -= 1
-    terms = polynomial_terms((cx - xc) / xs, (cy - yc) / ys, fit_order)
+    model = fit_psf_model(cx, cy, kernels, fit_order, (ny, nx), weights=fit_weight)
+    terms = polynomial_terms(*model.normalized_position(cx, cy), fit_order)
     flat = kernels.reshape(len(kernels), -1)
-    sqrt_w = np.sqrt(fit_weight)[:, None]
-    coef, *_ = np.linalg.lstsq(terms * sqrt_w, flat * sqrt_w, rcond=None)
-    model = PsfModel(
-        basis=coef.reshape(-1, size, size), order=fit_order,
-        x_center=xc, y_center=yc, x_scale=xs, y_scale=ys,
-    )  # fmt: skip
-    rel = np.sqrt(((flat - terms @ coef) ** 2).mean(axis=1)) / flat.max(axis=1)
+    fitted = terms @ model.basis.reshape(len(model.basis), -1)
+    rel = np.sqrt(((flat - fitted) ** 2).mean(axis=1)) / flat.max(axis=1)
     return CoaddPsf(
         psfs=tuple(psfs), weights=np.asarray(weights, dtype=np.float64),
         origins=np.asarray(origins, dtype=np.int64).reshape(-1, 2), block=int(block),

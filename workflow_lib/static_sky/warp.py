@@ -58,7 +58,7 @@ from scipy import sparse
 from scipy.interpolate import BSpline, make_interp_spline
 
 from workflow_lib.core.exposure import MASK_DTYPE, Exposure, MaskPlanes, copy_cards
-from workflow_lib.core.psf_model import PsfModel, polynomial_terms
+from workflow_lib.core.psf_model import PsfModel, fit_psf_model
 from workflow_lib.single_frame.measure import ApertureCorrection, without_aperture_correction
 from workflow_lib.static_sky.psf_matching import PsfMatchingError, model_psf, psf_match_exposure
 
@@ -508,15 +508,7 @@ def warp_psf(
         syk = c + jac[n, 1, 0] * du + jac[n, 1, 1] * dv
         warped, _ = resample_array(src, sxk, syk, kernel=kernel)
         kernels[n] = warped / warped.sum()
-    wx, wy = tx - origin[0], ty - origin[1]
-    xc, yc = (nx - 1) / 2.0, (ny - 1) / 2.0
-    xscale, yscale = max(nx / 2.0, 1.0), max(ny / 2.0, 1.0)
-    terms = polynomial_terms((wx - xc) / xscale, (wy - yc) / yscale, order)
-    coef, *_ = np.linalg.lstsq(terms, kernels.reshape(gsx.size, -1), rcond=None)
-    return PsfModel(
-        basis=coef.reshape(-1, size, size), order=order,
-        x_center=xc, y_center=yc, x_scale=xscale, y_scale=yscale,
-    )  # fmt: skip
+    return fit_psf_model(tx - origin[0], ty - origin[1], kernels, order, (ny, nx))
 
 
 # --------------------------------------------------------------------------
