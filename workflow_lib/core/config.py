@@ -417,6 +417,7 @@ class DiffimConfig:
     decorrelate: bool
     max_template_self_weight: float
     max_residual_ratio: float
+    max_kernel_sources: int
     injection: bool = False  # make the DiaInjection table (section ``injection``)
 
     @classmethod
@@ -437,6 +438,7 @@ class DiffimConfig:
             decorrelate=bool(section["decorrelate"]),
             max_template_self_weight=float(section["max_template_self_weight"]),
             max_residual_ratio=float(section["max_residual_ratio"]),
+            max_kernel_sources=int(section["max_kernel_sources"]),
             injection=bool(injection.get("enabled", False)),
         )
 

@@ -101,6 +101,10 @@ class AlardLuptonConfig:
     full_basis_min_stamps: int = 10
     reduced_basis_min_stamps: int = 5
     min_good_fraction: float = 0.5  # stamps with fewer unmasked pixels are skipped
+    # More candidates than this: a seeded random subset of this many (LSST's
+    # maxKernelSources); the kernel of a 4k CCD needs no more, and each costs its stamp.
+    max_stamps: int | None = 1000
+    seed: int = 0
     ridge: float = 1e-3  # damping of the shape coefficients, relative to their own curvature
 
 
@@ -474,15 +478,21 @@ def _solution(params, layout, basis, frame, **info) -> AlardLuptonSolution:
     )  # fmt: skip
 
 
-def _gather_stamps(images, x, y, half: int, h: int) -> tuple[list[_Stamp], np.ndarray]:
-    """The usable stamps and the indices of those skipped (off the image, mostly masked)."""
-    xy = np.broadcast_arrays(np.atleast_1d(x), np.atleast_1d(y))
-    found = [
-        _extract_stamp(i, xi, yi, images, half, h)
-        for i, (xi, yi) in enumerate(zip(*xy, strict=True))
-    ]
-    skipped = np.array([i for i, s in enumerate(found) if s is None], dtype=int)
+def _gather_stamps(
+    images, x, y, half: int, h: int, candidates: np.ndarray
+) -> tuple[list[_Stamp], np.ndarray]:  # type: ignore[no-untyped-def]
+    """The usable stamps of the ``candidates`` (indices into x, y) and the indices of
+    those skipped (off the image, mostly masked)."""
+    found = [_extract_stamp(i, x[i], y[i], images, half, h) for i in candidates]
+    skipped = np.array([i for i, s in zip(candidates, found, strict=True) if s is None], dtype=int)
     return [s for s in found if s is not None], skipped
+
+
+def _candidate_subset(n: int, max_stamps: int | None, seed: int) -> np.ndarray:
+    """Indices of the candidates to use: all, or a seeded random ``max_stamps`` of them."""
+    if max_stamps is None or n <= max_stamps:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_stamps, replace=False))
 
 
 def _fit_with_rejection(stamps, sigmas, size, frame, config):
@@ -562,7 +572,9 @@ def fit_kernel(
         np.asarray(science_variance, dtype=np.float64), np.asarray(mask, dtype=bool),
         config.min_good_fraction,
     )  # fmt: skip
-    stamps, skipped = _gather_stamps(images, x, y, half, h)
+    x, y = np.broadcast_arrays(np.atleast_1d(x), np.atleast_1d(y))
+    candidates = _candidate_subset(x.size, config.max_stamps, config.seed)
+    stamps, skipped = _gather_stamps(images, x, y, half, h, candidates)
     ny, nx = science.shape
     frame = ((nx - 1) / 2.0, (ny - 1) / 2.0, max((nx - 1) / 2.0, 1.0), max((ny - 1) / 2.0, 1.0))
     params, layout, basis, info = _fit_with_rejection(stamps, sigmas, size, frame, config)

@@ -95,9 +95,9 @@ def decorrelate(
     bad = ~(np.isfinite(diff) & np.isfinite(var))
     diff, var = np.where(bad, 0.0, diff), np.where(bad, 0.0, var)
     k = np.asarray(kernel, dtype=np.float64)
-    image = fft_convolve(diff, k, mode="same")
+    image = fft_convolve(diff, k, mode="same", single=True)
     smooth = k**2 / (k**2).sum()
-    out_var = _white_variance_gain(k) * fft_convolve(var, smooth, mode="same")
+    out_var = _white_variance_gain(k) * fft_convolve(var, smooth, mode="same", single=True)
     return image.astype(np.float32), np.maximum(out_var, 0.0).astype(np.float32)
 
 

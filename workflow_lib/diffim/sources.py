@@ -312,8 +312,9 @@ def psf_noise_scale(
     k = kernel / kernel.sum()
     data = np.where(bad, 0.0, difference)
     var = np.where(bad, 0.0, variance)
-    filtered = fft_convolve(data, k[::-1, ::-1], mode="same")
-    predicted = np.sqrt(np.maximum(fft_convolve(var, (k**2)[::-1, ::-1], mode="same"), 0.0))
+    filtered = fft_convolve(data, k[::-1, ::-1], mode="same", single=True)
+    smoothed = fft_convolve(var, (k**2)[::-1, ::-1], mode="same", single=True)
+    predicted = np.sqrt(np.maximum(smoothed, 0.0))
     h = k.shape[0] // 2
     use = ~dilate_mask(bad, radius=h) & (predicted > 0)
     use[:h], use[-h:], use[:, :h], use[:, -h:] = False, False, False, False

@@ -243,10 +243,12 @@ def _difference_and_sources(
     """Subtract the template from the calexp and find and measure the DIASources: the
     numerics of :func:`subtract_ccd`, shared with the injection check (:func:`inject_ccd`)."""
     from workflow_lib.core.flags import UNRELIABLE_SOURCE
+    from workflow_lib.diffim.alard_lupton import AlardLuptonConfig
     from workflow_lib.diffim.sources import DiaDetectionConfig, detect_dia_sources
     from workflow_lib.diffim.subtract import SubtractionConfig, kernel_candidates, subtract_images
 
     subtraction = SubtractionConfig(
+        alard_lupton=AlardLuptonConfig(max_stamps=cfg.max_kernel_sources),
         grid_spacing=cfg.kernel_grid_spacing,
         background_order=cfg.background_order,
         method=cfg.method,
