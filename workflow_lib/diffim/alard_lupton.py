@@ -287,18 +287,19 @@ def _extract_stamp(index, x, y, images, half, h) -> _Stamp | None:
         return None
     sl = (slice(yc - r, yc + r + 1), slice(xc - r, xc + r + 1))
     inner = (slice(yc - half, yc + half + 1), slice(xc - half, xc + half + 1))
-    tm = mask[sl] | ~np.isfinite(template[sl])
+    cut = template[sl].astype(np.float64)
+    tm = mask[sl] | ~np.isfinite(cut)
     # A masked template pixel spoils every science pixel whose kernel footprint holds it.
     bad = sliding_window_view(tm, (2 * h + 1,) * 2).any(axis=(2, 3))
-    s, v = science[inner], svar[inner]
+    s, v = science[inner].astype(np.float64), svar[inner].astype(np.float64)
     bad |= mask[inner] | ~np.isfinite(s) | ~(v > 0)
     good = ~bad
     if good.mean() < min_good:
         return None
-    tv = None if tvar is None else np.where(tm, 0.0, tvar[sl])
+    tv = None if tvar is None else np.where(tm, 0.0, tvar[sl].astype(np.float64))
     py, px = np.nonzero(good)
     return _Stamp(
-        index, xc, yc, s[good], v[good], good, np.where(tm, 0.0, template[sl]), tv,
+        index, xc, yc, s[good], v[good], good, np.where(tm, 0.0, cut), tv,
         (px + xc - half).astype(np.float64), (py + yc - half).astype(np.float64),
     )  # fmt: skip
 
@@ -557,7 +558,9 @@ def fit_kernel(
     stamps (see the module notes for the fallbacks above that).
     """
     config = config or AlardLuptonConfig()
-    science = np.asarray(science, dtype=np.float64)
+    # The images stay as given (a 4k float32 image is 64 MB more in float64): each stamp
+    # is converted as it is cut.
+    science = np.asarray(science)
     if mask is None:
         mask = np.zeros(science.shape, dtype=bool)
     sigmas = basis_sigmas(template_sigma, science_sigma, config)
@@ -567,11 +570,13 @@ def fit_kernel(
     h = size // 2
     half = h if config.stamp_half is None else int(config.stamp_half)
     images = (
-        np.asarray(template, dtype=np.float64), science,
-        np.asarray(template_variance, dtype=np.float64) if config.use_template_variance else None,
-        np.asarray(science_variance, dtype=np.float64), np.asarray(mask, dtype=bool),
+        np.asarray(template),
+        science,
+        np.asarray(template_variance) if config.use_template_variance else None,
+        np.asarray(science_variance),
+        np.asarray(mask, dtype=bool),
         config.min_good_fraction,
-    )  # fmt: skip
+    )
     x, y = np.broadcast_arrays(np.atleast_1d(x), np.atleast_1d(y))
     candidates = _candidate_subset(x.size, config.max_stamps, config.seed)
     stamps, skipped = _gather_stamps(images, x, y, half, h, candidates)
