@@ -119,6 +119,28 @@ rule qa_light_curves:
         "../scripts/run_step.py"
 
 
+rule qa_injection:
+    input:
+        dia_injection_table_path=paths.path("DiaInjection"),
+    output:
+        plot_path=report(
+            paths.path("qaInjectionPlot"),
+            caption="../report/injection.rst",
+            category="3. Difference imaging",
+            labels={"figure": "source injection"},
+        ),
+    params:
+        step="qa:plot_injection",
+    log:
+        paths.root / "logs/qa/injection.log",
+    benchmark:
+        paths.root / "benchmarks/qa/injection.tsv"
+    conda:
+        "../envs/drp.yaml"
+    script:
+        "../scripts/run_step.py"
+
+
 rule qa_truth:
     input:
         metrics_path=paths.path("metrics"),

@@ -70,3 +70,16 @@ def test_injected_sources_are_found_and_measured_as_the_issue_asks(injection_run
     low = [b for b in summary["bins"] if b["snr_max"] is not None and b["snr_max"] <= 3.0]
     assert sum(b["n_detected"] for b in low) <= 0.05 * max(sum(b["n"] for b in low), 1)
     assert np.isfinite(summary["fraction_on_sources"])
+
+
+def test_the_report_shows_what_injection_measured(injection_run):
+    """The injection figure is a report output of the run, drawn from its own table."""
+    from PIL import Image
+
+    run_dir, log = injection_run
+    assert "qa_injection" in log
+    picture = run_dir / "results" / "qa" / "diffim" / "injection.png"
+    with Image.open(picture) as image:
+        width, height = image.size
+        colours = len(image.convert("RGB").getcolors(maxcolors=1 << 24) or [])
+    assert width > 2 * height > 500 and colours > 100  # three drawn panels, not a blank

@@ -151,6 +151,7 @@ _DATASET_TYPES: tuple[DatasetType, ...] = (
     DatasetType("qaColorImage", "qa/coadd/color_{tract}_{patch}.png", "picture"),
     DatasetType("qaDiaCutouts", "qa/diffim/dia_cutouts.png", "picture"),
     DatasetType("qaLightCurves", "qa/diffim/light_curves.png", "picture"),
+    DatasetType("qaInjectionPlot", "qa/diffim/injection.png", "picture"),
     DatasetType("qaTruthPlot", "qa/truth/truth_quality.png", "picture"),
 )
 

@@ -67,6 +67,8 @@ class QaPlan(PlanState):
             names.append("qaDiaCutouts")
         if self.association_enabled:
             names.append("qaLightCurves")
+        if self.cfg.diffim.enabled and self.cfg.diffim.injection:
+            names.append("qaInjectionPlot")
         if self.simulated:
             names.append("qaTruthPlot")
         targets = [str(self.paths.path(n)) for n in names]

@@ -401,3 +401,119 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
         table.auto_set_font_size(False)
         table.set_fontsize(8)
     return fig
+
+
+def _binned_efficiency(ax: Any, snr: np.ndarray, found: np.ndarray, **style: Any) -> None:
+    """Efficiency per S/N bin with binomial errors, drawn at the bins' geometric centres."""
+    from workflow_lib.qa.efficiency import efficiency_bins
+    from workflow_lib.qa.survey_metrics import INJECTION_SNR_EDGES
+
+    bins = pd.DataFrame(efficiency_bins(snr, found, INJECTION_SNR_EDGES))
+    bins = bins[bins["n"] > 0]
+    if not len(bins):
+        return
+    upper = np.where(np.isfinite(bins["snr_max"]), bins["snr_max"], 1.5 * bins["snr_min"])
+    centre = np.sqrt(np.maximum(bins["snr_min"], 1.0) * upper)
+    eff = bins["n_detected"] / bins["n"]
+    err = np.sqrt(np.clip(eff * (1 - eff), 0.05, None) / bins["n"])
+    ax.errorbar(centre, eff, yerr=err, fmt="o", ms=4, capsize=2, **style)
+
+
+def injection_figure(injections: pd.DataFrame, summary: Mapping[str, Any]) -> Figure:
+    """What source injection measured (no truth needed): the DIASource search's efficiency
+    against the injected sources' S/N, on blank sky and on calexp sources, with the fitted
+    logistic and the goals (50 % at S/N <= 5, 95 % at S/N >= 6.5); the forced difference
+    flux against the injected flux (goal: bias < 1 % at S/N > 20); the offsets of the
+    DIASources found at S/N > 20 (goal: 0.03" rms per axis)."""
+    from workflow_lib.qa.survey_metrics import INJECTION_BRIGHT_SNR, INJECTION_HIGH_SNR
+
+    fig = Figure(figsize=(3 * _PANEL + 1.5, _PANEL + 0.4), layout="constrained")
+    ax_e, ax_f, ax_p = fig.subplots(1, 3)
+    snr = injections["snr"].to_numpy(dtype=np.float64)
+    clean = injections["clean"].to_numpy(dtype=bool)
+    hosted = injections["hostFlux"].to_numpy(dtype=np.float64) > 0
+    _binned_efficiency(ax_e, snr[~hosted], clean[~hosted], color="tab:blue", label="blank sky")
+    _binned_efficiency(ax_e, snr[hosted], clean[hosted], color="tab:orange", label="on a source")
+    fit = summary.get("fit", {})
+    if np.isfinite(fit.get("snr_50", np.nan)):
+        grid = np.geomspace(1.0, 100.0, 300)
+        curve = fit["plateau"] / (1.0 + np.exp(-(grid - fit["snr_50"]) / fit["width"]))
+        ax_e.plot(grid, curve, "k-", lw=1, label=f"fit: 50 % at S/N {fit['snr_50']:.2f}")
+    ax_e.plot([5.0], [0.5], marker="x", color="tab:green", ms=9, ls="none", label="goal: 50 % by 5")
+    ax_e.fill_between(
+        [INJECTION_HIGH_SNR, 100.0],
+        0.95,
+        1.0,
+        color="tab:green",
+        alpha=0.15,
+        label=f"goal: ≥ 95 % from {INJECTION_HIGH_SNR}",
+    )
+    ax_e.set_xscale("log")
+    ax_e.set_xlim(1.0, 100.0)
+    ax_e.set_ylim(-0.05, 1.05)
+    ax_e.set_xlabel("injected flux / difference-image error (S/N)")
+    ax_e.set_ylabel("fraction found as a clean DIASource")
+    ax_e.set_title(
+        f"{len(injections)} injected sources, {summary.get('n_ccd_visits', 0)} CCD-visits",
+        fontsize="medium",
+    )
+    ax_e.legend(fontsize="x-small", loc="lower right")
+
+    flux = injections["injectedFlux"].to_numpy(dtype=np.float64)
+    ratio = injections["diffFlux"].to_numpy(dtype=np.float64) / flux - 1.0
+    ok = np.isfinite(ratio) & (snr > 0)
+    ax_f.plot(snr[ok], 100 * ratio[ok], ".", ms=3, color="tab:gray", label="each source")
+    grid = np.geomspace(1.0, 100.0, 100)
+    ax_f.plot(grid, 100 / grid, "k:", lw=0.8, label="±1σ of the noise")
+    ax_f.plot(grid, -100 / grid, "k:", lw=0.8)
+    bias = summary.get("forced_flux_bias_snr_gt_20", np.nan)
+    ax_f.fill_between(
+        [INJECTION_BRIGHT_SNR, 100.0],
+        -1.0,
+        1.0,
+        color="tab:green",
+        alpha=0.3,
+        label="goal: |bias| < 1 % above S/N 20",
+    )
+    if np.isfinite(bias):
+        ax_f.plot(
+            [INJECTION_BRIGHT_SNR, 100.0],
+            [100 * bias] * 2,
+            color="tab:red",
+            lw=1.5,
+            label=f"median above 20: {100 * bias:+.2f} %",
+        )
+    ax_f.set_xscale("log")
+    ax_f.set_xlim(1.0, 100.0)
+    ax_f.set_ylim(-15, 15)
+    ax_f.set_xlabel("injected S/N")
+    ax_f.set_ylabel("forced difference flux / injected - 1 (%)")
+    ax_f.set_title("flux of the injected sources", fontsize="medium")
+    ax_f.legend(fontsize="x-small", loc="upper right")
+
+    bright = injections[clean & (snr > INJECTION_BRIGHT_SNR)]
+    d_ra = 1000 * bright["raOffset"].to_numpy(dtype=np.float64)
+    d_dec = 1000 * bright["decOffset"].to_numpy(dtype=np.float64)
+    sig_ra, sig_dec = (
+        1000 * s for s in summary.get("position_sigma_arcsec_snr_gt_20", [np.nan] * 2)
+    )
+    ax_p.plot(d_ra, d_dec, ".", ms=4, color="tab:blue", label=f"{len(bright)} found, S/N > 20")
+    theta = np.linspace(0, 2 * np.pi, 200)
+    ax_p.plot(
+        30 * np.cos(theta),
+        30 * np.sin(theta),
+        color="tab:green",
+        lw=1,
+        label="goal: σ ≤ 30 mas per axis",
+    )
+    lim = max(90.0, float(np.nanpercentile(np.hypot(d_ra, d_dec), 98)) if len(bright) else 90.0)
+    ax_p.set_xlim(-lim, lim)
+    ax_p.set_ylim(-lim, lim)
+    ax_p.set_aspect("equal")
+    ax_p.set_xlabel("ΔRA cos Dec (mas)")
+    ax_p.set_ylabel("ΔDec (mas)")
+    ax_p.set_title(
+        f"DIASource - injected position:\nσ {sig_ra:.0f}, {sig_dec:.0f} mas", fontsize="medium"
+    )
+    ax_p.legend(fontsize="x-small", loc="upper right")
+    return fig

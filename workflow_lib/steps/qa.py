@@ -368,6 +368,15 @@ def plot_light_curves(
     _save(fig, plot_path)
 
 
+def plot_injection(*, dia_injection_table_path: str, plot_path: str) -> None:
+    """What source injection measured: efficiency, flux and position figures."""
+    from workflow_lib.qa.plots import injection_figure
+    from workflow_lib.qa.survey_metrics import injection_summary
+
+    injections = read_table(dia_injection_table_path)
+    _save(injection_figure(injections, injection_summary(injections)), plot_path)
+
+
 def plot_truth(
     *, metrics_path: str, source_table_path: str, truth_object_path: str, plot_path: str
 ) -> None:
