@@ -77,8 +77,9 @@ def _exposure(image: np.ndarray, noise: float, sigma: float):  # type: ignore[no
                     mask_planes=MaskPlanes())  # fmt: skip
 
 
-def run_one(directory: Path, method: str) -> dict[str, float]:
-    """One method on the pair, in this process: timings, peak RSS, transients found."""
+def run_one(directory: Path, method: str, save: Path | None = None) -> dict[str, float]:
+    """One method on the pair, in this process: timings, peak RSS, transients found;
+    ``save``: the difference image written there too (float32 FITS, NaN where unusable)."""
     from workflow_lib.core.flags import ARTIFACT_DIA_SOURCE
     from workflow_lib.diffim.injection import match_injected
     from workflow_lib.diffim.sources import detect_dia_sources
@@ -98,6 +99,11 @@ def run_one(directory: Path, method: str) -> dict[str, float]:
     )
     t_sub, c_sub = time.perf_counter() - wall, time.process_time() - cpu
     diff = result.difference
+    if save is not None:
+        from astropy.io import fits
+
+        unusable = diff.mask_of("NO_DATA", "BAD")
+        fits.writeto(save, np.where(unusable, np.nan, diff.image).astype(np.float32))
     wall, cpu = time.perf_counter(), time.process_time()
     found = detect_dia_sources(diff.image, diff.variance, diff.mask, diff.mask_planes, result.psf)
     t_det, c_det = time.perf_counter() - wall, time.process_time() - cpu
@@ -119,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--methods", nargs="+", default=["alard_lupton", "zogy"])
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--dir", help=argparse.SUPPRESS)
+    parser.add_argument("--save", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(run_one(Path(args.dir), args.one)))
+        save = Path(args.save) if args.save else None
+        print(json.dumps(run_one(Path(args.dir), args.one, save)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         build_pair(args.size, Path(tmp))

@@ -111,6 +111,32 @@ def test_zogy_difference_finds_the_transient_and_leaves_the_stars(stars):
     assert found.attrs["noise_scale"] == pytest.approx(1.0, abs=0.1)  # ZOGY's D is white
 
 
+def test_zogy_fits_the_photometric_scale_on_the_kernel_stars(stars):
+    """A template 10 % fainter (a zero-point error): with the kernel stars the scale is
+    fitted and the stars vanish; without them (scale 1) they would not."""
+    from workflow_lib.diffim.subtract import SubtractionConfig
+
+    rng = np.random.default_rng(13)
+    transient = (128.4, 100.7, 3000.0)
+    science = _render(2.2, [*stars, transient], 5.0, rng, background=3.0)
+    template = _render(1.5, [(x, y, f / 1.1) for x, y, f in stars], 2.0, rng)
+    xy = np.array([(x, y) for x, y, _ in stars])
+    config = SubtractionConfig(method="zogy")
+    counts = {}
+    for name, sources in (("fitted", (xy[:, 0], xy[:, 1])), ("unit", None)):
+        result = subtract_images(science, template, config, kernel_sources=sources)
+        diff = result.difference
+        found = detect_dia_sources(
+            diff.image, diff.variance, diff.mask, diff.mask_planes, result.psf
+        )
+        counts[name] = int(((found["flags"] & ARTIFACT_DIA_SOURCE) == 0).sum())
+        if name == "fitted":
+            assert diff.metadata["DIFFFSCL"] == pytest.approx(1.1, abs=0.01)
+            d = np.hypot(found["x"] - transient[0], found["y"] - transient[1])
+            assert found.loc[d.idxmin(), "psf_flux"] == pytest.approx(3000.0, rel=0.1)
+    assert counts["fitted"] <= 2 < counts["unit"], counts
+
+
 def _varying_psf(sigma_left: float, sigma_right: float, nx: int) -> PsfModel:
     """A PSF linear in x between two Gaussians (at x = 0 and x = nx - 1)."""
     left, right = _gauss(sigma_left), _gauss(sigma_right)

@@ -274,11 +274,53 @@ def _scaled(exposure: Exposure, factor: float) -> Exposure:
     )
 
 
-def _subtract_zogy(science: Exposure, template: Exposure) -> _RawDifference:
-    """ZOGY's difference, with the PSFs at the CCD's centre."""
+def zogy_flux_ratio(
+    science: Exposure, template: Exposure, x: np.ndarray, y: np.ndarray, min_stars: int = 3
+) -> float:
+    """The photometric scale science / template (ZOGY's F_n / F_r) from the kernel stars.
+
+    Each image's PSF fluxes are measured with its own PSF model; the scale is the slope
+    of a straight line through (template flux, science flux), fitted with the errors of
+    both and 3-sigma clipping. The intercept takes up what a leftover background adds to
+    every PSF flux alike (the background times the sum over the square of the PSF),
+    which would bias a ratio of fluxes. 1.0 (the images' common calibration) with fewer
+    than ``min_stars``.
+    """
+    from workflow_lib.objects.forced import fixed_psf_fluxes
+
+    assert science.psf is not None and template.psf is not None
+    bad = science.mask_of("NO_DATA", "BAD", "SAT") | template.mask_of("NO_DATA", "BAD", "SAT")
+    measure = dict(joint=False, max_masked_fraction=0.05)
+    sci = fixed_psf_fluxes(science.image, science.variance, bad, science.psf, x, y, **measure)
+    tmpl = fixed_psf_fluxes(template.image, template.variance, bad, template.psf, x, y, **measure)
+    f_s, e_s = sci["psf_flux"].to_numpy(), sci["psf_flux_err"].to_numpy()
+    f_t, e_t = tmpl["psf_flux"].to_numpy(), tmpl["psf_flux_err"].to_numpy()
+    use = ~(sci["flag"].to_numpy() | tmpl["flag"].to_numpy()) & (f_t > 10 * e_t)
+    slope = 1.0
+    for _ in range(5):
+        if use.sum() < max(min_stars, 3):
+            return 1.0
+        weight = 1.0 / (e_s[use] ** 2 + slope**2 * e_t[use] ** 2)
+        design = np.column_stack([f_t[use], np.ones(use.sum())]) * np.sqrt(weight)[:, None]
+        (slope, intercept), *_ = np.linalg.lstsq(design, f_s[use] * np.sqrt(weight), rcond=None)
+        pull = (f_s - slope * f_t - intercept) / np.sqrt(e_s**2 + slope**2 * e_t**2)
+        keep = use & (np.abs(pull) < 3.0 * max(float(mad_std(pull[use])), 1.0))
+        if np.array_equal(keep, use):
+            break
+        use = keep
+    return float(slope) if np.isfinite(slope) and slope > 0 else 1.0
+
+
+def _subtract_zogy(
+    science: Exposure, template: Exposure, kernel_sources: tuple[np.ndarray, np.ndarray] | None
+) -> tuple[_RawDifference, float]:
+    """ZOGY's difference with the PSFs at the CCD's centre, the template first brought to
+    the science's photometric scale (fitted on the kernel stars); returns the scale too."""
     assert science.psf is not None and template.psf is not None
     ny, nx = science.shape
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
+    scale = 1.0 if kernel_sources is None else zogy_flux_ratio(science, template, *kernel_sources)
+    template = _scaled(template, scale)
     mask, planes = _merge_masks(science, template)
     unusable = (mask & planes.bitmask("NO_DATA", "BAD")) != 0
     # Repaired defects and cosmic rays (BAD with INTRP) hold interpolated sky: masking them
@@ -298,9 +340,10 @@ def _subtract_zogy(science: Exposure, template: Exposure) -> _RawDifference:
     )
     grown = result.mask & ~unusable
     mask = np.where(grown, mask | np.int32(planes.bitmask("NO_DATA")), mask).astype(MASK_DTYPE)
-    return _RawDifference(
+    raw = _RawDifference(
         result.difference, result.variance, mask, planes, PsfModel.constant(result.psf)
     )
+    return raw, scale
 
 
 def subtract_images(
@@ -322,7 +365,10 @@ def subtract_images(
         raise ValueError("subtraction needs the PSF models of the science and the template")
     method, solution, phi = "psf_models", None, None
     if config.method == "zogy":
-        return _finish(science, _subtract_zogy(science, template), config, "both", "zogy")
+        raw, scale = _subtract_zogy(science, template, kernel_sources)
+        result = _finish(science, raw, config, "both", "zogy")
+        result.difference.metadata["DIFFFSCL"] = (scale, "ZOGY: template scaled by this")
+        return result
     if config.method == "alard_lupton" and kernel_sources is not None:
         try:
             plus, minus, convolved, psf, solution, phi = _match_alard_lupton(
