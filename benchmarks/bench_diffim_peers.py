@@ -77,8 +77,9 @@ def _peer(directory: Path, peer: str, peers_dir: Path) -> tuple[dict[str, float]
         cmd.append("--warmup")  # numba's first compilation (~13 s) is not the peer's speed
     run = subprocess.run(cmd, capture_output=True, text=True)
     if run.returncode != 0:
-        last = run.stderr.strip().splitlines()[-1:] or [f"exit {run.returncode}"]
-        return f"failed: {last[0]}"
+        lines = run.stderr.strip().splitlines()
+        errors = [line for line in lines if "Error" in line or "error" in line]
+        return f"failed (exit {run.returncode}): {(errors or lines or [''])[-1]}"
     return json.loads(run.stdout.strip().splitlines()[-1]), out
 
 

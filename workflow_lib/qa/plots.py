@@ -226,13 +226,7 @@ def _dia_truth_panels(ax_e: Any, ax_q: Any, dia: Mapping[str, Any]) -> None:
     """DIA efficiency against true S/N, and false positives per CCD-visit."""
     bins = pd.DataFrame(dia.get("efficiency", {}).get("bins", []))
     if len(bins) and bins["n"].sum():
-        bins = bins[bins["n"] > 0]
-        # geometric bin centres; the open last bin drawn at 1.5x its lower edge
-        upper = np.where(np.isfinite(bins["snr_max"]), bins["snr_max"], 2.25 * bins["snr_min"])
-        centre = np.sqrt(np.maximum(bins["snr_min"], 1.0) * upper)
-        eff = bins["n_detected"] / bins["n"]
-        err = np.sqrt(np.clip(eff * (1 - eff), 0.05, None) / bins["n"])
-        ax_e.errorbar(centre, eff, yerr=err, fmt="o", color="tab:blue", label='found (1")')
+        centre = _draw_efficiency_bins(ax_e, bins, color="tab:blue", label='found (1")')
         ax_e.axvline(5.0, color="tab:green", ls=":", label="detection threshold 5σ")
         ax_e.set_xscale("log")
         ax_e.set_xlim(1.0, 1.5 * float(np.max(centre)))
@@ -403,20 +397,17 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
     return fig
 
 
-def _binned_efficiency(ax: Any, snr: np.ndarray, found: np.ndarray, **style: Any) -> None:
-    """Efficiency per S/N bin with binomial errors, drawn at the bins' geometric centres."""
-    from workflow_lib.qa.efficiency import efficiency_bins
-    from workflow_lib.qa.survey_metrics import INJECTION_SNR_EDGES
-
-    bins = pd.DataFrame(efficiency_bins(snr, found, INJECTION_SNR_EDGES))
+def _draw_efficiency_bins(ax: Any, bins: pd.DataFrame, **style: Any) -> np.ndarray:
+    """Found fraction per S/N bin (``efficiency_bins`` rows) with binomial errors, at the
+    bins' geometric centres (the open last bin at 1.5x its lower edge); returns those."""
     bins = bins[bins["n"] > 0]
-    if not len(bins):
-        return
-    upper = np.where(np.isfinite(bins["snr_max"]), bins["snr_max"], 1.5 * bins["snr_min"])
+    snr_max = bins["snr_max"].astype(float).fillna(np.inf)
+    upper = np.where(np.isfinite(snr_max), snr_max, 2.25 * bins["snr_min"])
     centre = np.sqrt(np.maximum(bins["snr_min"], 1.0) * upper)
     eff = bins["n_detected"] / bins["n"]
     err = np.sqrt(np.clip(eff * (1 - eff), 0.05, None) / bins["n"])
     ax.errorbar(centre, eff, yerr=err, fmt="o", ms=4, capsize=2, **style)
+    return np.asarray(centre)
 
 
 def injection_figure(injections: pd.DataFrame, summary: Mapping[str, Any]) -> Figure:
@@ -425,15 +416,24 @@ def injection_figure(injections: pd.DataFrame, summary: Mapping[str, Any]) -> Fi
     logistic and the goals (50 % at S/N <= 5, 95 % at S/N >= 6.5); the forced difference
     flux against the injected flux (goal: bias < 1 % at S/N > 20); the offsets of the
     DIASources found at S/N > 20 (goal: 0.03" rms per axis)."""
-    from workflow_lib.qa.survey_metrics import INJECTION_BRIGHT_SNR, INJECTION_HIGH_SNR
+    from workflow_lib.qa.efficiency import efficiency_bins
+    from workflow_lib.qa.survey_metrics import (
+        INJECTION_BRIGHT_SNR,
+        INJECTION_HIGH_SNR,
+        INJECTION_SNR_EDGES,
+    )
 
     fig = Figure(figsize=(3 * _PANEL + 1.5, _PANEL + 0.4), layout="constrained")
     ax_e, ax_f, ax_p = fig.subplots(1, 3)
     snr = injections["snr"].to_numpy(dtype=np.float64)
     clean = injections["clean"].to_numpy(dtype=bool)
     hosted = injections["hostFlux"].to_numpy(dtype=np.float64) > 0
-    _binned_efficiency(ax_e, snr[~hosted], clean[~hosted], color="tab:blue", label="blank sky")
-    _binned_efficiency(ax_e, snr[hosted], clean[hosted], color="tab:orange", label="on a source")
+    for sel, colour, label in (
+        (~hosted, "tab:blue", "blank sky"),
+        (hosted, "tab:orange", "on a source"),
+    ):
+        bins = pd.DataFrame(efficiency_bins(snr[sel], clean[sel], INJECTION_SNR_EDGES))
+        _draw_efficiency_bins(ax_e, bins, color=colour, label=label)
     fit = summary.get("fit", {})
     if np.isfinite(fit.get("snr_50", np.nan)):
         grid = np.geomspace(1.0, 100.0, 300)
