@@ -55,6 +55,7 @@ case "$command" in
         export DC2_REQUIRE_BROWSER=1
         "$venv/bin/ruff" check .
         "$venv/bin/ruff" format --check .
+        "$venv/bin/mypy"
         exec "$venv/bin/python" -m pytest "$@"
         ;;
     *)

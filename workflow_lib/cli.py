@@ -68,7 +68,7 @@ def _simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _call(func, kwargs):  # type: ignore[no-untyped-def]
+def _call(func, kwargs):
     return func(**kwargs)
 
 

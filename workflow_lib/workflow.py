@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -149,7 +150,7 @@ class WorkflowPlan(SingleFramePlan, StaticSkyPlan, DiffimPlan, AssociationPlan, 
 
     def final_targets(self) -> list[str]:
         """Products of ``rule all`` (grows as the stages land)."""
-        targets = [
+        targets: list[Path | str] = [
             self.paths.path("registry"),
             self.paths.path("run_summary"),
             self.paths.path("CcdVisit"),

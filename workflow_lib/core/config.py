@@ -44,7 +44,7 @@ def _validator_filling_defaults() -> type[jsonschema.protocols.Validator]:
     base = jsonschema.Draft7Validator
     validate_properties = base.VALIDATORS["properties"]
 
-    def set_defaults(validator, properties, instance, schema):  # type: ignore[no-untyped-def]
+    def set_defaults(validator, properties, instance, schema):
         if isinstance(instance, dict):
             for name, sub in properties.items():
                 if "default" in sub and name not in instance:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from astropy.io import fits
@@ -93,9 +94,9 @@ class MaskPlanes:
         return cards
 
     @classmethod
-    def from_header(cls, header: Mapping[str, object]) -> MaskPlanes:
+    def from_header(cls, header: Mapping[str, Any]) -> MaskPlanes:
         """Planes from ``MP_*`` cards; falls back to the default planes if none."""
-        bits = {key[3:]: int(value) for key, value in header.items() if str(key).startswith("MP_")}  # type: ignore[arg-type]
+        bits = {key[3:]: int(value) for key, value in header.items() if str(key).startswith("MP_")}
         return cls(bits) if bits else cls()
 
     def translate(self, mask: np.ndarray, target: MaskPlanes) -> np.ndarray:
@@ -135,13 +136,13 @@ class PhotoCalib:
         ]
 
     @classmethod
-    def from_header(cls, header: Mapping[str, object]) -> PhotoCalib | None:
+    def from_header(cls, header: Mapping[str, Any]) -> PhotoCalib | None:
         if "PHOTCALB" not in header:
             return None
 
         def value(key: str) -> float:
             raw = header.get(key)
-            return float(raw) if raw is not None else float("nan")  # type: ignore[arg-type]
+            return float(raw) if raw is not None else float("nan")
 
         return cls(
             njy_per_unit=value("PHOTCALB"),
@@ -182,15 +183,15 @@ class Exposure:
             )
 
     @classmethod
-    def blank(cls, shape: tuple[int, int], **kwargs: object) -> Exposure:
+    def blank(cls, shape: tuple[int, int], **kwargs: Any) -> Exposure:
         """An exposure of zeros with every pixel flagged NO_DATA."""
         planes = MaskPlanes()
         mask = np.full(shape, planes.bitmask("NO_DATA"), dtype=MASK_DTYPE)
-        return cls(np.zeros(shape), np.zeros(shape), mask, mask_planes=planes, **kwargs)  # type: ignore[arg-type]
+        return cls(np.zeros(shape), np.zeros(shape), mask, mask_planes=planes, **kwargs)
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.image.shape  # type: ignore[return-value]
+        return self.image.shape
 
     def set_mask(self, plane: str, where: np.ndarray) -> None:
         """OR the bit of ``plane`` into the mask where ``where`` is true."""

@@ -20,6 +20,7 @@ are formed), so it can be evaluated from astropy alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -118,8 +119,10 @@ class PsfModel:
         ]
 
     @classmethod
-    def from_header_and_cube(cls, header: dict | object, cube: np.ndarray) -> PsfModel:
-        get = header.get  # type: ignore[attr-defined]
+    def from_header_and_cube(cls, header: Any, cube: np.ndarray) -> PsfModel:
+        """The model from its header cards (a FITS header or a dict: anything with
+        ``get``) and its basis cube."""
+        get = header.get
         if str(get("PSFTYPE", "POLYPIX")).strip() != "POLYPIX":
             raise ValueError(f"unsupported PSF type {get('PSFTYPE')!r}")
         return cls(
@@ -130,7 +133,12 @@ class PsfModel:
             x_scale=float(get("PSFXS", 1.0)),
             y_scale=float(get("PSFYS", 1.0)),
             fit_box=(
-                tuple(float(get(k)) for k in ("PSFXMIN", "PSFXMAX", "PSFYMIN", "PSFYMAX"))
+                (
+                    float(get("PSFXMIN")),
+                    float(get("PSFXMAX")),
+                    float(get("PSFYMIN")),
+                    float(get("PSFYMAX")),
+                )
                 if get("PSFXMIN") is not None
                 else None
             ),

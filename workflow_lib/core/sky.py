@@ -6,9 +6,10 @@ import numpy as np
 
 
 def tangent_plane_arcsec(
-    ra: np.ndarray, dec: np.ndarray, ra0: float, dec0: float
+    ra: np.ndarray, dec: np.ndarray, ra0: float | np.ndarray, dec0: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Gnomonic projection about (ra0, dec0), all in degrees; returns arcsec."""
+    """Gnomonic projection about (ra0, dec0) (one centre, or one per point), all in
+    degrees; returns arcsec."""
     ra_r, dec_r = np.deg2rad(ra), np.deg2rad(dec)
     ra0_r, dec0_r = np.deg2rad(ra0), np.deg2rad(dec0)
     cos_c = np.sin(dec0_r) * np.sin(dec_r) + np.cos(dec0_r) * np.cos(dec_r) * np.cos(ra_r - ra0_r)

@@ -55,6 +55,7 @@ turns it into the :class:`MatchingKernels` that
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from astropy.stats import mad_std
@@ -238,7 +239,7 @@ def alard_lupton_basis(
     h = size // 2
     d = np.arange(size) - h
     dx, dy = d[None, :].astype(float), d[:, None].astype(float)
-    raw = []
+    raw: list[np.ndarray] = []
     for sigma, degree in zip(sigmas, degrees, strict=True):
         g = np.exp(-0.5 * (dx**2 + dy**2) / sigma**2)
         raw.extend(g * (dx / h) ** i * (dy / h) ** j for i, j in monomial_exponents(degree))
@@ -271,6 +272,7 @@ class _Stamp:
     def convolve(self, kernels: np.ndarray, variance: bool = False) -> np.ndarray:
         """(npix, n) template (or its variance) convolved with each of ``kernels`` (n, s, s)."""
         cut = self.template_variance if variance else self.template
+        assert cut is not None  # the variance is asked of stamps that carry it
         windows = sliding_window_view(cut, kernels.shape[1:])
         # Correlating with the flipped kernel is the convolution T * K.
         out = np.tensordot(windows, kernels[:, ::-1, ::-1], axes=([2, 3], [1, 2]))
@@ -397,7 +399,7 @@ class _StampSums:
     npix: np.ndarray  # (n_stamps,)
 
 
-def _stamp_sums(stamps, convs, frame, spatial_order: int, bg_order: int, kernel=None) -> _StampSums:  # type: ignore[no-untyped-def]
+def _stamp_sums(stamps, convs, frame, spatial_order: int, bg_order: int, kernel=None) -> _StampSums:
     """The sums of :class:`_StampSums`; weights with the template's variance through
     ``kernel`` (the previous solution's K at each stamp) when given."""
     xc, yc, xs, ys = frame
@@ -420,7 +422,7 @@ def _stamp_sums(stamps, convs, frame, spatial_order: int, bg_order: int, kernel=
     )
 
 
-def _fit_once(sums: _StampSums, active: np.ndarray, layout: _Layout, ridge: float):  # type: ignore[no-untyped-def]
+def _fit_once(sums: _StampSums, active: np.ndarray, layout: _Layout, ridge: float):
     """Least-squares parameters and chi^2 per pixel of each of the ``active`` stamps."""
     n_bg = len(monomial_exponents(layout.background_order))
     n_terms = len(monomial_exponents(layout.spatial_order))
@@ -481,7 +483,7 @@ def _solution(params, layout, basis, frame, **info) -> AlardLuptonSolution:
 
 def _gather_stamps(
     images, x, y, half: int, h: int, candidates: np.ndarray
-) -> tuple[list[_Stamp], np.ndarray]:  # type: ignore[no-untyped-def]
+) -> tuple[list[_Stamp], np.ndarray]:
     """The usable stamps of the ``candidates`` (indices into x, y) and the indices of
     those skipped (off the image, mostly masked)."""
     found = [_extract_stamp(i, x[i], y[i], images, half, h) for i in candidates]
@@ -496,7 +498,13 @@ def _candidate_subset(n: int, max_stamps: int | None, seed: int) -> np.ndarray:
     return np.sort(np.random.default_rng(seed).choice(n, size=max_stamps, replace=False))
 
 
-def _fit_with_rejection(stamps, sigmas, size, frame, config):
+def _fit_with_rejection(
+    stamps: list[_Stamp],
+    sigmas: tuple[float, ...],
+    size: int,
+    frame: tuple[float, float, float, float],
+    config: AlardLuptonConfig,
+) -> tuple[np.ndarray, _Layout, np.ndarray, dict[str, Any]]:
     """Fit, reject outlying stamps, refit (the model simplifying if too few are left)."""
     active = np.arange(len(stamps))
     rejected: list[int] = []

@@ -62,7 +62,7 @@ class DiaDetectionConfig:
     residual_margin: float = 2.0
 
 
-def _detections(difference, variance, bad, kernel, config: DiaDetectionConfig, fwhm: float):  # type: ignore[no-untyped-def]
+def _detections(difference, variance, bad, kernel, config: DiaDetectionConfig, fwhm: float):
     """Windowed positions and isophotal fluxes of the positive and the negative detections."""
     out = []
     for sign in (1.0, -1.0):
@@ -122,7 +122,7 @@ def pair_dipoles(
     return pairs
 
 
-def _merge_lobes(positive: pd.DataFrame, negative: pd.DataFrame, pairs) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+def _merge_lobes(positive: pd.DataFrame, negative: pd.DataFrame, pairs) -> pd.DataFrame:
     """One row per DIASource: unpaired lobes as they are, each dipole at its lobes' midpoint."""
     paired_p = {i for i, _ in pairs}
     paired_n = {k for _, k in pairs}
@@ -146,7 +146,7 @@ def _merge_lobes(positive: pd.DataFrame, negative: pd.DataFrame, pairs) -> pd.Da
     return merged.sort_values(["y", "x"], kind="stable").reset_index(drop=True)
 
 
-def _bits_near(mask, planes: MaskPlanes, x, y, names, half: int = 1) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _bits_near(mask, planes: MaskPlanes, x, y, names, half: int = 1) -> np.ndarray:
     """Whether any of ``names`` is set within ``half`` pixels (a square) of each (x, y)."""
     present = [n for n in names if n in planes.bits]
     if not present or not len(x):
@@ -390,7 +390,7 @@ def detect_dia_sources(
     )
     flags = np.zeros(len(found), dtype=np.int64)
 
-    def flag(where, bit: DiaSourceFlag) -> None:  # type: ignore[no-untyped-def]
+    def flag(where, bit: DiaSourceFlag) -> None:
         flags[np.asarray(where, dtype=bool)] |= int(bit)
 
     flag(fit["flag"], DiaSourceFlag.PSF_FLUX_FAILED)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -174,12 +174,12 @@ def kernel_candidates(
     return sources[use]
 
 
-def _match_psf_models(science: Exposure, template: Exposure, config: SubtractionConfig):  # type: ignore[no-untyped-def]
+def _match_psf_models(science: Exposure, template: Exposure, config: SubtractionConfig):
     """(plus, minus, convolved, psf) with kernels from the two PSF models."""
     assert science.psf is not None and template.psf is not None
-    match = dict(grid_spacing=config.grid_spacing, max_residual=config.max_residual)
+    match: dict[str, Any] = dict(grid_spacing=config.grid_spacing, max_residual=config.max_residual)
     try:
-        matched = psf_match_exposure(template, science.psf, **match)  # type: ignore[arg-type]
+        matched = psf_match_exposure(template, science.psf, **match)
         return science, matched, "template", science.psf
     except PsfMatchingError as err:
         # The template is not the sharper everywhere (or its PSF's shape cannot become
@@ -187,8 +187,8 @@ def _match_psf_models(science: Exposure, template: Exposure, config: Subtraction
         fwhm = config.common_psf_factor * max(_max_fwhm(science), _max_fwhm(template))
         common = model_psf(fwhm)
         log.info("template not sharper than the science (%s): both matched to %.2f px", err, fwhm)
-        plus = psf_match_exposure(science, common, **match)  # type: ignore[arg-type]
-        minus = psf_match_exposure(template, common, **match)  # type: ignore[arg-type]
+        plus = psf_match_exposure(science, common, **match)
+        minus = psf_match_exposure(template, common, **match)
         return plus, minus, "both", common
 
 
@@ -198,7 +198,7 @@ def _sigma_at_centre(exposure: Exposure) -> float:
     return exposure.psf.fwhm_at((nx - 1) / 2.0, (ny - 1) / 2.0) / GAUSSIAN_FWHM_PER_SIGMA
 
 
-def _match_alard_lupton(science, template, x, y, config: SubtractionConfig):  # type: ignore[no-untyped-def]
+def _match_alard_lupton(science, template, x, y, config: SubtractionConfig):
     """(plus, minus, convolved, psf, solution, phi): the sharper image convolved by a kernel
     fitted on the stamps at (x, y); phi is the decorrelation kernel (None when off)."""
     convolve_template = _sigma_at_centre(template) <= _sigma_at_centre(science)
@@ -290,7 +290,7 @@ def zogy_flux_ratio(
 
     assert science.psf is not None and template.psf is not None
     bad = science.mask_of("NO_DATA", "BAD", "SAT") | template.mask_of("NO_DATA", "BAD", "SAT")
-    measure = dict(joint=False, max_masked_fraction=0.05)
+    measure: dict[str, Any] = dict(joint=False, max_masked_fraction=0.05)
     sci = fixed_psf_fluxes(science.image, science.variance, bad, science.psf, x, y, **measure)
     tmpl = fixed_psf_fluxes(template.image, template.variance, bad, template.psf, x, y, **measure)
     f_s, e_s = sci["psf_flux"].to_numpy(), sci["psf_flux_err"].to_numpy()
@@ -321,6 +321,7 @@ def _subtract_zogy(
     centre = ((nx - 1) / 2.0, (ny - 1) / 2.0)
     scale = 1.0 if kernel_sources is None else zogy_flux_ratio(science, template, *kernel_sources)
     template = _scaled(template, scale)
+    assert template.psf is not None  # _scaled keeps the PSF
     mask, planes = _merge_masks(science, template)
     unusable = (mask & planes.bitmask("NO_DATA", "BAD")) != 0
     # Repaired defects and cosmic rays (BAD with INTRP) hold interpolated sky: masking them

@@ -150,7 +150,7 @@ def template_self_weight(shares: Sequence[np.ndarray]) -> float:
     return float(values[points].mean())
 
 
-def _psf_in_parent_frame(psf, origin: tuple[int, int]):  # type: ignore[no-untyped-def]
+def _psf_in_parent_frame(psf, origin: tuple[int, int]):
     """The same PSF model with its polynomial centre moved from crop to calexp pixels."""
     from dataclasses import replace
 

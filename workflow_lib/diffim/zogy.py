@@ -58,6 +58,7 @@ cut by the image edge.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 from scipy import fft
@@ -299,7 +300,7 @@ def _filtered_variance(
 def _padder(shape: tuple[int, int], pad: int, n: int, mode: str):
     ny, nx = shape
     widths = ((pad, n - ny - pad), (pad, n - nx - pad))
-    np_mode = "constant" if mode == "zero" else "reflect"
+    np_mode: Literal["constant", "reflect"] = "constant" if mode == "zero" else "reflect"
 
     def padded(a: np.ndarray) -> np.ndarray:
         return np.pad(a, widths, mode=np_mode)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import builtins
 import json
 import os
 from typing import Any
@@ -96,6 +97,6 @@ class Butler:
             ids = list(objects_near(self.get("DiaObject"), ra, dec, radius_arcsec))
         return light_curve(self.get("DiaForcedSource"), ids, self.get("DiaSource"))
 
-    def dataset_types(self) -> list[str]:
+    def dataset_types(self) -> builtins.list[str]:  # `list` here: the method
         """Names of the dataset types that have at least one product on disk."""
         return [name for name in DATASET_TYPES if len(self.paths.existing(name)) > 0]

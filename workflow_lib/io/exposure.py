@@ -67,11 +67,11 @@ def write_exposure(
     ]
     if exposure.psf is not None:
         psf_header = fits.Header()
-        for key, value, comment in exposure.psf.header_cards():
+        for key, card_value, comment in exposure.psf.header_cards():
             if key == "COMMENT":
-                psf_header.add_comment(str(value))
+                psf_header.add_comment(str(card_value))
             else:
-                psf_header[key] = (value, comment)
+                psf_header[key] = (card_value, comment)
         extensions.append(("PSF", exposure.psf.basis.astype(np.float64), psf_header))
     write_image_file(path, primary, extensions)
 

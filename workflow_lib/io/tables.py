@@ -191,7 +191,7 @@ def _constant_keys(
         if key not in names:
             return False
         column = names.index(key)
-        seen = set()
+        seen: set[Any] = set()
         for group in range(footer.num_row_groups):
             stats = footer.row_group(group).column(column).statistics
             if stats is None or not stats.has_min_max or stats.null_count:

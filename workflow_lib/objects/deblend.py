@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from scipy import ndimage
 
@@ -112,7 +113,7 @@ class Entities:
         self.n_bands = n_bands
 
     def add(self, kind: int, label: int, peak: int, parent: int, n_child: int, flags: int,
-            detected: np.ndarray) -> int:  # fmt: skip
+            detected: npt.ArrayLike) -> int:  # fmt: skip
         self.kind.append(kind)
         self.label.append(label)
         self.peak.append(peak)

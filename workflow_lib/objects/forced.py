@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -258,6 +259,15 @@ def _on_image_candidates(wcs: WCS, shape: tuple[int, int], ra: np.ndarray, dec: 
     return sep < 1.05 * radius + 10.0 / 3600.0
 
 
+class AppliesApertureCorrection(Protocol):
+    """An aperture correction as :func:`forced_photometry` applies it (such as
+    :class:`~workflow_lib.single_frame.measure.ApertureCorrection`)."""
+
+    def apply(
+        self, x: np.ndarray, y: np.ndarray, flux: np.ndarray, err: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
 def forced_photometry(
     calexp: Exposure,
     objects: pd.DataFrame,
@@ -267,7 +277,7 @@ def forced_photometry(
     band: str | None = None,
     midpoint_mjd: float | None = None,
     id_column: str = "objectId",
-    aperture_correction: str | float | object | None = "fit",
+    aperture_correction: str | float | AppliesApertureCorrection | None = "fit",
     calib_aperture_radius_arcsec: float = 4.0,
     min_apcorr_snr: float = 50.0,
     min_apcorr_stars: int = 5,
@@ -366,11 +376,11 @@ def forced_photometry(
             flags |= np.where(used, int(ForcedSourceFlag.USED_APCORR), 0)
     elif aperture_correction is not None:
         if hasattr(aperture_correction, "apply"):
-            corrected, err = aperture_correction.apply(x, y, flux, err)  # type: ignore[union-attr]
+            corrected, err = aperture_correction.apply(x, y, flux, err)
             ratio = np.where(flux != 0, corrected / np.where(flux != 0, flux, 1.0), np.nan)
             flux = corrected
         else:
-            ratio = np.full(len(sel), float(aperture_correction))  # type: ignore[arg-type]
+            ratio = np.full(len(sel), float(aperture_correction))
             flux, err = flux * ratio, err * ratio
     return pd.DataFrame(
         {

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
@@ -90,16 +90,22 @@ _MEASUREMENT_BITS = 0xFFFF
 class PatchGeometry(Protocol):
     """What Object measurement needs of a patch (``skymap.PatchInfo`` has it)."""
 
-    tract: int
-    patch: int
-    inner_bbox: tuple[int, int, int, int]  # (x0, y0, nx, ny) in tract pixels
-    outer_bbox: tuple[int, int, int, int]  # the coadd's pixels, in tract pixels
+    # Read-only properties: a frozen dataclass such as PatchInfo qualifies.
+    @property
+    def tract(self) -> int: ...
+    @property
+    def patch(self) -> int: ...
+    @property
+    def inner_bbox(self) -> tuple[int, int, int, int]: ...  # (x0, y0, nx, ny) in tract pixels
+    @property
+    def outer_bbox(self) -> tuple[int, int, int, int]: ...  # the coadd's pixels, in tract pixels
 
 
 class TractGeometry(Protocol):
     """What Object measurement needs of a tract (``skymap.TractInfo`` has it)."""
 
-    tract: int
+    @property
+    def tract(self) -> int: ...
 
     def in_inner_region(self, ra: np.ndarray, dec: np.ndarray) -> np.ndarray: ...
 
@@ -195,7 +201,7 @@ def noise_correlation_factor(
     variance: np.ndarray,
     exclude: np.ndarray,
     weights: np.ndarray,
-    **options: float,
+    **options: Any,
 ) -> float:
     """True / variance-plane noise of a weighted pixel sum ``sum(w d)`` on this image.
 
@@ -206,7 +212,7 @@ def noise_correlation_factor(
     uncorrelated noise with a correct variance plane, 1.0 when the noise
     cannot be measured.
     """
-    correlation = noise_autocorrelation(image, variance, exclude, **options)  # type: ignore[arg-type]
+    correlation = noise_autocorrelation(image, variance, exclude, **options)
     return correlation_factor(correlation, weights)
 
 
@@ -767,7 +773,9 @@ def measure_objects(
     r_ap = ap_flux_radius_arcsec / scale
     r_cal = calib_aperture_radius_arcsec / scale
     id_seed = [int(seed), int(id_base) >> 32, int(id_base) & 0xFFFFFFFF]
-    common = dict(fit_radius_fwhm=fit_radius_fwhm, max_masked_fraction=max_masked_fraction)
+    common: dict[str, Any] = dict(
+        fit_radius_fwhm=fit_radius_fwhm, max_masked_fraction=max_masked_fraction
+    )
     exact = {b: p for b, p in (coadd_psfs or {}).items() if p is not None}
 
     # Pass 1, unforced: each band's centroid and S/N, for the reference band.
@@ -901,10 +909,10 @@ def measure_objects(
                             x_scale=nx / 2.0, y_scale=ny / 2.0,
                         )  # fmt: skip
                         flux, err = apcorr.apply(x_ref, y_ref, flux, err)
-                        ratio = apcorr.ratio_at(
+                        centre_ratio = apcorr.ratio_at(
                             np.array([(nx - 1) / 2.0]), np.array([(ny - 1) / 2.0])
                         )
-                        apcorr_at_centre[band] = float(ratio[0][0])
+                        apcorr_at_centre[band] = float(centre_ratio[0][0])
                         corrected = True
                     except ValueError:
                         pass

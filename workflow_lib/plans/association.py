@@ -2,14 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from workflow_lib.plans.base import PlanState
 
 
 class AssociationPlan(PlanState):
     """Association per patch and DIA forced photometry per CCD."""
+
+    if TYPE_CHECKING:
+        # Provided by the sibling plans WorkflowPlan is made of (for the type checker only).
+        @property
+        def _patch_ccds(self) -> dict[tuple[int, int, str], list[tuple[int, int]]]: ...
+
+        @property
+        def coadd_ids(self) -> list[dict[str, Any]]: ...
+
+        @property
+        def patch_ids(self) -> list[tuple[int, int]]: ...
+
+        @property
+        def forced_ids(self) -> list[tuple[int, int, int]]: ...
+
+        def warp_patches(self, wildcards: Mapping[str, str]) -> list[list[int]]: ...
+
+        def per_ccd_paths(
+            self, name: str, ccds: Sequence[tuple[int, int]] | None = None
+        ) -> list[str]: ...
 
     # -- association per patch, DIA forced photometry per CCD ---------------------------
     @property

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 
@@ -19,5 +19,11 @@ class PlanState:
     registry: pd.DataFrame
     science: pd.DataFrame
     calibrations: pd.DataFrame
-    simulated: bool
-    image_format: str
+
+    if TYPE_CHECKING:
+        # Read-only properties of WorkflowPlan (declared for the type checker only).
+        @property
+        def simulated(self) -> bool: ...
+
+        @property
+        def image_format(self) -> str: ...

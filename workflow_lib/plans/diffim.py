@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from workflow_lib.core.config import ConfigError
 from workflow_lib.plans.base import PlanState
@@ -11,6 +11,28 @@ from workflow_lib.plans.base import PlanState
 
 class DiffimPlan(PlanState):
     """One subtraction per calexp against the template coadds it overlaps."""
+
+    if TYPE_CHECKING:
+        # Provided by the sibling plans WorkflowPlan is made of (for the type checker only).
+        @property
+        def association_enabled(self) -> bool: ...
+
+        @property
+        def science_ids(self) -> list[tuple[int, int]]: ...
+
+        @property
+        def _band_of_ccd(self) -> dict[tuple[int, int], str]: ...
+
+        @property
+        def _ccd_patches(self) -> dict[tuple[int, int], list[tuple[int, int]]]: ...
+
+        def warp_patches(self, wildcards: Mapping[str, str]) -> list[list[int]]: ...
+
+        def warp_inputs(self, wildcards: Mapping[str, str]) -> dict[str, str]: ...
+
+        def per_ccd_paths(
+            self, name: str, ccds: Sequence[tuple[int, int]] | None = None
+        ) -> list[str]: ...
 
     # -- difference imaging: one job per calexp against the template coadds it overlaps --
     def diffim_inputs(self, wildcards: Mapping[str, str]) -> dict[str, Any]:

@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from workflow_lib.plans.base import PlanState
 
 
 class QaPlan(PlanState):
     """The run's metrics.json and the figures ``snakemake --report`` gathers."""
+
+    if TYPE_CHECKING:
+        # Provided by the sibling plans WorkflowPlan is made of (for the type checker only).
+        @property
+        def association_enabled(self) -> bool: ...
+
+        @property
+        def patch_ids(self) -> list[tuple[int, int]]: ...
+
+        def patch_bands(self, tract: int, patch: int) -> list[str]: ...
 
     @property
     def qa_enabled(self) -> bool:

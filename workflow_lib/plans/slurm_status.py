@@ -31,7 +31,7 @@ def first_word_states(statuses: dict[str, str] | None) -> dict[str, str] | None:
 
 def read_cancelled_jobs_as_cancelled() -> bool:
     """Wrap the loaded plugin's status query; True if it was wrapped now."""
-    plugin = sys.modules.get(_PLUGIN)
+    plugin: Any = sys.modules.get(_PLUGIN)  # Any: the plugin's attributes are patched
     original = getattr(plugin, "query_job_status", None)
     if original is None or getattr(original, "first_word_states", False):
         return False
@@ -40,7 +40,8 @@ def read_cancelled_jobs_as_cancelled() -> bool:
         statuses, duration = await original(command, logger)
         return first_word_states(statuses), duration
 
+    # mypy does not model attributes set on a function object.
     query_job_status.first_word_states = True  # type: ignore[attr-defined]
-    plugin.query_job_status = query_job_status  # type: ignore[union-attr]
+    plugin.query_job_status = query_job_status
     log.debug("%s: job states are read by their first word (CANCELLED by <uid>)", _PLUGIN)
     return True

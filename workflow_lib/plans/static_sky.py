@@ -23,7 +23,7 @@ class StaticSkyPlan(PlanState):
         from workflow_lib.static_sky.skymap import discrete_sky_map, rings_sky_map
 
         cfg = self.cfg.skymap
-        common = dict(
+        common: dict[str, Any] = dict(
             pixel_scale_arcsec=cfg.pixel_scale_arcsec,
             patch_inner_size=cfg.patch_inner_size,
             patch_border=cfg.patch_border,

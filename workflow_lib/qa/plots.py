@@ -390,7 +390,9 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
             colLoc="left",
             cellLoc="left",
             colWidths=[0.5, 0.25, 0.25],
-            bbox=(0.0, 0.0, 1.0, 1.0),
+            # matplotlib documents bbox as a Bbox or [xmin, ymin, width, height]; its
+            # stub allows only a Bbox.
+            bbox=(0.0, 0.0, 1.0, 1.0),  # type: ignore[arg-type]
         )
         table.auto_set_font_size(False)
         table.set_fontsize(8)

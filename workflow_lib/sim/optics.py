@@ -38,9 +38,9 @@ def tan_project(
 
 
 def tan_deproject(
-    xi: np.ndarray, eta: np.ndarray, ra0: float, dec0: float
+    xi: np.ndarray, eta: np.ndarray, ra0: float | np.ndarray, dec0: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`tan_project` (inputs in deg)."""
+    """Inverse of :func:`tan_project` (inputs in deg; a centre per point may be given)."""
     x, y = np.deg2rad(xi), np.deg2rad(eta)
     d0 = np.deg2rad(dec0)
     denom = np.cos(d0) - y * np.sin(d0)

@@ -241,6 +241,7 @@ def render_exposure_detector(
     if obstype == "science":
         if scene is None:
             raise ValueError("a science exposure needs the scene table")
+        assert resp is not None  # a science exposure has a band
         smooth, photons, n_obj = _draw_objects(plan, scene, exposure, detector)
         expected = smooth + float(info["sky_e"])
         if image_format == "raw":
@@ -249,6 +250,7 @@ def render_exposure_detector(
             med = float(np.median(resp))
             electrons += noise_rng.poisson(np.maximum(expected * med, 0.0)) + photons * med
     elif obstype == "flat":
+        assert resp is not None  # a flat has a band
         level = p.flat_level * rng_for(plan.seed, "flat_level", exposure).uniform(0.8, 1.2)
         electrons += noise_rng.poisson(level * resp)
     if image_format == "raw" and darktime > 0:

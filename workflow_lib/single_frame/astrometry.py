@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from itertools import combinations
+from typing import cast
 
 import numpy as np
 from astropy.wcs import WCS, Sip
@@ -754,7 +755,8 @@ def _model_design(un: np.ndarray, vn: np.ndarray, order: int, parity: int) -> np
 
 def _qr(d: np.ndarray) -> np.ndarray | None:
     """R of a thin QR, None when the design is (nearly) singular."""
-    r = np.linalg.qr(d, mode="r")
+    # cast: mode "r" returns R alone; numpy's stub says a QRResult for every mode.
+    r = cast(np.ndarray, np.linalg.qr(d, mode="r"))
     diag = np.abs(np.diag(r))
     if len(diag) == 0 or d.shape[0] < d.shape[1] or diag.min() <= 1e-10 * diag.max():
         return None
@@ -1561,7 +1563,7 @@ def solve_astrometry(
     allowed = np.ones(len(x), dtype=bool) if fit_mask is None else np.asarray(fit_mask, bool)
     parity = 1 if np.linalg.det(approx_wcs.pixel_scale_matrix) > 0 else -1
 
-    def fittable(si: np.ndarray, ri: np.ndarray, sep: np.ndarray):  # type: ignore[no-untyped-def]
+    def fittable(si: np.ndarray, ri: np.ndarray, sep: np.ndarray):
         keep = allowed[si]
         return si[keep], ri[keep], sep[keep]
 

@@ -38,7 +38,7 @@ class Background:
     box_size: int
     filter_size: int
     masked_fraction: float
-    rms_model: Callable[[], np.ndarray] = field(repr=False, compare=False, default=None)  # type: ignore[assignment]
+    rms_model: Callable[[], np.ndarray] | None = field(repr=False, compare=False, default=None)
 
     @functools.cached_property
     def rms(self) -> np.ndarray:

@@ -168,7 +168,7 @@ def process_single_frame(
     sky still in, the raw primary header in ``metadata``. ``refcat`` is the
     standardized reference catalog around the CCD (``workflow_lib.single_frame.refcat``).
     """
-    ids = dict(visit=visit, detector=detector, band=band, mjd=mjd, exptime=exptime)
+    ids: dict[str, Any] = dict(visit=visit, detector=detector, band=band, mjd=mjd, exptime=exptime)
     try:
         return _process(exposure, refcat, config=config, isr_flags=isr_flags, **ids)
     except SingleFrameFailure as failure:

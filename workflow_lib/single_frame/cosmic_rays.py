@@ -30,14 +30,18 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from _ctypes import CFuncPtr  # ctypes._CFuncPtr, as the stubs name it
 
 log = logging.getLogger(__name__)
 
 
 @functools.cache
-def _openmp_setter() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def _openmp_setter() -> CFuncPtr | None:
     """``omp_set_num_threads`` of the OpenMP runtime astroscrappy's wheel bundles, if found."""
     import astroscrappy
 

@@ -240,7 +240,7 @@ class AssembledFrame:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.image.shape  # type: ignore[return-value]
+        return self.image.shape
 
     def read_noise_map(self) -> np.ndarray:
         """Per-pixel read noise (e-) from each amplifier's value."""

@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -373,8 +373,9 @@ def measure_sources(
         plane = np.asarray(plane)
         around = cut_stamps(plane, jx, jy, half, fill=0)
         centre = cut_stamps(plane, cx, cy, 1, fill=0)
-        out[f"pixel_flag_{name}"] = (around > 0).any(axis=(1, 2))
-        out[f"pixel_flag_{name}_center"] = (centre > 0).any(axis=(1, 2))
+        # cast: numpy's stubs type a reduction over some axes as maybe a scalar.
+        out[f"pixel_flag_{name}"] = cast(np.ndarray, (around > 0).any(axis=(1, 2)))
+        out[f"pixel_flag_{name}_center"] = cast(np.ndarray, (centre > 0).any(axis=(1, 2)))
     out["pixel_flag_off_image"] = ~finite | ~in_image
     table = pd.DataFrame(out)
     return table

@@ -672,8 +672,8 @@ def select_psf_stars(
         locus = compact_locus(size[usable], rel_width=0.05)
     rel = size / locus - 1.0
     if size_tolerance is None:
-        near = usable & (np.abs(rel) < 0.1)
-        spread = 1.4826 * np.median(np.abs(rel[near])) if near.sum() >= 3 else 0.03
+        close = usable & (np.abs(rel) < 0.1)
+        spread = 1.4826 * np.median(np.abs(rel[close])) if close.sum() >= 3 else 0.03
         size_tolerance = float(np.clip(3.0 * spread, 0.04, 0.12))
     on_locus = usable & (np.abs(rel) < size_tolerance)
     score = np.full(n, np.nan)
@@ -846,6 +846,8 @@ def determine_psf(
             log.info("pixelised PSF not possible (%s); fitting a parametric one", err)
     if rows.size == 0:
         # No star on a locus: the most compact sources, with a loose size cut.
+        # known_stars is no function here: with no star found, it was called above.
+        assert not callable(known_stars)
         compact = select_psf_stars(
             detections, image, variance, mask, segmentation=segmentation,
             known_stars=known_stars, kernel_size=kernel_size, min_snr=10.0,

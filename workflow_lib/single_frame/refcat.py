@@ -238,7 +238,7 @@ def calibration_stars(refcat: pd.DataFrame) -> pd.DataFrame:
 
 
 # ------------------------------------------------------------------ sharding
-def _healpix(nside: int):  # type: ignore[no-untyped-def]
+def _healpix(nside: int):
     from astropy_healpix import HEALPix
 
     if nside < 1 or (nside & (nside - 1)) != 0:

@@ -28,6 +28,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -192,7 +193,7 @@ def select_template_visits(
     mjd_max: float | None,
     max_psf_fwhm: float | None,
     max_images: int | None,
-    **kwargs: object,
+    **kwargs: Any,
 ) -> list[int]:
     """Visits of :func:`select_template_ccd_visits`, ascending.
 
@@ -203,7 +204,7 @@ def select_template_visits(
     """
     chosen = select_template_ccd_visits(
         ccd_visits, band=band, mjd_min=mjd_min, mjd_max=mjd_max,
-        max_psf_fwhm=max_psf_fwhm, max_images=max_images, **kwargs,  # type: ignore[arg-type]
+        max_psf_fwhm=max_psf_fwhm, max_images=max_images, **kwargs,
     )  # fmt: skip
     return sorted({int(v) for v in chosen["visit"]})
 
@@ -321,16 +322,10 @@ def assemble_coadd(
     propagation = dict(DEFAULT_MASK_PROPAGATION if mask_propagation is None else mask_propagation)
     direct = prepare_inputs(inputs, (ny, nx), planes, bad_mask_planes)
     template_mode = rejection_inputs is None
-    rejection = (
-        direct
-        if template_mode
-        else prepare_inputs(
-            rejection_inputs,
-            (ny, nx),
-            planes,
-            rejection_bad_mask_planes,  # type: ignore[arg-type]
-        )
-    )
+    if rejection_inputs is None:
+        rejection = direct
+    else:
+        rejection = prepare_inputs(rejection_inputs, (ny, nx), planes, rejection_bad_mask_planes)
 
     # Smoothing (a matched filter for the model PSF) and growth radius.
     fwhms = [_psf_fwhm(p.source.psf, p.source.shape) for p in rejection[:25]]
@@ -612,7 +607,7 @@ def _combine_strip(
     out.n_image[y0:y1] = n_used
 
 
-def _input_table(direct, rejection, partner, stats) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+def _input_table(direct, rejection, partner, stats) -> pd.DataFrame:
     correlation = {d: rejection[q].noise_correlation for q, d in partner.items()}
     rows = []
     for p in direct:
@@ -625,7 +620,7 @@ def _input_table(direct, rejection, partner, stats) -> pd.DataFrame:  # type: ig
             "visit": int(p.source.visit),
             "detector": int(p.source.detector),
             "band": str(band).strip() if band is not None else "",
-            "mjd": float(mjd) if mjd is not None else float("nan"),  # type: ignore[arg-type]
+            "mjd": float(mjd) if mjd is not None else float("nan"),
             "weight": float(p.weight),
             "mean_variance": float(p.mean_variance),
             "x0": p.x0, "y0": p.y0, "nx": int(sx), "ny": int(sy),
@@ -654,7 +649,7 @@ def _coadd_header(
     coadd_psf,
     do_interp,
     psf_cell_size,
-) -> fits.Header:  # type: ignore[no-untyped-def]
+) -> fits.Header:
     header = fits.Header() if metadata is None else metadata.copy()
     bands = sorted({b for b in table["band"] if b})
     if len(bands) == 1:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 from astropy.io import fits
@@ -60,8 +60,8 @@ class WarpInput(Protocol):
     def read_rows(self, y0: int, y1: int) -> WarpRows: ...
 
 
-def header_value(header: Mapping[str, object], keys: Sequence[str]) -> object | None:
-    """The first of ``keys`` present in ``header`` (None if none is)."""
+def header_value(header: Mapping[str, Any], keys: Sequence[str]) -> Any:
+    """The value of the first of ``keys`` present in ``header`` (None if none is)."""
     for key in keys:
         if key in header and header[key] is not None:
             return header[key]
@@ -69,14 +69,14 @@ def header_value(header: Mapping[str, object], keys: Sequence[str]) -> object | 
 
 
 def warp_ids(
-    header: Mapping[str, object], *, visit: int | None = None, detector: int | None = None
+    header: Mapping[str, Any], *, visit: int | None = None, detector: int | None = None
 ) -> tuple[int, int]:
     """(visit, detector): the given ones, else from a warp or calexp header (VISIT or
     EXPID, DETECTOR)."""
     if visit is None:
-        visit = header_value(header, VISIT_KEYS)  # type: ignore[assignment]
+        visit = header_value(header, VISIT_KEYS)
     if detector is None:
-        detector = header_value(header, DETECTOR_KEYS)  # type: ignore[assignment]
+        detector = header_value(header, DETECTOR_KEYS)
     if visit is None or detector is None:
         raise ValueError("warp header has no VISIT/EXPID or DETECTOR card")
     return int(visit), int(detector)

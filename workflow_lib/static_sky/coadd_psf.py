@@ -297,7 +297,7 @@ def build_coadd_psf(
     wsum = np.zeros(n_cells)
     wx = np.zeros(n_cells)
     wy = np.zeros(n_cells)
-    per_input = []
+    per_input: list[np.ndarray | None] = []
     for i, psf in enumerate(psfs):
         counts = coverage[i].astype(np.float64)
         if psf is None or weights[i] <= 0 or not counts.any():
@@ -328,9 +328,11 @@ def build_coadd_psf(
     counted = np.array([c for c in per_input if c is not None])
     best = counted.max(axis=0)
     w_full = np.zeros(n_cells)
-    for i, cn in enumerate(per_input):
-        if cn is not None:
-            w_full += np.where((cn > 0) & (cn >= full_fraction * best), weights[i] * cn, 0.0)
+    for i, counts_i in enumerate(per_input):
+        if counts_i is not None:
+            w_full += np.where(
+                (counts_i > 0) & (counts_i >= full_fraction * best), weights[i] * counts_i, 0.0
+            )
     purity = np.divide(w_full, wsum, out=np.zeros(n_cells), where=good)
 
     kernels = acc[good] / wsum[good, None, None]

@@ -164,7 +164,7 @@ def estimate_noise_correlation(
         if not stack.image.shape[0]:
             continue
         reference = robust_reference(stack, params)
-        inside = np.zeros(stack.image.shape[1:], bool)
+        inside: np.ndarray = np.zeros(stack.image.shape[1:], bool)  # stubs: 0-d from shape[1:]
         inside[radius : inside.shape[0] - radius] = True
         # A lone epoch's difference from itself is zero: only where others overlap it.
         shared = stack.valid.sum(axis=0) >= 2

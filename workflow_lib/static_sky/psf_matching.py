@@ -231,16 +231,19 @@ def fit_matching_kernels(
     gains = np.empty((ys.size, xs.size))
     psf_fwhm = np.empty((ys.size, xs.size))
     model_fwhm = np.empty((ys.size, xs.size))
-    constant_model = model.order == 0
-    m_fixed = model.kernel_at(0.0, 0.0) if constant_model else None
-    fm_fixed = _core_fwhm(m_fixed) if constant_model else None
+    # A constant model: its kernel and FWHM once, else None.
+    m_fixed: np.ndarray | None = None
+    fm_fixed: float | None = None
+    if model.order == 0:
+        m_fixed = model.kernel_at(0.0, 0.0)
+        fm_fixed = _core_fwhm(m_fixed)
     radius = edge_radius = core_radius = 0
     for j, y in enumerate(ys):
         for i, x in enumerate(xs):
             p = psf.kernel_at(float(x), float(y))
-            m = m_fixed if constant_model else model.kernel_at(float(x), float(y))
+            m = m_fixed if m_fixed is not None else model.kernel_at(float(x), float(y))
             fp = _core_fwhm(p)
-            fm = fm_fixed if constant_model else _core_fwhm(m)
+            fm = fm_fixed if fm_fixed is not None else _core_fwhm(m)
             psf_fwhm[j, i], model_fwhm[j, i] = fp, fm
             if fp > fm * (1.0 + fwhm_tolerance):
                 raise PsfMatchingError(

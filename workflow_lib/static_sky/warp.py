@@ -232,7 +232,8 @@ class _BlockEvaluator:
     def rows(self, rows: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Source x, source y and J on bbox rows ``rows`` (bbox-relative), every column."""
         b = self.by[rows]
-        return tuple(np.asarray(b @ p) for p in self.partial)  # type: ignore[return-value]
+        x, y, jacobian = (np.asarray(b @ p) for p in self.partial)  # partial: (3, ...)
+        return x, y, jacobian
 
 
 def _exact_with_jacobian(
@@ -664,11 +665,11 @@ def warp_exposure(
             out_mask[rows, cols] = m.reshape(shape)
 
     has_data = (out_mask & no_data) == 0
-    cols = np.flatnonzero(has_data.any(axis=0))
+    data_cols = np.flatnonzero(has_data.any(axis=0))
     rws = np.flatnonzero(has_data.any(axis=1))
-    if cols.size == 0:
+    if data_cols.size == 0:
         return None
-    xs = slice(int(cols[0]), int(cols[-1]) + 1)
+    xs = slice(int(data_cols[0]), int(data_cols[-1]) + 1)
     ys = slice(int(rws[0]), int(rws[-1]) + 1)
     x0, y0 = cx0 + xs.start, cy0 + ys.start
     nx, ny = xs.stop - xs.start, ys.stop - ys.start

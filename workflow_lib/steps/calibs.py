@@ -131,7 +131,7 @@ def make_master_dark(
     """Build and write the master dark (e-/s) of one detector."""
     bias = _read_optional(bias_path, "bias")
     master = build_master_dark(_read_frames(raw_paths, "dark"), bias=bias)
-    inputs = [*raw_paths, *([bias_path] if bias is not None else [])]
+    inputs = [*raw_paths, *([bias_path] if bias is not None and bias_path is not None else [])]
     write_master(master, output_path, provenance=_provenance("make_master_dark", inputs))
     _log_qa("dark", master, output_path)
 
@@ -153,7 +153,8 @@ def make_master_flat(
         if found != band:
             raise ValueError(f"{path}: FILTER is {found!r}, expected flat of band {band!r}")
     master = build_master_flat(frames, bias=bias, dark=dark)
-    inputs = [*raw_paths, *(p for p, m in ((bias_path, bias), (dark_path, dark)) if m is not None)]
+    given = ((bias_path, bias), (dark_path, dark))
+    inputs = [*raw_paths, *(p for p, m in given if m is not None and p is not None)]
     write_master(master, output_path, provenance=_provenance("make_master_flat", inputs, band=band))
     _log_qa("flat", master, output_path)
 
@@ -203,7 +204,7 @@ def make_defects(
     dark = _read_optional(dark_path, "dark")
     flats = [read_master(p) for p in flat_paths]
     result = find_defects(dark=dark, flats=flats)
-    inputs = [*([dark_path] if dark is not None else []), *flat_paths]
+    inputs = [*([dark_path] if dark is not None and dark_path is not None else []), *flat_paths]
     write_defects(
         result.mask, output_path, provenance=_provenance("make_defects", inputs),
         counts=result.counts,

@@ -114,6 +114,7 @@ def make_warps(
                         continue
                 # The model at its own size (+-3.5 sigma of its wing): cut to the
                 # calexp PSF's box, a wide model loses its wing and no kernel matches it.
+                assert fwhm_arcsec is not None  # None only for psfMatchedWarp, skipped above
                 model = model_psf(fwhm_arcsec / scale)
                 try:
                     flavours[flavour] = psf_match_exposure(calexp, model)

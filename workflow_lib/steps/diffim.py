@@ -339,7 +339,7 @@ def subtract_ccd(
         pieces, self_weight = _template_pieces(
             template_paths, template_psf_paths, patches, skymap_path, calexp, int(visit)
         )
-        template = stitch_template(pieces, calexp.shape, calexp.wcs)  # type: ignore[arg-type]
+        template = stitch_template(pieces, calexp.shape, calexp.wcs)
         record.update(
             templateCoverage=template.coverage,
             templateSelfWeight=self_weight,
@@ -471,7 +471,7 @@ def _injection_sites(
     return x[keep], y[keep], flux[keep]
 
 
-def _matched_columns(found: pd.DataFrame, match: np.ndarray, ra: np.ndarray, dec: np.ndarray):  # type: ignore[no-untyped-def]
+def _matched_columns(found: pd.DataFrame, match: np.ndarray, ra: np.ndarray, dec: np.ndarray):
     """flags, PSF flux (PSF-model scale) and offsets (arcsec) of each injected source's
     DIASource (``match`` row, -1: none; 0 and NaN where none)."""
     from workflow_lib.core.sky import tangent_plane_arcsec

@@ -105,7 +105,7 @@ def process_ccd(
     clock.lap("read_raw")
     band = str(primary.get("FILTER", "")).strip().lower()
     mjd, exptime = float(primary.get("MJD-OBS", np.nan)), float(primary.get("EXPTIME", np.nan))
-    ids = dict(visit=visit, detector=detector, band=band, mjd=mjd, exptime=exptime)
+    ids: dict[str, Any] = dict(visit=visit, detector=detector, band=band, mjd=mjd, exptime=exptime)
     provenance = {
         "package_version": __version__,
         "step": "process_ccd",
@@ -194,7 +194,7 @@ def _header_or_empty(path: str) -> Any:
         return fits.Header()
 
 
-def _write(calexp, sources, row, calexp_path, src_path, ccdvisit_path, primary, provenance):  # type: ignore[no-untyped-def]
+def _write(calexp, sources, row, calexp_path, src_path, ccdvisit_path, primary, provenance):
     import pandas as pd
 
     if calexp is None:

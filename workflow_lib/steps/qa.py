@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pandas as pd
@@ -182,8 +182,11 @@ def plot_ccd_visits(*, ccdvisit_table_path: str, plot_path: str, failed_path: st
     ccd_visits = read_table(ccdvisit_table_path)
     _save(ccd_visit_figure(ccd_visits), plot_path)
     flags = ccd_visits["flags"].to_numpy()
+    # The members a Flag iterates over are named ones (Flag.name is None for composites).
     listed = ccd_visits[flags != 0].assign(
-        flagNames=[", ".join(f.name for f in CcdVisitFlag(int(v))) for v in flags[flags != 0]]
+        flagNames=[
+            ", ".join(cast(str, f.name) for f in CcdVisitFlag(int(v))) for v in flags[flags != 0]
+        ]
     )
     columns = ["visit", "detector", "band", "midpointMjdTai", "flagNames", "failReason"]
     table = listed[columns].sort_values(["visit", "detector"])

@@ -72,7 +72,11 @@ def shard_refcat(
     """
     if (output_dir is None) == (manifest_path is None):
         raise TypeError("shard_refcat: give exactly one of output_dir and manifest_path")
-    manifest = Path(output_dir) / MANIFEST_NAME if manifest_path is None else Path(manifest_path)
+    if manifest_path is None:
+        assert output_dir is not None  # exactly one was given
+        manifest = Path(output_dir) / MANIFEST_NAME
+    else:
+        manifest = Path(manifest_path)
     out = manifest.parent
     out.mkdir(parents=True, exist_ok=True)
     manifest.unlink(missing_ok=True)
