@@ -846,11 +846,11 @@ def determine_psf(
             log.info("pixelised PSF not possible (%s); fitting a parametric one", err)
     if rows.size == 0:
         # No star on a locus: the most compact sources, with a loose size cut.
-        # known_stars is no function here: with no star found, it was called above.
-        assert not callable(known_stars)
+        # A reference match not yet made (still the callable) marks no star.
+        known = None if callable(known_stars) else known_stars
         compact = select_psf_stars(
             detections, image, variance, mask, segmentation=segmentation,
-            known_stars=known_stars, kernel_size=kernel_size, min_snr=10.0,
+            known_stars=known, kernel_size=kernel_size, min_snr=10.0,
             min_snr_floor=10.0, size_tolerance=0.3,
         )  # fmt: skip
         rows = compact.ranked
