@@ -58,6 +58,14 @@ def _run(run_dir: Path, method: str) -> float:
     return time.perf_counter() - start
 
 
+def _merged(base: dict, override: dict) -> dict:
+    """``base`` with ``override`` laid over it, mapping by mapping (Snakemake's merge)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merged(out.get(key) or {}, value) if isinstance(value, dict) else value
+    return out
+
+
 def figures(results: Path, template_end_mjd: float) -> dict[str, object]:
     dia = pd.read_parquet(results / "tables/DiaSource.parquet")
     truth = pd.read_parquet(results / "sim/truth/truth_object.parquet")
@@ -106,10 +114,18 @@ def figures(results: Path, template_end_mjd: float) -> dict[str, object]:
 def main(argv: list[str]) -> None:
     run_dir = Path(argv[0])
     methods = argv[1:] or ["alard_lupton", "psf_models", "zogy"]
+    from workflow_lib.core.config import validate_config
+    from workflow_lib.workflow import with_simulated_template_season
+
+    # The run's own template window, resolved as the workflow resolves it (on a simulated
+    # survey with an open window: the preset's template season).
     config = yaml.safe_load((REPO / "config.yaml").read_text())
-    template_end = (config.get("template") or {}).get("mjd_max")
+    if (run_dir / "override.yaml").exists():
+        config = _merged(config, yaml.safe_load((run_dir / "override.yaml").read_text()) or {})
+    window = with_simulated_template_season(validate_config(config))["template"]
+    template_end = window["mjd_max"]
     if template_end is None:
-        raise SystemExit("config.yaml has no template.mjd_max: which visits are 'later'?")
+        raise SystemExit("the run has no template.mjd_max: which visits are 'later'?")
     for method in methods:
         wall = _run(run_dir, method)
         print(f"{method}: {wall:.0f} s wall;", figures(run_dir / "results", float(template_end)))
