@@ -52,43 +52,76 @@ def bench(seed: int) -> dict[str, float]:
     out["match_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     fit_wcs(
-        f["x"][m.source_index], f["y"][m.source_index], f["ref_ra"][m.reference_index],
-        f["ref_dec"][m.reference_index], crpix=(2048.5, 2048.5), weights=w[m.source_index],
+        f["x"][m.source_index],
+        f["y"][m.source_index],
+        f["ref_ra"][m.reference_index],
+        f["ref_dec"][m.reference_index],
+        crpix=(2048.5, 2048.5),
+        weights=w[m.source_index],
         image_shape=(4096, 4096),
-    )  # fmt: skip
+    )
     out["fit_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     m, res = solve_astrometry(
-        f["x"], f["y"], f["flux"], f["ref_ra"], f["ref_dec"], f["ref_mag"], f["header_wcs"],
-        image_shape=(4096, 4096), weights=w,
-    )  # fmt: skip
+        f["x"],
+        f["y"],
+        f["flux"],
+        f["ref_ra"],
+        f["ref_dec"],
+        f["ref_mag"],
+        f["header_wcs"],
+        image_shape=(4096, 4096),
+        weights=w,
+    )
     out["solve_s"] = time.perf_counter() - t0
     out["n_matches"] = m.n_matches
     out["correct_fraction"] = float(np.mean(f["truth"][m.source_index] == m.reference_index))
     bright = (f["truth"] >= 0) & (f["snr"] > 50)
     ra, dec = res.wcs.all_pix2world(f["tx"][bright], f["ty"][bright], 0)
     i = f["truth"][bright]
-    d = np.hypot((ra - f["true_ra"][i]) * np.cos(np.deg2rad(f["true_dec"][i])),
-                 dec - f["true_dec"][i]) * 3.6e6  # fmt: skip
+    d = (
+        np.hypot(
+            (ra - f["true_ra"][i]) * np.cos(np.deg2rad(f["true_dec"][i])), dec - f["true_dec"][i]
+        )
+        * 3.6e6
+    )
     out["bright_rms_vs_truth_mas"] = float(np.sqrt(np.mean(d**2)))
     out["fit_rms_mas"] = res.rms_arcsec * 1000.0
     out["inverse_sip_err_mas"] = res.inverse_max_err_mas
     # A sparse field: 1k x 1k, ~8 reference stars among 200 detections (mostly galaxies).
-    g = make_field(np.random.default_rng(seed), n_ref=8, n_det=200, offset=30.0, rot=2.0,
-                   extra_mag=(18.0, 25.0), extra_slope=0.33)  # fmt: skip
+    g = make_field(
+        np.random.default_rng(seed),
+        n_ref=8,
+        n_det=200,
+        offset=30.0,
+        rot=2.0,
+        extra_mag=(18.0, 25.0),
+        extra_slope=0.33,
+    )
     wg = 1.0 / ((g["sigma_px"] * 0.2) ** 2 + 0.005**2)
     t0 = time.perf_counter()
     _, rg = solve_astrometry(
-        g["x"], g["y"], g["flux"], g["ref_ra"], g["ref_dec"], g["ref_mag"], g["header_wcs"],
-        image_shape=g["shape"], weights=wg,
-    )  # fmt: skip
+        g["x"],
+        g["y"],
+        g["flux"],
+        g["ref_ra"],
+        g["ref_dec"],
+        g["ref_mag"],
+        g["header_wcs"],
+        image_shape=g["shape"],
+        weights=wg,
+    )
     out["sparse_solve_s"] = time.perf_counter() - t0
     out["sparse_n_used"] = rg.n_used
     star = g["truth"] >= 0
     ra, dec = rg.wcs.all_pix2world(g["tx"][star], g["ty"][star], 0)
     i = g["truth"][star]
-    d = np.hypot((ra - g["true_ra"][i]) * np.cos(np.deg2rad(g["true_dec"][i])),
-                 dec - g["true_dec"][i]) * 3.6e6  # fmt: skip
+    d = (
+        np.hypot(
+            (ra - g["true_ra"][i]) * np.cos(np.deg2rad(g["true_dec"][i])), dec - g["true_dec"][i]
+        )
+        * 3.6e6
+    )
     out["sparse_rms_vs_truth_mas"] = float(np.sqrt(np.mean(d**2)))
     return out
 

@@ -68,27 +68,42 @@ def bench(size: int, n_sources: int) -> dict[str, float]:
         det.table, data, variance, mask, segmentation=det.segmentation, fwhm=fwhm
     ).selected
     fit = fit_psf_model(
-        data, variance, mask,
-        det.table["x_win"].to_numpy()[sel], det.table["y_win"].to_numpy()[sel],
-        kernel_size=41, order=2, segmentation=det.segmentation,
+        data,
+        variance,
+        mask,
+        det.table["x_win"].to_numpy()[sel],
+        det.table["y_win"].to_numpy()[sel],
+        kernel_size=41,
+        order=2,
+        segmentation=det.segmentation,
         source_ids=det.table["id"].to_numpy()[sel],
-    )  # fmt: skip
+    )
     res["psf_select_fit_s"] = time.perf_counter() - t0
     res["n_psf_stars"] = fit.n_used
     t0 = time.perf_counter()
     meas = measure_sources(
-        data, variance, mask, psf=fit.psf,
-        x=det.table["x_win"].to_numpy(), y=det.table["y_win"].to_numpy(),
-        segmentation=det.segmentation, source_ids=det.table["id"].to_numpy(),
-    )  # fmt: skip
+        data,
+        variance,
+        mask,
+        psf=fit.psf,
+        x=det.table["x_win"].to_numpy(),
+        y=det.table["y_win"].to_numpy(),
+        segmentation=det.segmentation,
+        source_ids=det.table["id"].to_numpy(),
+    )
     res["measure_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     used = np.zeros(len(meas), dtype=bool)
     used[np.flatnonzero(sel)[fit.used]] = True
     apc = fit_aperture_correction(
-        meas["x"], meas["y"], meas["psf_flux"], meas["psf_flux_err"],
-        meas["ap_17_0_flux"], meas["ap_17_0_flux_err"], used=used,
-    )  # fmt: skip
+        meas["x"],
+        meas["y"],
+        meas["psf_flux"],
+        meas["psf_flux_err"],
+        meas["ap_17_0_flux"],
+        meas["ap_17_0_flux_err"],
+        used=used,
+    )
     apc.apply(meas["x"], meas["y"], meas["psf_flux"], meas["psf_flux_err"])
     res["apcorr_s"] = time.perf_counter() - t0
     res["total_s"] = time.perf_counter() - t_all

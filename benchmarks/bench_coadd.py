@@ -89,8 +89,9 @@ def tile_inputs(patch: int, n_warps: int, size: int, seed: int, *, fwhm: float):
     ]
 
 
-def fits_inputs(patch: int, n_warps: int, size: int, seed: int, *, fwhm: float, directory: Path,
-                tag: str):  # fmt: skip
+def fits_inputs(
+    patch: int, n_warps: int, size: int, seed: int, *, fwhm: float, directory: Path, tag: str
+):
     from workflow_lib.io.exposure import write_exposure
     from workflow_lib.io.warp_input import FitsWarpInput
 
@@ -101,10 +102,13 @@ def fits_inputs(patch: int, n_warps: int, size: int, seed: int, *, fwhm: float, 
     for i in range(n_warps):
         image = rng.normal(0.0, sigmas[i], (size, size)).astype(np.float32)
         exposure = Exposure(
-            image, np.full(image.shape, sigmas[i] ** 2, np.float32), np.zeros(image.shape),
-            psf=psf, metadata=fits.Header({"VISIT": 1000 + i, "DETECTOR": 0, "BAND": "r"}),
+            image,
+            np.full(image.shape, sigmas[i] ** 2, np.float32),
+            np.zeros(image.shape),
+            psf=psf,
+            metadata=fits.Header({"VISIT": 1000 + i, "DETECTOR": 0, "BAND": "r"}),
             origin=origins[i],
-        )  # fmt: skip
+        )
         path = directory / f"{tag}_{i}.fits"
         write_exposure(exposure, path)
         del exposure, image
@@ -118,8 +122,15 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
     def make(fwhm: float, tag: str, directory: Path | None):
         if args.inputs == "fits":
             assert directory is not None
-            return fits_inputs(args.patch, args.warps, args.size, args.seed, fwhm=fwhm,
-                               directory=directory, tag=tag)  # fmt: skip
+            return fits_inputs(
+                args.patch,
+                args.warps,
+                args.size,
+                args.seed,
+                fwhm=fwhm,
+                directory=directory,
+                tag=tag,
+            )
         return tile_inputs(args.patch, args.warps, args.size, args.seed, fwhm=fwhm)
 
     with tempfile.TemporaryDirectory(prefix="bench_coadd_") as tmp:
@@ -131,10 +142,13 @@ def bench(args: argparse.Namespace) -> dict[str, float]:
         rss_before = _peak_rss_mib()
         wall0, cpu0 = time.perf_counter(), time.process_time()
         result = assemble_coadd(
-            direct, shape=(args.patch, args.patch), wcs=None,
+            direct,
+            shape=(args.patch, args.patch),
+            wcs=None,
             rejection_inputs=matched if args.mode == "deep" else None,
-            do_reject=args.mode != "plain", memory_limit_mb=args.memory_mb,
-        )  # fmt: skip
+            do_reject=args.mode != "plain",
+            memory_limit_mb=args.memory_mb,
+        )
         wall = time.perf_counter() - wall0
         cpu = time.process_time() - cpu0
         for group in (direct, matched):
@@ -167,8 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-mb", type=float, default=1024.0)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    print(f"coadd {args.mode}: {args.warps} warps of {args.size}^2 onto {args.patch}^2, "
-          f"{args.inputs} inputs, memory limit {args.memory_mb:.0f} MiB")  # fmt: skip
+    print(
+        f"coadd {args.mode}: {args.warps} warps of {args.size}^2 onto {args.patch}^2, "
+        f"{args.inputs} inputs, memory limit {args.memory_mb:.0f} MiB"
+    )
     for key, value in bench(args).items():
         print(f"  {key:30s} {value:12.3f}")
     return 0

@@ -88,27 +88,52 @@ def registry_records(n_visits: int, n_detectors: int) -> list[dict]:
         for detector in range(n_detectors):
             cx = (detector % n_columns - (n_columns - 1) / 2) * side
             cy = (detector // n_columns - (n_columns - 1) / 2) * side
-            corners = [(cx + dx * side / 2, cy + dy * side / 2)
-                       for dx, dy in ((-1, -1), (1, -1), (1, 1), (-1, 1))]  # fmt: skip
-            records.append({
-                "exposure": visit, "visit": visit, "detector": detector, "obstype": "science",
-                "band": band, "mjd": 60000.0 + i * 0.01, "exptime": 30.0, "darktime": 30.0,
-                "ra": ra0, "dec": dec0, "n_amplifiers": 16,
-                **{f"corner_ra_{k + 1}": ra0 + x / cos_dec for k, (x, _) in enumerate(corners)},
-                **{f"corner_dec_{k + 1}": dec0 + y for k, (_, y) in enumerate(corners)},
-            })  # fmt: skip
+            corners = [
+                (cx + dx * side / 2, cy + dy * side / 2)
+                for dx, dy in ((-1, -1), (1, -1), (1, 1), (-1, 1))
+            ]
+            records.append(
+                {
+                    "exposure": visit,
+                    "visit": visit,
+                    "detector": detector,
+                    "obstype": "science",
+                    "band": band,
+                    "mjd": 60000.0 + i * 0.01,
+                    "exptime": 30.0,
+                    "darktime": 30.0,
+                    "ra": ra0,
+                    "dec": dec0,
+                    "n_amplifiers": 16,
+                    **{f"corner_ra_{k + 1}": ra0 + x / cos_dec for k, (x, _) in enumerate(corners)},
+                    **{f"corner_dec_{k + 1}": dec0 + y for k, (_, y) in enumerate(corners)},
+                }
+            )
     calib_types = [("bias", "", 0.0)] + [("dark", "", 30.0)] + [("flat", b, 1.0) for b in BANDS]
     exposure = 1
     for obstype, band, exptime in calib_types:
         for _ in range(N_CALIB_FRAMES):
             for detector in range(n_detectors):
-                records.append({
-                    "exposure": exposure, "visit": -1, "detector": detector,
-                    "obstype": obstype, "band": band, "mjd": 59999.0, "exptime": exptime,
-                    "darktime": exptime, "ra": float("nan"), "dec": float("nan"),
-                    "n_amplifiers": 16,
-                    **{f"corner_{c}_{k}": float("nan") for c in ("ra", "dec") for k in range(1, 5)},
-                })  # fmt: skip
+                records.append(
+                    {
+                        "exposure": exposure,
+                        "visit": -1,
+                        "detector": detector,
+                        "obstype": obstype,
+                        "band": band,
+                        "mjd": 59999.0,
+                        "exptime": exptime,
+                        "darktime": exptime,
+                        "ra": float("nan"),
+                        "dec": float("nan"),
+                        "n_amplifiers": 16,
+                        **{
+                            f"corner_{c}_{k}": float("nan")
+                            for c in ("ra", "dec")
+                            for k in range(1, 5)
+                        },
+                    }
+                )
             exposure += 1
     return records
 
@@ -306,8 +331,16 @@ def timed_run(command: Sequence[str], *, cwd: Path, env: dict | None = None) -> 
 
 
 def snakemake_command(snakefile: Path, survey: SyntheticSurvey, *args: str) -> list[str]:
-    return [SNAKEMAKE, "-s", str(snakefile), "-d", str(survey.root),
-            "--configfile", str(survey.configfile), *args]  # fmt: skip
+    return [
+        SNAKEMAKE,
+        "-s",
+        str(snakefile),
+        "-d",
+        str(survey.root),
+        "--configfile",
+        str(survey.configfile),
+        *args,
+    ]
 
 
 def bench_size(
@@ -350,10 +383,14 @@ def bench_size(
     if with_profile:
         figures["ours dry run, slurm profile"] = timed_run(
             snakemake_command(
-                ours, survey, "-n", "--workflow-profile", str(REPO / "profiles" / "slurm"),
+                ours,
+                survey,
+                "-n",
+                "--workflow-profile",
+                str(REPO / "profiles" / "slurm"),
             ),
             cwd=root,
-        )  # fmt: skip
+        )
     shutil.rmtree(root)
     return figures
 
@@ -371,11 +408,16 @@ def bench_scheduler(work: Path, n_visits: int, n_detectors: int) -> dict[str, Ti
         survey = make_synthetic_survey(root, n_visits, n_detectors)
         figures[scheduler] = timed_run(
             snakemake_command(
-                REPO / "Snakefile", survey, "--touch", "--cores", str(SCHEDULER_CORES),
-                "--scheduler", scheduler,
+                REPO / "Snakefile",
+                survey,
+                "--touch",
+                "--cores",
+                str(SCHEDULER_CORES),
+                "--scheduler",
+                scheduler,
             ),
             cwd=root,
-        )  # fmt: skip
+        )
         shutil.rmtree(root)
     return figures
 
@@ -402,9 +444,13 @@ def bench_plan(work: Path, n_visits: int, n_detectors: int) -> dict[str, float]:
     del records
     config = {
         "output_dir": str(work / "results"),
-        "input": {"source": "raw", "raw_dir": "/raw", "registry": str(registry_path),
-                  "refcat": "/refcat.csv"},
-    }  # fmt: skip
+        "input": {
+            "source": "raw",
+            "raw_dir": "/raw",
+            "registry": str(registry_path),
+            "refcat": "/refcat.csv",
+        },
+    }
     figures = {}
     start = time.process_time()
     plan = WorkflowPlan(config)
@@ -434,23 +480,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--detectors", type=int, default=20)
     parser.add_argument("--profile-dry-run", action="store_true")
     parser.add_argument(
-        "--other-checkout", type=Path, metavar="DIR",
+        "--other-checkout",
+        type=Path,
+        metavar="DIR",
         help="also time the Snakefile of another checkout (e.g. before a change)",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--scheduler", type=int, metavar="VISITS", default=0,
+        "--scheduler",
+        type=int,
+        metavar="VISITS",
+        default=0,
         help="also run this many visits with --touch under the greedy and ILP schedulers",
-    )  # fmt: skip
+    )
     parser.add_argument(
-        "--plan-only", type=int, metavar="VISITS", default=0,
+        "--plan-only",
+        type=int,
+        metavar="VISITS",
+        default=0,
         help="only time the WorkflowPlan and its input functions at this many visits (no files)",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     if args.plan_only:
         with tempfile.TemporaryDirectory(prefix="dc2-bench-plan-") as tmp:
             n_ccds = args.plan_only * args.detectors
-            print(f"workflow plan, {args.plan_only} visits x {args.detectors} detectors "
-                  f"({n_ccds} CCDs), CPU seconds in one process:")  # fmt: skip
+            print(
+                f"workflow plan, {args.plan_only} visits x {args.detectors} detectors "
+                f"({n_ccds} CCDs), CPU seconds in one process:"
+            )
             for label, value in bench_plan(Path(tmp), args.plan_only, args.detectors).items():
                 per_ccd = "" if "MB" in label else f"  ({1e6 * value / n_ccds:7.1f} us/CCD)"
                 print(f"  {label:<34} {value:10.2f}{per_ccd}", flush=True)
@@ -459,9 +515,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dc2-bench-dag-") as tmp:
         for n_visits in sorted(args.visits):
             figures = bench_size(
-                Path(tmp), n_visits, args.detectors, with_profile=args.profile_dry_run,
+                Path(tmp),
+                n_visits,
+                args.detectors,
+                with_profile=args.profile_dry_run,
                 other_checkout=args.other_checkout,
-            )  # fmt: skip
+            )
             n_jobs = int(figures.pop("n_jobs"))  # type: ignore[arg-type]
             results[n_jobs] = figures
             print(f"{n_visits} visits x {args.detectors} detectors: {n_jobs} jobs", flush=True)
@@ -469,8 +528,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(_line(label, timing, n_jobs), flush=True)  # type: ignore[arg-type]
         if len(results) > 1:
             small, large = min(results), max(results)
-            print(f"per-job DAG cost, slope between {small} and {large} jobs "
-                  "(dry run - parse, CPU time):")  # fmt: skip
+            print(
+                f"per-job DAG cost, slope between {small} and {large} jobs "
+                "(dry run - parse, CPU time):"
+            )
             slopes = {}
             names = ("bare", "ours", "other") if args.other_checkout else ("bare", "ours")
             for name in names:
@@ -484,8 +545,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {name} / bare = {slopes[name] / slopes['bare']:.2f}")
         if args.scheduler:
             n_jobs = SyntheticSurvey(Path(tmp), Path(), args.scheduler, args.detectors).n_jobs
-            print(f"scheduler, {args.scheduler} visits x {args.detectors} detectors "
-                  f"({n_jobs} jobs) run with --touch --cores {SCHEDULER_CORES}:")  # fmt: skip
+            print(
+                f"scheduler, {args.scheduler} visits x {args.detectors} detectors "
+                f"({n_jobs} jobs) run with --touch --cores {SCHEDULER_CORES}:"
+            )
             for scheduler, timing in bench_scheduler(
                 Path(tmp), args.scheduler, args.detectors
             ).items():

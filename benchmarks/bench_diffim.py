@@ -64,17 +64,26 @@ def build_pair(size: int, directory: Path) -> None:
     science = _render(shape, SIGMA_SCIENCE, np.r_[stars, transients], NOISE_SCIENCE, rng, 3.0)
     template_stars = stars * [1.0, 1.0, 1 / 1.1]
     template = _render(shape, SIGMA_TEMPLATE, template_stars, NOISE_TEMPLATE, rng)
-    np.savez(directory / "pair.npz", science=science, template=template, stars=stars,
-             transients=transients)  # fmt: skip
+    np.savez(
+        directory / "pair.npz",
+        science=science,
+        template=template,
+        stars=stars,
+        transients=transients,
+    )
 
 
 def _exposure(image: np.ndarray, noise: float, sigma: float):  # type: ignore[no-untyped-def]
     from workflow_lib.core.exposure import MASK_DTYPE, Exposure, MaskPlanes
     from workflow_lib.core.psf_model import PsfModel
 
-    return Exposure(image, np.full(image.shape, noise**2, np.float32),
-                    np.zeros(image.shape, MASK_DTYPE), psf=PsfModel.constant(_stamp(sigma, 0, 0)),
-                    mask_planes=MaskPlanes())  # fmt: skip
+    return Exposure(
+        image,
+        np.full(image.shape, noise**2, np.float32),
+        np.zeros(image.shape, MASK_DTYPE),
+        psf=PsfModel.constant(_stamp(sigma, 0, 0)),
+        mask_planes=MaskPlanes(),
+    )
 
 
 def run_one(directory: Path, method: str, save: Path | None = None) -> dict[str, float]:
@@ -112,11 +121,15 @@ def run_one(directory: Path, method: str, save: Path | None = None) -> dict[str,
     hit = match_injected(tr[:, 0], tr[:, 1], clean["x"].to_numpy(), clean["y"].to_numpy(), 2.0)
     n_found = int((hit >= 0).sum())
     return {
-        "subtract_wall_s": t_sub, "subtract_cpu_s": c_sub, "detect_wall_s": t_det,
+        "subtract_wall_s": t_sub,
+        "subtract_cpu_s": c_sub,
+        "detect_wall_s": t_det,
         "detect_cpu_s": c_det,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "transients_found": n_found, "other_clean": len(clean) - n_found, "method": result.method,
-    }  # fmt: skip
+        "transients_found": n_found,
+        "other_clean": len(clean) - n_found,
+        "method": result.method,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,10 +150,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{args.size}x{args.size} pair: {n_stars} stars, {N_TRANSIENTS} transients, one core")
         for method in args.methods:
             out = subprocess.run(
-                ["taskset", "-c", "0", sys.executable, "-m", "benchmarks.bench_diffim",
-                 "--one", method, "--dir", tmp],
-                capture_output=True, text=True, check=True,
-            )  # fmt: skip
+                [
+                    "taskset",
+                    "-c",
+                    "0",
+                    sys.executable,
+                    "-m",
+                    "benchmarks.bench_diffim",
+                    "--one",
+                    method,
+                    "--dir",
+                    tmp,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             r = json.loads(out.stdout.strip().splitlines()[-1])
             total = r["subtract_wall_s"] + r["detect_wall_s"]
             print(

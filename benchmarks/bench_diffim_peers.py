@@ -51,9 +51,19 @@ BORDER = 40  # px left out at the image edges (kernels, FFT wrap-around)
 def _ours(directory: Path, method: str) -> tuple[dict[str, float], Path]:
     out = directory / f"ours_{method}.fits"
     cmd = [
-        "taskset", "-c", "0", sys.executable, "-m", "benchmarks.bench_diffim",
-        "--one", method, "--dir", str(directory), "--save", str(out),
-    ]  # fmt: skip
+        "taskset",
+        "-c",
+        "0",
+        sys.executable,
+        "-m",
+        "benchmarks.bench_diffim",
+        "--one",
+        method,
+        "--dir",
+        str(directory),
+        "--save",
+        str(out),
+    ]
     run = subprocess.run(cmd, capture_output=True, text=True, check=True)
     result = json.loads(run.stdout.strip().splitlines()[-1])
     return {"wall_s": result["subtract_wall_s"], "cpu_s": result["subtract_cpu_s"]}, out
@@ -68,11 +78,22 @@ def _peer(directory: Path, peer: str, peers_dir: Path) -> tuple[dict[str, float]
         return f"no {peers_dir / 'bin' / 'hotpants'}"
     out = directory / f"{peer}.fits"
     cmd = [
-        "taskset", "-c", "0", str(python), str(RUNNER), peer,
-        str(directory / "science.fits"), str(directory / "template.fits"), str(out),
-        "--science-noise", str(NOISE_SCIENCE), "--template-noise", str(NOISE_TEMPLATE),
-        "--peers-dir", str(peers_dir),
-    ]  # fmt: skip
+        "taskset",
+        "-c",
+        "0",
+        str(python),
+        str(RUNNER),
+        peer,
+        str(directory / "science.fits"),
+        str(directory / "template.fits"),
+        str(out),
+        "--science-noise",
+        str(NOISE_SCIENCE),
+        "--template-noise",
+        str(NOISE_TEMPLATE),
+        "--peers-dir",
+        str(peers_dir),
+    ]
     if peer == "sfft":
         cmd.append("--warmup")  # numba's first compilation (~13 s) is not the peer's speed
     run = subprocess.run(cmd, capture_output=True, text=True)

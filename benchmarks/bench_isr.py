@@ -93,9 +93,14 @@ def synthesise(out: Path, *, size: int, seed: int = 5) -> None:
     from workflow_lib.steps.calibs import write_defects, write_master
 
     preset = dataclasses.replace(
-        get_preset("default"), name="bench", n_det_x=1, n_det_y=1, det_nx=size, det_ny=size,
+        get_preset("default"),
+        name="bench",
+        n_det_x=1,
+        n_det_y=1,
+        det_nx=size,
+        det_ny=size,
         n_amp_x=8,
-    )  # fmt: skip
+    )
     rng = np.random.default_rng(seed)
     amps = amp_layouts(preset)
     electronics = amplifier_electronics(preset, seed)
@@ -109,12 +114,26 @@ def synthesise(out: Path, *, size: int, seed: int = 5) -> None:
     amplifiers = read_out(electrons, amps, electronics, rng, seed=seed, detector=0)
     primary = fits.Header()
     for key, value in {
-        "OBSTYPE": "SCIENCE", "EXPID": 1, "DETECTOR": 0, "FILTER": "r", "MJD-OBS": 60640.0,
-        "EXPTIME": exptime, "DARKTIME": darktime, "RA": 56.0, "DEC": -31.0,
-        "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 56.0, "CRVAL2": -31.0,
-        "CRPIX1": size / 2, "CRPIX2": size / 2, "CD1_1": -5.56e-5, "CD1_2": 0.0,
-        "CD2_1": 0.0, "CD2_2": 5.56e-5,
-    }.items():  # fmt: skip
+        "OBSTYPE": "SCIENCE",
+        "EXPID": 1,
+        "DETECTOR": 0,
+        "FILTER": "r",
+        "MJD-OBS": 60640.0,
+        "EXPTIME": exptime,
+        "DARKTIME": darktime,
+        "RA": 56.0,
+        "DEC": -31.0,
+        "CTYPE1": "RA---TAN",
+        "CTYPE2": "DEC--TAN",
+        "CRVAL1": 56.0,
+        "CRVAL2": -31.0,
+        "CRPIX1": size / 2,
+        "CRPIX2": size / 2,
+        "CD1_1": -5.56e-5,
+        "CD1_2": 0.0,
+        "CD2_1": 0.0,
+        "CD2_2": 5.56e-5,
+    }.items():
         primary[key] = value
     headers = []
     for data, cards in amplifiers:
@@ -158,18 +177,27 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             synthesise(out, size=args.size)
             print(f"synthesised {args.size}x{args.size} raw in {time.perf_counter() - t:.1f} s")
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
-               "MKL_NUM_THREADS": "1"}  # fmt: skip
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": "1",
+            "OPENBLAS_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
         runs = []
         for _ in range(args.repeats):
             proc = subprocess.run(
                 [sys.executable, "-c", _CHILD, str(out), "0" if args.no_cr else "1"],
-                capture_output=True, text=True, env=env, check=True,
-            )  # fmt: skip
+                capture_output=True,
+                text=True,
+                env=env,
+                check=True,
+            )
             runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         keys = [k for k in runs[0] if k.endswith("_s")]
-        print(f"ISR of a {args.size}x{args.size} detector, 16 amplifiers, one core "
-              f"(median of {len(runs)}):")  # fmt: skip
+        print(
+            f"ISR of a {args.size}x{args.size} detector, 16 amplifiers, one core "
+            f"(median of {len(runs)}):"
+        )
         for key in keys:
             values = sorted(r[key] for r in runs)
             print(f"  {key[:-2]:<14} {values[len(values) // 2]:7.3f} s")

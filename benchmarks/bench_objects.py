@@ -74,12 +74,14 @@ class _Clock:
     def __call__(self, name: str, fn, *args, **kwargs):
         wall, cpu = time.perf_counter(), time.process_time()
         result = fn(*args, **kwargs)
-        self.rows.append({
-            "stage": name,
-            "wall_s": round(time.perf_counter() - wall, 2),
-            "cpu_s": round(time.process_time() - cpu, 2),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0),
-        })  # fmt: skip
+        self.rows.append(
+            {
+                "stage": name,
+                "wall_s": round(time.perf_counter() - wall, 2),
+                "cpu_s": round(time.process_time() - cpu, 2),
+                "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0),
+            }
+        )
         return result
 
 
@@ -123,8 +125,14 @@ def main() -> None:
         image += rng.normal(0.0, pixel_sigma, shape).astype(np.float32)
         planes = MaskPlanes()
         variance = np.full(shape, pixel_sigma**2)
-        coadds[band] = Exposure(image, variance, np.zeros(shape, np.int32), wcs=wcs,
-                                psf=PsfModel.constant(kernel), mask_planes=planes)  # fmt: skip
+        coadds[band] = Exposure(
+            image,
+            variance,
+            np.zeros(shape, np.int32),
+            wcs=wcs,
+            psf=PsfModel.constant(kernel),
+            mask_planes=planes,
+        )
     setup_s = time.perf_counter() - t0
 
     clock = _Clock()
@@ -135,16 +143,27 @@ def main() -> None:
     table = clock("measure_objects", objects.measure_objects, coadds, merged, id_base=0)
     first = coadds[args.bands[0]]
     cut = min(4096, args.size)
-    calexp = Exposure(first.image[:cut, :cut], first.variance[:cut, :cut], first.mask[:cut, :cut],
-                      wcs=first.wcs, psf=first.psf)  # fmt: skip
+    calexp = Exposure(
+        first.image[:cut, :cut],
+        first.variance[:cut, :cut],
+        first.mask[:cut, :cut],
+        wcs=first.wcs,
+        psf=first.psf,
+    )
     primary = table[table["detect_isPrimary"]]
     forced = clock("forced_photometry (4k CCD)", forced_photometry, calexp, primary)
     summary = {
-        "size": args.size, "bands": args.bands, "n_sources": int(n), "setup_s": round(setup_s, 1),
-        "n_peaks": {b: len(d) for b, d in detections.items()}, "n_merged": len(merged),
-        "n_objects": len(table), "n_parents": int((table["deblend_nChild"] > 0).sum()),
-        "n_forced": len(forced), "noise_factors": table.attrs.get("noise_correlation_factor"),
-    }  # fmt: skip
+        "size": args.size,
+        "bands": args.bands,
+        "n_sources": int(n),
+        "setup_s": round(setup_s, 1),
+        "n_peaks": {b: len(d) for b, d in detections.items()},
+        "n_merged": len(merged),
+        "n_objects": len(table),
+        "n_parents": int((table["deblend_nChild"] > 0).sum()),
+        "n_forced": len(forced),
+        "noise_factors": table.attrs.get("noise_correlation_factor"),
+    }
     print(pd.DataFrame(clock.rows).to_string(index=False))
     print(json.dumps(summary, indent=1))
 

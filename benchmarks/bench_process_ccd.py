@@ -42,27 +42,38 @@ def prepare(work: Path) -> dict[str, str]:
     from workflow_lib.steps.simulate import simulate_exposures, simulate_scene
 
     preset = dataclasses.replace(
-        get_preset("default"), name=PRESET, n_det_x=1, n_det_y=1, det_nx=4096, det_ny=4096,
-        n_amp_x=8, visits=(("r", 0, 1),),
-    )  # fmt: skip
+        get_preset("default"),
+        name=PRESET,
+        n_det_x=1,
+        n_det_y=1,
+        det_nx=4096,
+        det_ny=4096,
+        n_amp_x=8,
+        visits=(("r", 0, 1),),
+    )
     register_preset(preset)
     seed = 4
     paths = ProductPaths(work)
     simulate_scene(
-        preset=PRESET, seed=seed, truth_object_path=paths.path("truth_object"),
+        preset=PRESET,
+        seed=seed,
+        truth_object_path=paths.path("truth_object"),
         truth_lightcurve_path=paths.path("truth_lightcurve"),
         truth_ccdvisit_path=paths.path("truth_ccdvisit"),
-        truth_amplifier_path=paths.path("truth_amplifier"), refcat_path=paths.path("sim_refcat"),
-    )  # fmt: skip
+        truth_amplifier_path=paths.path("truth_amplifier"),
+        refcat_path=paths.path("sim_refcat"),
+    )
     plan = plan_survey(preset, seed)
     registry = plan.registry("raw")
     files = {}
     for exposure in registry["exposure"].unique():
         files[int(exposure)] = {0: str(paths.path("sim_raw", exposure=exposure, detector=0))}
         simulate_exposures(
-            preset=PRESET, seed=seed, output_paths={int(exposure): files[int(exposure)]},
+            preset=PRESET,
+            seed=seed,
+            output_paths={int(exposure): files[int(exposure)]},
             truth_object_path=paths.path("truth_object"),
-        )  # fmt: skip
+        )
 
     def raws(obstype: str) -> list[str]:
         return [files[int(e)][0] for e in registry.loc[registry["obstype"] == obstype, "exposure"]]
@@ -71,23 +82,39 @@ def prepare(work: Path) -> dict[str, str]:
     out["flat"] = str(paths.path("flat", detector=0, band="r"))
     calibs.make_master_bias(raw_paths=raws("bias"), output_path=out["bias"])
     calibs.make_master_dark(raw_paths=raws("dark"), bias_path=out["bias"], output_path=out["dark"])
-    calibs.make_master_flat(raw_paths=raws("flat"), bias_path=out["bias"], dark_path=out["dark"],
-                            output_path=out["flat"], band="r")  # fmt: skip
+    calibs.make_master_flat(
+        raw_paths=raws("flat"),
+        bias_path=out["bias"],
+        dark_path=out["dark"],
+        output_path=out["flat"],
+        band="r",
+    )
     calibs.make_defects(dark_path=out["dark"], flat_paths=[out["flat"]], output_path=out["defects"])
     manifest = str(paths.path("refcat_manifest"))
-    shard_refcat(refcat_path=str(paths.path("sim_refcat")), columns=phosim_refcat_columns(["r"]),
-                 nside=64, manifest_path=manifest)  # fmt: skip
+    shard_refcat(
+        refcat_path=str(paths.path("sim_refcat")),
+        columns=phosim_refcat_columns(["r"]),
+        nside=64,
+        manifest_path=manifest,
+    )
     visit = int(registry.loc[registry["obstype"] == "science", "exposure"].iloc[0])
     config = validate_config({})
     return {
-        "raw_path": files[visit][0], "refcat_manifest_path": manifest,
-        "bias_path": out["bias"], "dark_path": out["dark"], "flat_path": out["flat"],
-        "defects_path": out["defects"], "visit": visit, "detector": 0, "image_format": "raw",
-        "isr": config["isr"], "calibrate": config["calibrate"],
+        "raw_path": files[visit][0],
+        "refcat_manifest_path": manifest,
+        "bias_path": out["bias"],
+        "dark_path": out["dark"],
+        "flat_path": out["flat"],
+        "defects_path": out["defects"],
+        "visit": visit,
+        "detector": 0,
+        "image_format": "raw",
+        "isr": config["isr"],
+        "calibrate": config["calibrate"],
         "calexp_path": str(paths.path("calexp", visit=visit, detector=0)),
         "src_path": str(paths.path("src", visit=visit, detector=0)),
         "ccdvisit_path": str(paths.path("ccdVisit", visit=visit, detector=0)),
-    }  # fmt: skip
+    }
 
 
 _CHILD = """
@@ -138,9 +165,12 @@ def _run_child(command: list[str], log: Path, stats: Path) -> _Run:
             if match:
                 phases[f"{label}.{kind}"] = ast.literal_eval(match.group(1))
     return _Run(
-        wall_s=wall, cpu_s=usage.ru_utime + usage.ru_stime, peak_rss_mb=usage.ru_maxrss / 1024.0,
-        child=json.loads(stats.read_text()), phases=phases,
-    )  # fmt: skip
+        wall_s=wall,
+        cpu_s=usage.ru_utime + usage.ru_stime,
+        peak_rss_mb=usage.ru_maxrss / 1024.0,
+        child=json.loads(stats.read_text()),
+        phases=phases,
+    )
 
 
 def _median(values: list[float]) -> float:
@@ -151,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--keep", type=Path, default=None, help="work directory to keep")
-    parser.add_argument("--reuse", action="store_true",
-                        help="reuse the inputs already prepared in --keep")  # fmt: skip
+    parser.add_argument(
+        "--reuse", action="store_true", help="reuse the inputs already prepared in --keep"
+    )
     args = parser.parse_args(argv)
     work = args.keep or Path(tempfile.mkdtemp(prefix="bench-process-ccd-"))
     if args.reuse and (work / "kwargs.json").exists():
@@ -163,17 +194,29 @@ def main(argv: list[str] | None = None) -> int:
     log, stats = work / "process_ccd.log", work / "process_ccd_stats.json"
     env_cmd = ["env", "OMP_NUM_THREADS=1", "OPENBLAS_NUM_THREADS=1", "MKL_NUM_THREADS=1"]
     pin = ["taskset", "-c", "0"] if shutil.which("taskset") else []
-    command = [*env_cmd, *pin, sys.executable, "-c", _CHILD, str(work / "kwargs.json"), str(log),
-               str(stats)]  # fmt: skip
+    command = [
+        *env_cmd,
+        *pin,
+        sys.executable,
+        "-c",
+        _CHILD,
+        str(work / "kwargs.json"),
+        str(log),
+        str(stats),
+    ]
     runs = [_run_child(command, log, stats) for _ in range(args.repeats)]
     walls = sorted(r.wall_s for r in runs)
     print(f"process_ccd 4096x4096, 16 amps, 1 core, n={len(runs)} (medians):")
-    print(f"  process wall {_median(walls):.2f} s (range {walls[0]:.2f}-{walls[-1]:.2f}), "
-          f"process CPU {_median([r.cpu_s for r in runs]):.2f} s, "
-          f"peak RSS {max(r.peak_rss_mb for r in runs):.0f} MB")  # fmt: skip
+    print(
+        f"  process wall {_median(walls):.2f} s (range {walls[0]:.2f}-{walls[-1]:.2f}), "
+        f"process CPU {_median([r.cpu_s for r in runs]):.2f} s, "
+        f"peak RSS {max(r.peak_rss_mb for r in runs):.0f} MB"
+    )
     child = {key: _median([r.child[key] for r in runs]) for key in runs[0].child}
-    print(f"  step (the process_ccd call) wall {child['step_wall_s']:.2f} s, "
-          f"CPU {child['step_cpu_s']:.2f} s; imports {child['import_cpu_s']:.2f} s")  # fmt: skip
+    print(
+        f"  step (the process_ccd call) wall {child['step_wall_s']:.2f} s, "
+        f"CPU {child['step_cpu_s']:.2f} s; imports {child['import_cpu_s']:.2f} s"
+    )
     for key in runs[-1].phases:
         names = runs[-1].phases[key]
         table = {

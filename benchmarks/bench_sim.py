@@ -32,12 +32,14 @@ def bench(preset: str, *, seed: int = 1, image_format: str = "raw", out: Path) -
     truth = out / "truth_object.parquet"
     t0 = time.perf_counter()
     simulate_scene(
-        preset=preset, seed=seed, truth_object_path=truth,
+        preset=preset,
+        seed=seed,
+        truth_object_path=truth,
         truth_lightcurve_path=out / "truth_lightcurve.parquet",
         truth_ccdvisit_path=out / "truth_ccdvisit.parquet",
         truth_amplifier_path=out / "truth_amplifier.parquet",
         refcat_path=out / "refcat.csv",
-    )  # fmt: skip
+    )
     result["scene_s"] = time.perf_counter() - t0
     result["scene_rss_mib"] = _peak_rss_mib()
     reg = plan.registry(image_format)
@@ -52,9 +54,12 @@ def bench(preset: str, *, seed: int = 1, image_format: str = "raw", out: Path) -
                 for d in plan.detectors
             }
             simulate_exposures(
-                preset=preset, seed=seed, output_paths={int(exposure): paths},
-                truth_object_path=truth, image_format=image_format,
-            )  # fmt: skip
+                preset=preset,
+                seed=seed,
+                output_paths={int(exposure): paths},
+                truth_object_path=truth,
+                image_format=image_format,
+            )
         dt = time.perf_counter() - t0
         result[f"{obstype}_s"] = dt
         result[f"{obstype}_per_file_s"] = dt / (len(exposures) * len(plan.detectors))

@@ -24,9 +24,23 @@ from benchmarks.harness import Measurement, measure
 
 PYTHON = sys.executable
 FLOAT_COLUMNS = (
-    "ra", "dec", "x", "y", "psfFlux", "psfFluxErr", "apFlux", "apFluxErr", "extendedness",
-    "xErr", "yErr", "snr", "ixx", "iyy", "ixy", "psfChi2",
-)  # fmt: skip
+    "ra",
+    "dec",
+    "x",
+    "y",
+    "psfFlux",
+    "psfFluxErr",
+    "apFlux",
+    "apFluxErr",
+    "extendedness",
+    "xErr",
+    "yErr",
+    "snr",
+    "ixx",
+    "iyy",
+    "ixy",
+    "psfChi2",
+)
 
 
 def make_pieces(directory: Path, n_pieces: int, n_rows: int, seed: int = 1) -> list[str]:
@@ -40,14 +54,16 @@ def make_pieces(directory: Path, n_pieces: int, n_rows: int, seed: int = 1) -> l
     paths = []
     for index in rng.permutation(n_pieces):
         visit, detector = divmod(int(index), 189)
-        table = pa.table({
-            "sourceId": np.arange(n_rows, dtype=np.int64) + int(index) * n_rows,
-            "visit": np.full(n_rows, visit, dtype=np.int64),
-            "detector": np.full(n_rows, detector, dtype=np.int64),
-            "band": pa.array(["r"] * n_rows, type=pa.large_string()),
-            **values,
-            "flags": np.zeros(n_rows, dtype=np.int64),
-        })  # fmt: skip
+        table = pa.table(
+            {
+                "sourceId": np.arange(n_rows, dtype=np.int64) + int(index) * n_rows,
+                "visit": np.full(n_rows, visit, dtype=np.int64),
+                "detector": np.full(n_rows, detector, dtype=np.int64),
+                "band": pa.array(["r"] * n_rows, type=pa.large_string()),
+                **values,
+                "flags": np.zeros(n_rows, dtype=np.int64),
+            }
+        )
         path = directory / f"src_{visit}_{detector}.parquet"
         pq.write_table(table, path)
         paths.append(str(path))

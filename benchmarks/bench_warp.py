@@ -143,15 +143,37 @@ def run_swarp(binary: str, calexp, target, shape, work: Path):  # type: ignore[n
     head["NAXIS1"], head["NAXIS2"] = shape[1], shape[0]
     (work / "coadd.head").write_text("\n".join(str(c) for c in head.cards) + "\nEND\n")
     command = [
-        binary, str(work / "in.fits"),
-        "-IMAGEOUT_NAME", str(work / "coadd.fits"),
-        "-WEIGHTOUT_NAME", str(work / "coadd.weight.fits"),
-        "-WEIGHT_TYPE", "MAP_VARIANCE", "-WEIGHT_IMAGE", str(work / "in.weight.fits"),
-        "-RESCALE_WEIGHTS", "N", "-COMBINE", "N", "-RESAMPLE_DIR", str(work),
-        "-RESAMPLING_TYPE", "LANCZOS3", "-FSCALASTRO_TYPE", "VARIABLE",
-        "-SUBTRACT_BACK", "N", "-NTHREADS", "1", "-WRITE_XML", "N",
-        "-VERBOSE_TYPE", "QUIET", "-DELETE_TMPFILES", "N",
-    ]  # fmt: skip
+        binary,
+        str(work / "in.fits"),
+        "-IMAGEOUT_NAME",
+        str(work / "coadd.fits"),
+        "-WEIGHTOUT_NAME",
+        str(work / "coadd.weight.fits"),
+        "-WEIGHT_TYPE",
+        "MAP_VARIANCE",
+        "-WEIGHT_IMAGE",
+        str(work / "in.weight.fits"),
+        "-RESCALE_WEIGHTS",
+        "N",
+        "-COMBINE",
+        "N",
+        "-RESAMPLE_DIR",
+        str(work),
+        "-RESAMPLING_TYPE",
+        "LANCZOS3",
+        "-FSCALASTRO_TYPE",
+        "VARIABLE",
+        "-SUBTRACT_BACK",
+        "N",
+        "-NTHREADS",
+        "1",
+        "-WRITE_XML",
+        "N",
+        "-VERBOSE_TYPE",
+        "QUIET",
+        "-DELETE_TMPFILES",
+        "N",
+    ]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall, peak_rss = run_once(command, cwd=str(work))  # raises with SWarp's stderr on failure
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -210,16 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     calexp, target, sigma = make_scene(args.size)
     shape = calexp.shape
     bbox = (0, 0, shape[1], shape[0])
-    print(f"warp benchmark: {args.size}x{args.size} calexp (TAN-SIP, rotated 27 deg) onto a "
-          f"{shape[1]}x{shape[0]} patch, 1 core ({pin}); scene built in "
-          f"{time.perf_counter() - t0:.1f} s")  # fmt: skip
+    print(
+        f"warp benchmark: {args.size}x{args.size} calexp (TAN-SIP, rotated 27 deg) onto a "
+        f"{shape[1]}x{shape[0]} patch, 1 core ({pin}); scene built in "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     rows: list[tuple[str, float, float]] = []
 
     warp, wall, cpu = timed(lambda: warp_exposure(calexp, target, bbox), args.repeats)
     rows.append(("ours warp_exposure lanczos3", wall, cpu))
     ours_cpu, ours_wall = cpu, wall
-    print(f"  crop {warp.origin} + {warp.shape[::-1]}, mapping grid {warp.metadata['WARPGRID']:.0f}"
-          f" px, max mapping error {warp.metadata['WARPMERR']:.2g} px")  # fmt: skip
+    print(
+        f"  crop {warp.origin} + {warp.shape[::-1]}, mapping grid {warp.metadata['WARPGRID']:.0f}"
+        f" px, max mapping error {warp.metadata['WARPMERR']:.2g} px"
+    )
     _, wall, cpu = timed(
         lambda: warp_exposure(calexp, target, bbox, kernel="spline3"), args.repeats
     )
@@ -284,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, stats in accuracy.items():
         text = ", ".join(f"{k} {v:.4g}" for k, v in stats.items())
         print(f"  ours vs {name}: {text}")
-    print(f"  peak RSS {rss_ours:.0f} MiB after ours (scene included), at the end "
-          f"{_peak_rss_mib():.0f} MiB")  # fmt: skip
+    print(
+        f"  peak RSS {rss_ours:.0f} MiB after ours (scene included), at the end "
+        f"{_peak_rss_mib():.0f} MiB"
+    )
     return 0
 
 

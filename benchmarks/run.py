@@ -50,16 +50,35 @@ def bench_simulate(preset: str, repeats: int, work: Path) -> Measurement:
 def bench_dryrun(preset: str, repeats: int, work: Path) -> Measurement:
     run_dir = work / f"dry-{preset}"
     _fresh(run_dir)()
-    command = [SNAKEMAKE, "-n", "-q", "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
-               "--configfile", _config(run_dir, preset)]  # fmt: skip
+    command = [
+        SNAKEMAKE,
+        "-n",
+        "-q",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(run_dir),
+        "--configfile",
+        _config(run_dir, preset),
+    ]
     return measure(f"snakemake -n ({preset})", command, repeats=repeats)
 
 
 def bench_workflow(preset: str, repeats: int, work: Path) -> str:
     """Wall time and peak RSS of the whole run, then the last repeat's CPU per rule."""
     run_dir = work / f"wf-{preset}"
-    command = [SNAKEMAKE, "--cores", "2", "-q", "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
-               "--configfile", _config(run_dir, preset)]  # fmt: skip
+    command = [
+        SNAKEMAKE,
+        "--cores",
+        "2",
+        "-q",
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(run_dir),
+        "--configfile",
+        _config(run_dir, preset),
+    ]
     measurement = measure(
         f"workflow {preset} (2 cores)", command, repeats=repeats, before_each=_fresh(run_dir)
     )
@@ -111,8 +130,18 @@ def bench_job_overhead(repeats: int, work: Path) -> str:
     snakefile.write_text(OVERHEAD_SNAKEFILE % (REPO / "scripts" / "run_step.py"))
 
     def serial(njobs: int) -> Measurement:
-        command = [SNAKEMAKE, "--cores", "1", "-q", "-d", str(run_dir),
-                   "-s", str(snakefile), "--config", f"njobs={njobs}"]  # fmt: skip
+        command = [
+            SNAKEMAKE,
+            "--cores",
+            "1",
+            "-q",
+            "-d",
+            str(run_dir),
+            "-s",
+            str(snakefile),
+            "--config",
+            f"njobs={njobs}",
+        ]
         return measure(
             f"empty step x{njobs}", command, repeats=repeats, before_each=_fresh(run_dir)
         )

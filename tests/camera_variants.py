@@ -60,8 +60,9 @@ def choose_visits(n_bands: int = 2, preset: str = PRESET) -> list[int]:
     return [int(v) for v in firsts["exposure"].iloc[:n_bands]]
 
 
-def simulate_subset(root: Path, visits: Sequence[int], *, image_format: str = "raw",
-                    preset: str = PRESET) -> Path:  # fmt: skip
+def simulate_subset(
+    root: Path, visits: Sequence[int], *, image_format: str = "raw", preset: str = PRESET
+) -> Path:
     """Simulate the scene, ``visits`` and (raw) the calibrations they need under ``root``.
 
     Products follow the workflow's paths (``sim/raw``, ``sim/eimage``,
@@ -75,13 +76,14 @@ def simulate_subset(root: Path, visits: Sequence[int], *, image_format: str = "r
     paths = ProductPaths(root)
     if not paths.path("truth_object").exists():
         simulate_scene(
-            preset=preset, seed=SEED,
+            preset=preset,
+            seed=SEED,
             truth_object_path=paths.path("truth_object"),
             truth_lightcurve_path=paths.path("truth_lightcurve"),
             truth_ccdvisit_path=paths.path("truth_ccdvisit"),
             truth_amplifier_path=paths.path("truth_amplifier"),
             refcat_path=paths.path("sim_refcat"),
-        )  # fmt: skip
+        )
     registry = plan_survey(get_preset(preset), SEED).registry(image_format)
     bands = set(registry.loc[registry["exposure"].isin(visits), "band"])
     keep = registry["exposure"].isin(visits)
@@ -96,9 +98,12 @@ def simulate_subset(root: Path, visits: Sequence[int], *, image_format: str = "r
             name, exposure=exposure, detector=detector
         )
     simulate_exposures(
-        preset=preset, seed=SEED, output_paths=output_paths,
-        truth_object_path=paths.path("truth_object"), image_format=image_format,
-    )  # fmt: skip
+        preset=preset,
+        seed=SEED,
+        output_paths=output_paths,
+        truth_object_path=paths.path("truth_object"),
+        image_format=image_format,
+    )
     return paths.path(name, exposure=0, detector=0).parents[1]
 
 
@@ -183,8 +188,19 @@ def detector_size(amps: Sequence[Amp]) -> tuple[int, int]:
 def _amp_header(header: fits.Header) -> fits.Header:
     """The amplifier's keywords without the structural ones (astropy writes those)."""
     out = header.copy()  # copies the cards too: editing ``out`` leaves ``header`` as it was
-    for key in ("XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT",
-                "CHECKSUM", "DATASUM", "BZERO", "BSCALE"):  # fmt: skip
+    for key in (
+        "XTENSION",
+        "BITPIX",
+        "NAXIS",
+        "NAXIS1",
+        "NAXIS2",
+        "PCOUNT",
+        "GCOUNT",
+        "CHECKSUM",
+        "DATASUM",
+        "BZERO",
+        "BSCALE",
+    ):
         out.remove(key, ignore_missing=True, remove_all=True)
     return out
 
@@ -499,8 +515,9 @@ def write_file(path: Path, primary: fits.Header, amps: Sequence[Amp], variant: V
     for data, header in amps:
         header = _amp_header(header)
         if variant.suffix == ".fits.fz":
-            hdus.append(fits.CompImageHDU(data=data, header=header,
-                                          compression_type=variant.compression))  # fmt: skip
+            hdus.append(
+                fits.CompImageHDU(data=data, header=header, compression_type=variant.compression)
+            )
         else:
             hdu = fits.ImageHDU(data=data, header=header)
             if data.dtype == np.float64:  # int16_scaled: BITPIX 16, BSCALE 2, BZERO 65536
@@ -536,9 +553,15 @@ def write_variant(source_dir: Path, target_dir: Path, variant: Variant) -> list[
 # ---------------------------------------------------------------------------
 # Processing: the real steps, in-process
 # ---------------------------------------------------------------------------
-def workflow_config(raw_dir: Path, output_dir: Path, refcat: Path, visits: Sequence[int],
-                    *, image_format: str = "raw",
-                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+def workflow_config(
+    raw_dir: Path,
+    output_dir: Path,
+    refcat: Path,
+    visits: Sequence[int],
+    *,
+    image_format: str = "raw",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     config: dict[str, Any] = {
         "output_dir": str(output_dir),
         "input": {
@@ -560,13 +583,15 @@ def shard_reference_catalog(refcat: Path, output_dir: Path) -> Path:
 
     manifest = output_dir / MANIFEST_NAME
     if not manifest.exists():
-        shard_refcat(refcat_path=str(refcat), columns=REFCAT_COLUMNS, nside=64,
-                     output_dir=str(output_dir))  # fmt: skip
+        shard_refcat(
+            refcat_path=str(refcat), columns=REFCAT_COLUMNS, nside=64, output_dir=str(output_dir)
+        )
     return manifest
 
 
-def process_variant(config: Mapping[str, Any], refcat_manifest: Path,
-                    masters_dir: Path | None = None) -> dict[str, float]:  # fmt: skip
+def process_variant(
+    config: Mapping[str, Any], refcat_manifest: Path, masters_dir: Path | None = None
+) -> dict[str, float]:
     """Ingest, master calibrations and process_ccd of every selected CCD; timings (s).
 
     ``masters_dir``: the output directory of a case whose masters are reused
@@ -582,10 +607,13 @@ def process_variant(config: Mapping[str, Any], refcat_manifest: Path,
     plan = WorkflowPlan(config)
     paths = plan.paths
     ingest_raw(
-        raw_dir=plan.raw_dir, registry_path=str(paths.path("registry")),
-        problems_path=str(paths.path("ingest_problems")), image_format=plan.image_format,
-        on_bad_file="fail", expected_files=plan.input_files,
-    )  # fmt: skip
+        raw_dir=plan.raw_dir,
+        registry_path=str(paths.path("registry")),
+        problems_path=str(paths.path("ingest_problems")),
+        image_format=plan.image_format,
+        on_bad_file="fail",
+        expected_files=plan.input_files,
+    )
     timings["ingest"] = time.perf_counter() - start
 
     start = time.perf_counter()
@@ -608,9 +636,10 @@ def process_variant(config: Mapping[str, Any], refcat_manifest: Path,
             for band in sorted(set(plan.science["band"])):
                 if plan.has_calib("flat", detector, band):
                     calibs.make_master_flat(
-                        **plan.master_flat_inputs({**ids, "band": band}), band=band,
+                        **plan.master_flat_inputs({**ids, "band": band}),
+                        band=band,
                         output_path=str(paths.path("flat", detector=detector, band=band)),
-                    )  # fmt: skip
+                    )
             if plan._has_defects(detector):
                 calibs.make_defects(
                     **plan.defects_inputs(ids),
@@ -627,9 +656,12 @@ def process_variant(config: Mapping[str, Any], refcat_manifest: Path,
             calexp_path=str(paths.path("calexp", visit=visit, detector=detector)),
             src_path=str(paths.path("src", visit=visit, detector=detector)),
             ccdvisit_path=str(paths.path("ccdVisit", visit=visit, detector=detector)),
-            visit=visit, detector=detector, image_format=plan.image_format,
-            isr=plan.section("isr"), calibrate=plan.section("calibrate"),
-        )  # fmt: skip
+            visit=visit,
+            detector=detector,
+            image_format=plan.image_format,
+            isr=plan.section("isr"),
+            calibrate=plan.section("calibrate"),
+        )
     timings["process_ccd"] = time.perf_counter() - start
     return timings
 
@@ -640,8 +672,9 @@ def variant_figures(output_dir: Path, truth_dir: Path) -> dict[str, Any]:
     from workflow_lib.io import read_table
     from workflow_lib.qa.metrics import single_frame_metrics
 
-    ccd = pd.concat([read_table(p) for p in sorted(output_dir.glob("ccdVisit/*/*.parquet"))],
-                    ignore_index=True)  # fmt: skip
+    ccd = pd.concat(
+        [read_table(p) for p in sorted(output_dir.glob("ccdVisit/*/*.parquet"))], ignore_index=True
+    )
     pieces = [read_table(p) for p in sorted(output_dir.glob("src/*/*.parquet"))]
     sources = pd.concat([p for p in pieces if len(p)] or pieces[:1], ignore_index=True)
     truth = read_table(truth_dir / "truth_object.parquet")
@@ -688,9 +721,16 @@ def zp_median_error_mmag(ccd_visits: pd.DataFrame) -> float:
     return float(1.2533 * np.median(errors) / np.sqrt(max(len(errors), 1)))
 
 
-def run_case(variant: Variant, source_dir: Path | None, work_dir: Path, refcat: Path | None,
-             refcat_manifest: Path | None, truth_dir: Path | None, visits: Sequence[int] | None,
-             image_format: str = "raw") -> dict[str, Any]:  # fmt: skip
+def run_case(
+    variant: Variant,
+    source_dir: Path | None,
+    work_dir: Path,
+    refcat: Path | None,
+    refcat_manifest: Path | None,
+    truth_dir: Path | None,
+    visits: Sequence[int] | None,
+    image_format: str = "raw",
+) -> dict[str, Any]:
     """Write, process and measure one case; errors become a result, not an exception.
 
     A case with its own ``preset`` first simulates its survey, which replaces the
@@ -700,8 +740,9 @@ def run_case(variant: Variant, source_dir: Path | None, work_dir: Path, refcat: 
     result: dict[str, Any] = {"case": variant.name}
     try:
         if variant.preset is not None:
-            own = simulate_own_survey(variant.preset, work_dir / variant.name / "sim",
-                                      image_format=image_format)  # fmt: skip
+            own = simulate_own_survey(
+                variant.preset, work_dir / variant.name / "sim", image_format=image_format
+            )
             source_dir, refcat = own["source_dir"], own["refcat"]
             refcat_manifest, truth_dir = own["refcat_manifest"], own["truth_dir"]
             visits = own["visits"]
@@ -711,11 +752,13 @@ def run_case(variant: Variant, source_dir: Path | None, work_dir: Path, refcat: 
         write_variant(source_dir, raw_dir, variant)
         result["t_write"] = time.perf_counter() - start - result.get("t_sim", 0.0)
         output_dir = work_dir / variant.name / "out"
-        config = workflow_config(raw_dir, output_dir, refcat, visits, image_format=image_format,
-                                 extra=variant.config)  # fmt: skip
+        config = workflow_config(
+            raw_dir, output_dir, refcat, visits, image_format=image_format, extra=variant.config
+        )
         masters = work_dir / variant.masters_from / "out" if variant.masters_from else None
-        result.update({f"t_{k}": v for k, v in
-                       process_variant(config, refcat_manifest, masters).items()})  # fmt: skip
+        result.update(
+            {f"t_{k}": v for k, v in process_variant(config, refcat_manifest, masters).items()}
+        )
         result.update(variant_figures(output_dir, truth_dir))
     except Exception:  # the test reports it for this case
         result["error"] = traceback.format_exc()
@@ -762,11 +805,17 @@ def _cell(result: Mapping[str, Any], key: str, fmt: str) -> str:
     return format(value, fmt) if value is not None else "-".rjust(width)
 
 
-def run_matrix(variants: Sequence[Variant], *, work_dir: Path,
-               sources: Mapping[str, Path] | None = None, refcat: Path | None = None,
-               refcat_manifest: Path | None = None, truth_dir: Path | None = None,
-               visits: Sequence[int] | None = None,
-               workers: int = 2) -> list[dict[str, Any]]:  # fmt: skip
+def run_matrix(
+    variants: Sequence[Variant],
+    *,
+    work_dir: Path,
+    sources: Mapping[str, Path] | None = None,
+    refcat: Path | None = None,
+    refcat_manifest: Path | None = None,
+    truth_dir: Path | None = None,
+    visits: Sequence[int] | None = None,
+    workers: int = 2,
+) -> list[dict[str, Any]]:
     """Run every case, ``workers`` at a time; a case reusing another's masters waits for it.
 
     ``sources``: the simulated image directory per image format (raw, eimage);
@@ -781,8 +830,9 @@ def run_matrix(variants: Sequence[Variant], *, work_dir: Path,
     context = multiprocessing.get_context(
         "fork" if "fork" in multiprocessing.get_all_start_methods() else None
     )
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                             initializer=_worker_init) as pool:  # fmt: skip
+    with ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_worker_init
+    ) as pool:
         running: dict[Future, str] = {}
         waiting = list(variants)
 

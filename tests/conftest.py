@@ -23,8 +23,16 @@ def snakemake(run_dir: Path, config: dict, *args: str, check: bool = True):
     run_dir.mkdir(parents=True, exist_ok=True)
     configfile = run_dir / "override.yaml"
     configfile.write_text(yaml.safe_dump(config))
-    command = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
-               "--configfile", str(configfile), *args]  # fmt: skip
+    command = [
+        SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(run_dir),
+        "--configfile",
+        str(configfile),
+        *args,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=1800)
     if check and result.returncode != 0:
         raise AssertionError(f"snakemake failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
@@ -42,12 +50,25 @@ def tiny_run(tmp_path_factory):
 def fake_primary(**overrides: object) -> fits.Header:
     """A CONTRACT-complete primary header of a science exposure; None removes a key."""
     cards: dict[str, object] = {
-        "OBSTYPE": "science", "EXPID": 159400, "DETECTOR": 3, "FILTER": "r",
-        "MJD-OBS": 60600.1, "EXPTIME": 30.0, "RA": 56.0, "DEC": -30.0,
-        "CTYPE1": "RA---TAN", "CTYPE2": "DEC--TAN", "CRVAL1": 56.0, "CRVAL2": -30.0,
-        "CRPIX1": 16.5, "CRPIX2": 8.5, "CD1_1": -5.5e-5, "CD1_2": 0.0, "CD2_1": 0.0,
+        "OBSTYPE": "science",
+        "EXPID": 159400,
+        "DETECTOR": 3,
+        "FILTER": "r",
+        "MJD-OBS": 60600.1,
+        "EXPTIME": 30.0,
+        "RA": 56.0,
+        "DEC": -30.0,
+        "CTYPE1": "RA---TAN",
+        "CTYPE2": "DEC--TAN",
+        "CRVAL1": 56.0,
+        "CRVAL2": -30.0,
+        "CRPIX1": 16.5,
+        "CRPIX2": 8.5,
+        "CD1_1": -5.5e-5,
+        "CD1_2": 0.0,
+        "CD2_1": 0.0,
         "CD2_2": 5.5e-5,
-    }  # fmt: skip
+    }
     cards.update(overrides)
     header = fits.Header()
     for key, value in cards.items():
@@ -62,9 +83,14 @@ def fake_amplifiers(**overrides: object) -> list[tuple[np.ndarray, fits.Header]]
     for index, detsec in enumerate(["[1:16,1:8]", "[32:17,1:8]"]):
         header = fits.Header()
         header.update(
-            EXTNAME=f"Segment{index}", DATASEC="[3:18,1:8]", BIASSEC="[19:22,1:8]",
-            DETSEC=detsec, GAIN=1.5, RDNOISE=5.0, SATURATE=60000.0,
-        )  # fmt: skip
+            EXTNAME=f"Segment{index}",
+            DATASEC="[3:18,1:8]",
+            BIASSEC="[19:22,1:8]",
+            DETSEC=detsec,
+            GAIN=1.5,
+            RDNOISE=5.0,
+            SATURATE=60000.0,
+        )
         for key, value in overrides.items():
             if value is None:
                 del header[key]

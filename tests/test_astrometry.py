@@ -186,16 +186,24 @@ def test_fit_wcs_reproduces_a_true_tan_sip_exactly():
     star = f["truth"] >= 0
     i = f["truth"][star]
     res = fit_wcs(
-        f["tx"][star], f["ty"][star], f["true_ra"][i], f["true_dec"][i],
-        crpix=(2048.5, 2048.5), image_shape=f["shape"],
-    )  # fmt: skip
+        f["tx"][star],
+        f["ty"][star],
+        f["true_ra"][i],
+        f["true_dec"][i],
+        crpix=(2048.5, 2048.5),
+        image_shape=f["shape"],
+    )
     assert res.sip_order == 3 and res.n_used == star.sum()
     assert res.wcs.wcs.ctype[0] == "RA---TAN-SIP" and res.wcs.wcs.ctype[1] == "DEC--TAN-SIP"
     assert res.rms_arcsec * 1000 < 0.01
     # CRVAL is the sky position of CRPIX.
     ra_c, dec_c = f["true_wcs"].all_pix2world(2047.5, 2047.5, 0)
-    assert np.hypot((res.wcs.wcs.crval[0] - ra_c) * np.cos(np.deg2rad(dec_c)),
-                    res.wcs.wcs.crval[1] - dec_c) < 0.01 * MAS  # fmt: skip
+    assert (
+        np.hypot(
+            (res.wcs.wcs.crval[0] - ra_c) * np.cos(np.deg2rad(dec_c)), res.wcs.wcs.crval[1] - dec_c
+        )
+        < 0.01 * MAS
+    )
     # Inverse SIP: pixel -> focal -> pixel over the detector without astropy's iteration.
     gx, gy = np.meshgrid(np.linspace(-0.5, 4095.5, 30), np.linspace(-0.5, 4095.5, 30))
     pix = np.column_stack([gx.ravel(), gy.ravel()])
@@ -225,8 +233,15 @@ def test_fit_wcs_recovers_true_positions_with_noise_and_outliers():
     x[bad] += rng.choice([-1, 1], len(bad)) * rng.uniform(5, 10, len(bad))
     sig_arcsec = f["sigma_px"][si] * 0.2
     w = 1.0 / (sig_arcsec**2 + 0.005**2)
-    res = fit_wcs(x, y, f["ref_ra"][ri], f["ref_dec"][ri], crpix=(2048.5, 2048.5), weights=w,
-                  image_shape=f["shape"])  # fmt: skip
+    res = fit_wcs(
+        x,
+        y,
+        f["ref_ra"][ri],
+        f["ref_dec"][ri],
+        crpix=(2048.5, 2048.5),
+        weights=w,
+        image_shape=f["shape"],
+    )
     assert not res.used[bad].any()
     assert res.used.mean() > 0.95
     bright = (f["truth"] >= 0) & (f["snr"] > 50)
@@ -245,20 +260,35 @@ def test_fit_wcs_lowers_the_order_with_few_stars_and_fails_with_too_few():
     i = f["truth"][star]
     got = {}
     for n in (40, 20, 12, 8, 5, 4, 3):
-        res = fit_wcs(f["tx"][star[:n]], f["ty"][star[:n]], f["true_ra"][i[:n]],
-                      f["true_dec"][i[:n]], crpix=(1024.5, 1024.5))  # fmt: skip
+        res = fit_wcs(
+            f["tx"][star[:n]],
+            f["ty"][star[:n]],
+            f["true_ra"][i[:n]],
+            f["true_dec"][i[:n]],
+            crpix=(1024.5, 1024.5),
+        )
         got[n] = (res.model, res.max_order)
         # A lower order still fits the detector to well under a pixel.
         assert res.rms_arcsec < 0.05
         if res.sip_order == 1:
             assert res.wcs.wcs.ctype[0] == "RA---TAN" and res.wcs.sip is None
     assert got == {
-        40: ("sip3", 3), 20: ("sip3", 3), 12: ("sip2", 2), 8: ("linear", 1), 5: ("linear", 1),
-        4: ("similarity", 0), 3: ("similarity", 0),
-    }  # fmt: skip
+        40: ("sip3", 3),
+        20: ("sip3", 3),
+        12: ("sip2", 2),
+        8: ("linear", 1),
+        5: ("linear", 1),
+        4: ("similarity", 0),
+        3: ("similarity", 0),
+    }
     with pytest.raises(AstrometryError, match="too few stars"):
-        fit_wcs(f["tx"][star[:2]], f["ty"][star[:2]], f["true_ra"][i[:2]], f["true_dec"][i[:2]],
-                crpix=(1024.5, 1024.5))  # fmt: skip
+        fit_wcs(
+            f["tx"][star[:2]],
+            f["ty"][star[:2]],
+            f["true_ra"][i[:2]],
+            f["true_dec"][i[:2]],
+            crpix=(1024.5, 1024.5),
+        )
 
 
 # Simulator-like distortion: 3 px at the corner of a 2 x 2 mosaic of 1024^2 CCDs, seen on
@@ -276,9 +306,13 @@ _GRID_BOUNDS = {
 
 
 def _grid_case(
-    n: int, distortion: str, coverage: str, seed: int, noise_mas: float = 5.0,
+    n: int,
+    distortion: str,
+    coverage: str,
+    seed: int,
+    noise_mas: float = 5.0,
     boresight: bool = False,
-):  # fmt: skip
+):
     """(error of the fitted WCS, error of a plain linear fit, the fit) over a 1024^2 CCD, mas.
     ``boresight``: the fit is given the optical axis (the true WCS's CRVAL)."""
     nx = 1024
@@ -291,8 +325,16 @@ def _grid_case(
     xo, yo = x + rng.normal(0, sig, n), y + rng.normal(0, sig, n)
     w = np.full(n, 1.0 / (noise_mas / 1000.0) ** 2)
     bore = tuple(float(c) for c in tw.wcs.crval) if boresight else None
-    res = fit_wcs(xo, yo, ra, dec, crpix=((nx + 1) / 2, (nx + 1) / 2), weights=w,
-                  image_shape=(nx, nx), boresight=bore)  # fmt: skip
+    res = fit_wcs(
+        xo,
+        yo,
+        ra,
+        dec,
+        crpix=((nx + 1) / 2, (nx + 1) / 2),
+        weights=w,
+        image_shape=(nx, nx),
+        boresight=bore,
+    )
     g = np.linspace(-0.5, nx - 0.5, 21)
     gx, gy = (a.ravel() for a in np.meshgrid(g, g))
     tr, td = tw.all_pix2world(gx, gy, 0)
@@ -383,8 +425,15 @@ def test_one_gross_outlier_does_not_drag_the_fit(n):
         ang = rng.uniform(0, 2 * np.pi)
         x[0] += off * np.cos(ang)
         y[0] += off * np.sin(ang)
-        res = fit_wcs(x, y, ra, dec, crpix=(512.5, 512.5), weights=np.full(n, 1 / 0.005**2),
-                      image_shape=(1024, 1024))  # fmt: skip
+        res = fit_wcs(
+            x,
+            y,
+            ra,
+            dec,
+            crpix=(512.5, 512.5),
+            weights=np.full(n, 1 / 0.005**2),
+            image_shape=(1024, 1024),
+        )
         assert not res.used[0] and res.used[1:].sum() >= n - 2
         g = np.linspace(-0.5, 1023.5, 21)
         gx, gy = (a.ravel() for a in np.meshgrid(g, g))
@@ -403,9 +452,15 @@ def test_stars_in_one_corner_get_no_polynomial():
     tw = true_wcs(rng, axis=(0.0, 0.0), k=_K_MOSAIC)
     x, y = rng.uniform(-0.5, 300, 300), rng.uniform(-0.5, 300, 300)
     ra, dec = tw.all_pix2world(x, y, 0)
-    res = fit_wcs(x + rng.normal(0, 0.025, 300), y + rng.normal(0, 0.025, 300), ra, dec,
-                  crpix=(512.5, 512.5), weights=np.full(300, 1 / 0.005**2),
-                  image_shape=(1024, 1024))  # fmt: skip
+    res = fit_wcs(
+        x + rng.normal(0, 0.025, 300),
+        y + rng.normal(0, 0.025, 300),
+        ra,
+        dec,
+        crpix=(512.5, 512.5),
+        weights=np.full(300, 1 / 0.005**2),
+        image_shape=(1024, 1024),
+    )
     assert res.max_order <= 2 and res.sip_order <= 2 and res.coverage < 0.1
 
 
@@ -417,8 +472,9 @@ def test_similarity_with_three_or_four_stars_keeps_the_parity():
         x, y = rng.uniform(0, 1023, 4), rng.uniform(0, 1023, 4)
         ra, dec = tw.all_pix2world(x, y, 0)
         for parity in (None, -1 if not mirrored else 1):
-            res = fit_wcs(x, y, ra, dec, crpix=(512.5, 512.5), parity=parity,
-                          image_shape=(1024, 1024))  # fmt: skip
+            res = fit_wcs(
+                x, y, ra, dec, crpix=(512.5, 512.5), parity=parity, image_shape=(1024, 1024)
+            )
             assert res.model == "similarity" and res.max_order == 0 and res.sip_order == 1
             assert np.sign(np.linalg.det(res.wcs.wcs.cd)) == (1 if mirrored else -1)
             assert res.rms_arcsec < 1e-4
@@ -461,9 +517,16 @@ def test_match_few_reference_stars_among_many_galaxies(mirrored):
     for seed in range(18):
         rng = np.random.default_rng(5000 + seed)
         f = make_field(
-            rng, n_ref=5 + seed % 6, n_det=(50, 120, 300)[seed % 3], offset=30.0, rot=2.0,
-            scale_err=0.005, extra_mag=(18.0, 25.0), extra_slope=0.33, mirrored=mirrored,
-        )  # fmt: skip
+            rng,
+            n_ref=5 + seed % 6,
+            n_det=(50, 120, 300)[seed % 3],
+            offset=30.0,
+            rot=2.0,
+            scale_err=0.005,
+            extra_mag=(18.0, 25.0),
+            extra_slope=0.33,
+            mirrored=mirrored,
+        )
         on = int((f["truth"] >= 0).sum())
         assert np.sign(np.linalg.det(f["header_wcs"].pixel_scale_matrix)) == (1 if mirrored else -1)
         try:
@@ -486,9 +549,15 @@ def test_match_five_stars_confirmed_by_photometry():
     for seed in range(40):
         rng = np.random.default_rng(7000 + seed)
         f = make_field(
-            rng, n_ref=5, n_det=(50, 120, 300)[seed % 3], offset=30.0, rot=2.0,
-            scale_err=0.005, extra_mag=(18.0, 25.0), extra_slope=0.33,
-        )  # fmt: skip
+            rng,
+            n_ref=5,
+            n_det=(50, 120, 300)[seed % 3],
+            offset=30.0,
+            rot=2.0,
+            scale_err=0.005,
+            extra_mag=(18.0, 25.0),
+            extra_slope=0.33,
+        )
         f["flux"] = f["flux"] * 10 ** (-0.4 * rng.normal(0, 0.05, len(f["flux"])))
         if int((f["truth"] >= 0).sum()) != 5:
             continue
@@ -513,13 +582,29 @@ def test_solve_astrometry_mirrored_detector_with_few_stars():
     the parity and puts the stars within 15 mas of the truth."""
     for seed in range(4):
         rng = np.random.default_rng(900 + seed)
-        f = make_field(rng, n_ref=9, n_det=150, offset=30.0, rot=2.0, scale_err=0.005,
-                       extra_mag=(18.0, 25.0), extra_slope=0.33, mirrored=True)  # fmt: skip
+        f = make_field(
+            rng,
+            n_ref=9,
+            n_det=150,
+            offset=30.0,
+            rot=2.0,
+            scale_err=0.005,
+            extra_mag=(18.0, 25.0),
+            extra_slope=0.33,
+            mirrored=True,
+        )
         w = 1.0 / ((f["sigma_px"] * 0.2) ** 2 + 0.005**2)
         m, res = solve_astrometry(
-            f["x"], f["y"], f["flux"], f["ref_ra"], f["ref_dec"], f["ref_mag"], f["header_wcs"],
-            image_shape=f["shape"], weights=w,
-        )  # fmt: skip
+            f["x"],
+            f["y"],
+            f["flux"],
+            f["ref_ra"],
+            f["ref_dec"],
+            f["ref_mag"],
+            f["header_wcs"],
+            image_shape=f["shape"],
+            weights=w,
+        )
         assert (f["truth"][m.source_index] == m.reference_index).all()
         assert np.linalg.det(res.wcs.wcs.cd) > 0 and res.model in ("similarity", "linear")
         bright = (f["truth"] >= 0) & (f["snr"] > 50)
@@ -528,8 +613,9 @@ def test_solve_astrometry_mirrored_detector_with_few_stars():
 
 def test_match_full_size_detector_and_big_endian_input():
     rng = np.random.default_rng(5)
-    f = make_field(rng, nx=4096, ny=4096, n_ref=1500, n_det=3000, offset=60.0, rot=2.0,
-                   scale_err=0.04)  # fmt: skip
+    f = make_field(
+        rng, nx=4096, ny=4096, n_ref=1500, n_det=3000, offset=60.0, rot=2.0, scale_err=0.04
+    )
     for key in ("x", "y", "flux", "ref_ra", "ref_dec"):
         f[key] = f[key].astype(">f8")
     m = _match(f)
@@ -537,8 +623,9 @@ def test_match_full_size_detector_and_big_endian_input():
     assert m.n_matches > 0.9 * (f["truth"] >= 0).sum()
     assert abs(abs(m.rotation_deg) - 2.0) < 0.05 and abs(m.scale - 1 / 1.04) < 0.005
     # The affine maps sources onto the header-WCS pixels of their reference stars.
-    rx, ry = f["header_wcs"].all_world2pix(f["ref_ra"][m.reference_index],
-                                           f["ref_dec"][m.reference_index], 0)  # fmt: skip
+    rx, ry = f["header_wcs"].all_world2pix(
+        f["ref_ra"][m.reference_index], f["ref_dec"][m.reference_index], 0
+    )
     xy1 = np.column_stack([f["x"][m.source_index], f["y"][m.source_index], np.ones(m.n_matches)])
     pred = xy1 @ m.affine.T
     assert np.median(np.hypot(pred[:, 0] - rx, pred[:, 1] - ry)) < 2.0
@@ -548,15 +635,36 @@ def test_match_failures_raise_astrometry_error():
     rng = np.random.default_rng(6)
     f = make_field(rng)
     with pytest.raises(AstrometryError, match="too few sources"):
-        match_sources(f["x"][:2], f["y"][:2], f["flux"][:2], f["ref_ra"], f["ref_dec"],
-                      f["ref_mag"], f["header_wcs"])  # fmt: skip
+        match_sources(
+            f["x"][:2],
+            f["y"][:2],
+            f["flux"][:2],
+            f["ref_ra"],
+            f["ref_dec"],
+            f["ref_mag"],
+            f["header_wcs"],
+        )
     with pytest.raises(AstrometryError, match="does not cover"):  # catalog elsewhere on the sky
-        match_sources(f["x"], f["y"], f["flux"], np.mod(f["ref_ra"] + 5.0, 360), f["ref_dec"],
-                      f["ref_mag"], f["header_wcs"])  # fmt: skip
+        match_sources(
+            f["x"],
+            f["y"],
+            f["flux"],
+            np.mod(f["ref_ra"] + 5.0, 360),
+            f["ref_dec"],
+            f["ref_mag"],
+            f["header_wcs"],
+        )
     with pytest.raises(AstrometryError, match="no consistent pattern"):  # unrelated stars
         scramble = rng.permutation(len(f["ref_ra"]))
-        match_sources(f["x"], f["y"], f["flux"], f["ref_ra"] + rng.normal(0, 0.01, len(scramble)),
-                      f["ref_dec"][scramble], f["ref_mag"], f["header_wcs"])  # fmt: skip
+        match_sources(
+            f["x"],
+            f["y"],
+            f["flux"],
+            f["ref_ra"] + rng.normal(0, 0.01, len(scramble)),
+            f["ref_dec"][scramble],
+            f["ref_mag"],
+            f["header_wcs"],
+        )
     assert issubclass(AstrometryError, ValueError)
 
 
@@ -565,14 +673,22 @@ def test_solve_astrometry_and_rematch():
     f = make_field(rng, nx=2048, ny=2048, n_ref=300, n_det=600)
     w = 1.0 / ((f["sigma_px"] * 0.2) ** 2 + 0.005**2)
     m, res = solve_astrometry(
-        f["x"], f["y"], f["flux"], f["ref_ra"], f["ref_dec"], f["ref_mag"], f["header_wcs"],
-        image_shape=f["shape"], weights=w,
-    )  # fmt: skip
+        f["x"],
+        f["y"],
+        f["flux"],
+        f["ref_ra"],
+        f["ref_dec"],
+        f["ref_mag"],
+        f["header_wcs"],
+        image_shape=f["shape"],
+        weights=w,
+    )
     assert (f["truth"][m.source_index] == m.reference_index).mean() > 0.99
     bright = (f["truth"] >= 0) & (f["snr"] > 50)
     assert np.sqrt(np.mean(_error_vs_truth_mas(res.wcs, f, bright) ** 2)) < 5.0
-    si, ri, sep = match_by_position(f["x"], f["y"], f["ref_ra"], f["ref_dec"], res.wcs,
-                                    radius_arcsec=0.5)  # fmt: skip
+    si, ri, sep = match_by_position(
+        f["x"], f["y"], f["ref_ra"], f["ref_dec"], res.wcs, radius_arcsec=0.5
+    )
     assert len(si) == len(set(ri)) and (sep <= 0.5).all()
 
 
@@ -588,8 +704,15 @@ def test_tiny_survey_header_wcs_is_corrected():
 
     plan = plan_survey(get_preset("tiny"), 7)
     scene = make_scene(plan)
-    cols = RefcatColumns(id="uniqueId", ra="raJ2000", dec="decJ2000", is_star="starnotgal",
-                         is_variable="isvariable", mags={"r": "lsst_r"}, mag_errs={})  # fmt: skip
+    cols = RefcatColumns(
+        id="uniqueId",
+        ra="raJ2000",
+        dec="decJ2000",
+        is_star="starnotgal",
+        is_variable="isvariable",
+        mags={"r": "lsst_r"},
+        mag_errs={},
+    )
     ref = calibration_stars(standardize_refcat(reference_catalog(plan, scene), cols))
     truth = scene.set_index("id")
     rng = np.random.default_rng(8)
@@ -605,9 +728,15 @@ def test_tiny_survey_header_wcs_is_corrected():
             ys = y[on] + rng.normal(0, 0.02, on.sum())
             flux = 10 ** (-0.4 * scene["r_mag"].to_numpy()[on])
             m, res = solve_astrometry(
-                xs, ys, flux, ref["ra"].to_numpy(), ref["dec"].to_numpy(),
-                ref["r_mag"].to_numpy(), hw, image_shape=(n, n),
-            )  # fmt: skip
+                xs,
+                ys,
+                flux,
+                ref["ra"].to_numpy(),
+                ref["dec"].to_numpy(),
+                ref["r_mag"].to_numpy(),
+                hw,
+                image_shape=(n, n),
+            )
             ids = scene["id"].to_numpy()[on][m.source_index]
             assert (ids == ref["id"].to_numpy()[m.reference_index]).all()
             assert m.n_matches >= 30
@@ -642,9 +771,16 @@ def _pulled_case(seed: int, n: int = 38, quoted_mas: float = 30.0):
     mag = rng.rayleigh(110.0 / 200.0 / np.sqrt(2.0), n)
     off[pulled] += np.column_stack([mag * np.cos(ang), mag * np.sin(ang)])[pulled]
     w = np.full(n, 1.0 / (quoted_mas / 1000.0) ** 2)
-    res = fit_wcs(x + off[:, 0], y + off[:, 1], ra, dec, crpix=((nx + 1) / 2, (nx + 1) / 2),
-                  weights=w, image_shape=(nx, nx),
-                  boresight=tuple(float(c) for c in tw.wcs.crval))  # fmt: skip
+    res = fit_wcs(
+        x + off[:, 0],
+        y + off[:, 1],
+        ra,
+        dec,
+        crpix=((nx + 1) / 2, (nx + 1) / 2),
+        weights=w,
+        image_shape=(nx, nx),
+        boresight=tuple(float(c) for c in tw.wcs.crval),
+    )
     g = np.linspace(-0.5, nx - 0.5, 21)
     gx, gy = (a.ravel() for a in np.meshgrid(g, g))
     tr, td = tw.all_pix2world(gx, gy, 0)
@@ -681,8 +817,15 @@ def test_boresight_does_not_keep_sip_from_a_non_radial_distortion():
     x, y = rng.uniform(-0.5, nx - 0.5, n), rng.uniform(-0.5, nx - 0.5, n)
     ra, dec = tw.all_pix2world(x, y, 0)
     xo, yo = x + rng.normal(0, 0.025, n), y + rng.normal(0, 0.025, n)
-    res = fit_wcs(xo, yo, ra, dec, crpix=((nx + 1) / 2, (nx + 1) / 2),
-                  weights=np.full(n, 1.0 / 0.005**2), image_shape=(nx, nx),
-                  boresight=tuple(float(c) for c in tw.wcs.crval))  # fmt: skip
+    res = fit_wcs(
+        xo,
+        yo,
+        ra,
+        dec,
+        crpix=((nx + 1) / 2, (nx + 1) / 2),
+        weights=np.full(n, 1.0 / 0.005**2),
+        image_shape=(nx, nx),
+        boresight=tuple(float(c) for c in tw.wcs.crval),
+    )
     assert res.model.startswith("sip") and res.sip_order >= 2, res.model
     assert res.rms_arcsec < 0.015

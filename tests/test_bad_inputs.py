@@ -34,8 +34,9 @@ from workflow_lib.steps.process_ccd import process_ccd
 from workflow_lib.workflow import WorkflowPlan
 
 TINY = {"sim": {"preset": "tiny", "seed": 7}}
-DEFAULT_COLUMNS = RefcatColumns(id="id", ra="ra", dec="dec", is_star="is_star",
-                                is_variable="is_variable", mags={}, mag_errs={})  # fmt: skip
+DEFAULT_COLUMNS = RefcatColumns(
+    id="id", ra="ra", dec="dec", is_star="is_star", is_variable="is_variable", mags={}, mag_errs={}
+)
 DEFAULTS = validate_config({})
 
 
@@ -190,14 +191,20 @@ def good_row(ccd, tmp_path_factory) -> pd.Series:
 
 def test_all_zero_image(ccd, tmp_path):
     raw = _raw_with(ccd, tmp_path / "zero.fits", lambda data, header: data * 0)
-    _assert_skipped(_process(ccd, tmp_path / "out", raw_path=raw), CcdVisitFlag.BAD_IMAGE,
-                    "every usable pixel has the same value (0): a blank image")  # fmt: skip
+    _assert_skipped(
+        _process(ccd, tmp_path / "out", raw_path=raw),
+        CcdVisitFlag.BAD_IMAGE,
+        "every usable pixel has the same value (0): a blank image",
+    )
 
 
 def test_all_nan_raw_image(ccd, tmp_path):
     raw = _raw_with(ccd, tmp_path / "nan.fits", lambda data, header: data * np.nan)
-    _assert_skipped(_process(ccd, tmp_path / "out", raw_path=raw), CcdVisitFlag.BAD_IMAGE,
-                    "every pixel is NaN or infinite")  # fmt: skip
+    _assert_skipped(
+        _process(ccd, tmp_path / "out", raw_path=raw),
+        CcdVisitFlag.BAD_IMAGE,
+        "every pixel is NaN or infinite",
+    )
 
 
 def test_image_without_stars(ccd, tmp_path):
@@ -279,9 +286,13 @@ def test_raw_damaged_after_ingest(ccd, tmp_path):
 def _refcat(n: int = 20) -> pd.DataFrame:
     rng = np.random.default_rng(5)
     return pd.DataFrame(
-        {"id": np.arange(n) + 1, "ra": rng.uniform(10, 11, n), "dec": rng.uniform(-1, 1, n),
-         "r": rng.uniform(16, 21, n)}
-    )  # fmt: skip
+        {
+            "id": np.arange(n) + 1,
+            "ra": rng.uniform(10, 11, n),
+            "dec": rng.uniform(-1, 1, n),
+            "r": rng.uniform(16, 21, n),
+        }
+    )
 
 
 def test_refcat_with_non_numeric_magnitudes():
@@ -305,8 +316,11 @@ def test_empty_selection():
 
 
 def test_template_window_after_every_visit():
-    config = {**TINY, "diffim": {"enabled": True},
-              "template": {"mjd_min": 70000.0, "mjd_max": 80000.0}}  # fmt: skip
+    config = {
+        **TINY,
+        "diffim": {"enabled": True},
+        "template": {"mjd_min": 70000.0, "mjd_max": 80000.0},
+    }
     with pytest.raises(ConfigError, match="holds none of the 20 science exposures"):
         WorkflowPlan(config)
 
@@ -377,9 +391,12 @@ def test_science_visit_is_its_own_template(dia_ccd, tmp_path):
     visit, detector = in_template[0]
     wildcards = {"visit": str(visit), "detector": str(detector)}
     own = {
-        **dia_ccd, **plan.diffim_inputs(wildcards), "visit": visit, "detector": detector,
+        **dia_ccd,
+        **plan.diffim_inputs(wildcards),
+        "visit": visit,
+        "detector": detector,
         "patches": [list(p) for p in plan.warp_patches(wildcards)],
-    }  # fmt: skip
+    }
     row = _subtract(own, tmp_path / "skip")
     assert row["failed"] and "this visit's own pixels" in row["failReason"], row["failReason"]
     assert row["templateSelfWeight"] > 0.5

@@ -73,18 +73,27 @@ def tiny(tmp_path_factory):
     make_master_bias(raw_paths=paths["bias"], output_path=out["bias"])
     make_master_dark(raw_paths=paths["dark"], bias_path=out["bias"], output_path=out["dark"])
     make_master_flat(
-        raw_paths=paths["flat"], bias_path=out["bias"], dark_path=out["dark"],
-        output_path=out["flat"], band="r",
-    )  # fmt: skip
+        raw_paths=paths["flat"],
+        bias_path=out["bias"],
+        dark_path=out["dark"],
+        output_path=out["flat"],
+        band="r",
+    )
     make_defects(dark_path=out["dark"], flat_paths=[out["flat"]], output_path=out["defects"])
     org = plan.origins.set_index("detector").loc[DET]
-    resp = response_map(plan.preset, SEED, DET, "r", x0=org["x0"], y0=org["y0"],
-                        fp_radius=plan.fp_radius)  # fmt: skip
+    resp = response_map(
+        plan.preset, SEED, DET, "r", x0=org["x0"], y0=org["y0"], fp_radius=plan.fp_radius
+    )
     return {
-        "root": root, "plan": plan, "scene": scene, "paths": paths, "out": out,
-        "science": science, "true_flat": resp / np.median(resp),
+        "root": root,
+        "plan": plan,
+        "scene": scene,
+        "paths": paths,
+        "out": out,
+        "science": science,
+        "true_flat": resp / np.median(resp),
         "true_dark": dark_rate_map(plan.preset, SEED, DET),
-    }  # fmt: skip
+    }
 
 
 def test_master_bias_removes_the_bias(tiny):
@@ -151,8 +160,13 @@ def test_defects_found_from_dark_and_flat(tiny):
 
 def test_flat_step_rejects_another_band(tiny, tmp_path):
     with pytest.raises(ValueError, match="expected flat of band 'g'"):
-        make_master_flat(raw_paths=tiny["paths"]["flat"], bias_path=None, dark_path=None,
-                         output_path=tmp_path / "f.fits", band="g")  # fmt: skip
+        make_master_flat(
+            raw_paths=tiny["paths"]["flat"],
+            bias_path=None,
+            dark_path=None,
+            output_path=tmp_path / "f.fits",
+            band="g",
+        )
     with pytest.raises(ValueError, match="OBSTYPE"):
         make_master_bias(raw_paths=tiny["paths"]["dark"], output_path=tmp_path / "b.fits")
 

@@ -62,25 +62,61 @@ def _case(name: str, what: str, **knobs) -> cv.Variant:  # type: ignore[no-untyp
 
 
 CASES: list[cv.Variant] = [
-    _case("scale_0.168", "HSC-like 0.168\"/px, 600 x 600 px (101\" a side)",
-          pixel_scale=0.168, det_nx=600, det_ny=600),
-    _case("scale_0.4", "0.4\"/px, 400 x 400 px (160\" a side)",
-          pixel_scale=0.4, det_nx=400, det_ny=400),
-    _case("nonsquare_768x384", "768 x 384 px, 2 x 2 amplifiers of 384 x 192",
-          det_nx=768, det_ny=384, n_amp_x=2),
-    _case("large_1024", "1024 x 1024 px, 2 x 4 amplifiers of 256 x 512",
-          det_nx=1024, det_ny=1024, n_amp_x=4),
-    _case("seeing_0.5", "seeing 0.48-0.52\" in every visit",
-          template_seeing=(0.48, 0.52), later_seeing=(0.48, 0.52)),
-    _case("seeing_2.0", "seeing 1.95-2.05\" in every visit",
-          template_seeing=(1.95, 2.05), later_seeing=(1.95, 2.05)),
-    _case("rot90_wcs_off", "detector turned 90 deg on the sky; header WCS 30\" rms off, 2 deg",
-          rotation_offset_deg=90.0, **WCS_OFF),
-    _case("parity_wcs_off", "mirrored camera (det CD > 0); header WCS 30\" rms off, 2 deg",
-          parity_flip=True, **WCS_OFF),
-    _case("uint16_imgtype", "uint16 pixels (DECam-like gains) and IMGTYPE only",
-          raw_dtype="uint16", obstype_keyword="IMGTYPE"),
-]  # fmt: skip
+    _case(
+        "scale_0.168",
+        'HSC-like 0.168"/px, 600 x 600 px (101" a side)',
+        pixel_scale=0.168,
+        det_nx=600,
+        det_ny=600,
+    ),
+    _case(
+        "scale_0.4", '0.4"/px, 400 x 400 px (160" a side)', pixel_scale=0.4, det_nx=400, det_ny=400
+    ),
+    _case(
+        "nonsquare_768x384",
+        "768 x 384 px, 2 x 2 amplifiers of 384 x 192",
+        det_nx=768,
+        det_ny=384,
+        n_amp_x=2,
+    ),
+    _case(
+        "large_1024",
+        "1024 x 1024 px, 2 x 4 amplifiers of 256 x 512",
+        det_nx=1024,
+        det_ny=1024,
+        n_amp_x=4,
+    ),
+    _case(
+        "seeing_0.5",
+        'seeing 0.48-0.52" in every visit',
+        template_seeing=(0.48, 0.52),
+        later_seeing=(0.48, 0.52),
+    ),
+    _case(
+        "seeing_2.0",
+        'seeing 1.95-2.05" in every visit',
+        template_seeing=(1.95, 2.05),
+        later_seeing=(1.95, 2.05),
+    ),
+    _case(
+        "rot90_wcs_off",
+        'detector turned 90 deg on the sky; header WCS 30" rms off, 2 deg',
+        rotation_offset_deg=90.0,
+        **WCS_OFF,
+    ),
+    _case(
+        "parity_wcs_off",
+        'mirrored camera (det CD > 0); header WCS 30" rms off, 2 deg',
+        parity_flip=True,
+        **WCS_OFF,
+    ),
+    _case(
+        "uint16_imgtype",
+        "uint16 pixels (DECam-like gains) and IMGTYPE only",
+        raw_dtype="uint16",
+        obstype_keyword="IMGTYPE",
+    ),
+]
 # (case, check) pairs expected to fail, with the precise cause (file, function, why).
 XFAIL: dict[tuple[str, str], str] = {
     ("scale_0.4", "seeing"): (
@@ -155,14 +191,18 @@ def matrix(tmp_path_factory):
         f"wall {elapsed:.1f} s; CPU {cpu:.1f} s = {cpu / CORES:.1f} s on {CORES} cores"
     )
     print(cv.format_table(results[c.name] for c in CASES))
-    print("\n" + "case".ljust(22) + " ZP-truth mmag beyond 4\"  |ZP-truth4\"| WCS max err mas"
-          "  (ZP: medians over the 4 CCDs; WCS: the worst CCD)")  # fmt: skip
+    print(
+        "\n" + "case".ljust(22) + ' ZP-truth mmag beyond 4"  |ZP-truth4"| WCS max err mas'
+        "  (ZP: medians over the 4 CCDs; WCS: the worst CCD)"
+    )
     for case in CASES:
         r = results[case.name]
         if "zp_ap_abs_median_mmag" in r:
-            print(f"{case.name:<22} {r['zp_diff_median_mmag']:13.1f} "
-                  f"{r['aperture_loss_mmag']:10.1f} {r['zp_ap_abs_median_mmag']:13.2f} "
-                  f"{r['wcs_max_err_mas']:15.0f}")  # fmt: skip
+            print(
+                f"{case.name:<22} {r['zp_diff_median_mmag']:13.1f} "
+                f"{r['aperture_loss_mmag']:10.1f} {r['zp_ap_abs_median_mmag']:13.2f} "
+                f"{r['wcs_max_err_mas']:15.0f}"
+            )
     for case in CASES:
         if "error" in results[case.name]:
             print(f"\n--- {case.name}:\n{results[case.name]['error']}")
@@ -376,6 +416,8 @@ def _cpu_seconds() -> float:
 
     return sum(
         u.ru_utime + u.ru_stime
-        for u in (resource.getrusage(resource.RUSAGE_SELF),
-                  resource.getrusage(resource.RUSAGE_CHILDREN))
-    )  # fmt: skip
+        for u in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )

@@ -162,9 +162,14 @@ def matrix(survey):
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     visits = survey["visits"]
     results = cv.run_matrix(
-        CASES, sources=survey["sources"], work_dir=survey["work"], refcat=survey["refcat"],
-        refcat_manifest=survey["manifest"], truth_dir=survey["truth"], visits=visits,
-    )  # fmt: skip
+        CASES,
+        sources=survey["sources"],
+        work_dir=survey["work"],
+        refcat=survey["refcat"],
+        refcat_manifest=survey["manifest"],
+        truth_dir=survey["truth"],
+        visits=visits,
+    )
     t_sim, t_cases = survey["t_sim"], time.perf_counter() - start
     elapsed = t_sim + t_cases
     cpu = survey["cpu_sim"] + _cpu_seconds() - cpu_start
@@ -213,8 +218,12 @@ def test_cases_are_read_as_written(matrix):
     assert res["amps_1_row_of_4"].get("n_amplifiers") == [4]
     assert res["amps_1"].get("n_amplifiers") == [1]
     assert res["no_calibs"].get("obstypes") == ["science"]
-    for name, skipped in (("baseline", ()), ("no_calibs", CALIBS), ("no_darks", ("dark",)),
-                          ("flats_only", ("bias", "dark"))):  # fmt: skip
+    for name, skipped in (
+        ("baseline", ()),
+        ("no_calibs", CALIBS),
+        ("no_darks", ("dark",)),
+        ("flats_only", ("bias", "dark")),
+    ):
         isr = res[name].get("isr", {})
         for step in CALIBS:
             assert isr.get(f"ISR_{step.upper()}", "").startswith(
@@ -234,9 +243,11 @@ def _cpu_seconds() -> float:
 
     return sum(
         u.ru_utime + u.ru_stime
-        for u in (resource.getrusage(resource.RUSAGE_SELF),
-                  resource.getrusage(resource.RUSAGE_CHILDREN))
-    )  # fmt: skip
+        for u in (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
+    )
 
 
 def _sky(header: fits.Header, x: np.ndarray, y: np.ndarray) -> np.ndarray:
@@ -258,9 +269,15 @@ def _sky(header: fits.Header, x: np.ndarray, y: np.ndarray) -> np.ndarray:
         (cv.transpose_eimage, lambda a: a.T),
         (cv.rotate90_eimage, lambda a: np.rot90(a, k=-1)),
     ],
-    ids=["mirror_x", "rotate_180", "split_rows", "overscan_first", "eimage_transposed",
-         "eimage_rotate_90"],
-)  # fmt: skip
+    ids=[
+        "mirror_x",
+        "rotate_180",
+        "split_rows",
+        "overscan_first",
+        "eimage_transposed",
+        "eimage_rotate_90",
+    ],
+)
 def test_exact_transforms_move_pixels_and_wcs_together(survey, transform, mapping):
     """The helper's exact transforms, checked through ISR's assembly: the assembled image
     is the original one mapped, and each physical pixel keeps its header-WCS sky position."""

@@ -106,25 +106,45 @@ def characterize(image, variance, *, kernel_size: int = 41):
     bkg, det = detect_with_background(image, variance, mask, fwhm=3.5)
     data = image.astype(np.float64) - bkg.image
     sel = select_psf_stars(
-        det.table, data, variance, mask, segmentation=det.segmentation,
+        det.table,
+        data,
+        variance,
+        mask,
+        segmentation=det.segmentation,
         fwhm=estimate_fwhm(det.table),
-    ).selected  # fmt: skip
+    ).selected
     fit = fit_psf_model(
-        data, variance, mask, det.table["x_win"][sel], det.table["y_win"][sel],
-        kernel_size=kernel_size, segmentation=det.segmentation,
+        data,
+        variance,
+        mask,
+        det.table["x_win"][sel],
+        det.table["y_win"][sel],
+        kernel_size=kernel_size,
+        segmentation=det.segmentation,
         source_ids=det.table["id"][sel],
-    )  # fmt: skip
+    )
     meas = measure_sources(
-        data, variance, mask, psf=fit.psf, x=det.table["x_win"], y=det.table["y_win"],
-        aperture_radii=(3.0, 6.0, 12.0, 17.0), segmentation=det.segmentation,
+        data,
+        variance,
+        mask,
+        psf=fit.psf,
+        x=det.table["x_win"],
+        y=det.table["y_win"],
+        aperture_radii=(3.0, 6.0, 12.0, 17.0),
+        segmentation=det.segmentation,
         source_ids=det.table["id"],
-    )  # fmt: skip
+    )
     used = np.zeros(len(meas), dtype=bool)
     used[np.flatnonzero(sel)[fit.used]] = True
     apc = fit_aperture_correction(
-        meas["x"], meas["y"], meas["psf_flux"], meas["psf_flux_err"],
-        meas["ap_17_0_flux"], meas["ap_17_0_flux_err"], used=used,
-    )  # fmt: skip
+        meas["x"],
+        meas["y"],
+        meas["psf_flux"],
+        meas["psf_flux_err"],
+        meas["ap_17_0_flux"],
+        meas["ap_17_0_flux_err"],
+        used=used,
+    )
     meas["psf_flux_corr"], meas["psf_flux_corr_err"] = apc.apply(
         meas["x"], meas["y"], meas["psf_flux"], meas["psf_flux_err"]
     )
@@ -306,10 +326,19 @@ def test_fixed_positions_measure_exactly_at_the_given_positions():
     image = _model_star(psf, true_x, true_y, flux)
     variance = np.ones_like(image)
     given_x, given_y = np.array([60.0, np.nan, 300.0]), np.array([55.0, 50.0, 50.0])
-    forced = measure_sources(image, variance, None, psf=psf, x=given_x, y=given_y,
-                             aperture_radii=(5.0,), fixed_positions=True)  # fmt: skip
-    refined = measure_sources(image, variance, None, psf=psf, x=given_x[:1], y=given_y[:1],
-                              aperture_radii=(5.0,))  # fmt: skip
+    forced = measure_sources(
+        image,
+        variance,
+        None,
+        psf=psf,
+        x=given_x,
+        y=given_y,
+        aperture_radii=(5.0,),
+        fixed_positions=True,
+    )
+    refined = measure_sources(
+        image, variance, None, psf=psf, x=given_x[:1], y=given_y[:1], aperture_radii=(5.0,)
+    )
     # Positions as given; no centroid errors; only the non-finite / off-image flagged.
     np.testing.assert_array_equal(forced["x"], given_x)
     np.testing.assert_array_equal(forced["y"], given_y)
@@ -353,9 +382,18 @@ def test_aperture_correction_recovers_a_known_map():
     ap_flux = psf_flux * true_ratio + rng.normal(0, 1, n) * ap_err
     ap_flux[:10] *= 1.3  # blends / galaxies
     apc = fit_aperture_correction(
-        x, y, psf_flux, 0.5 * ap_err, ap_flux, ap_err, order=1,
-        x_center=1000, y_center=2000, x_scale=1000, y_scale=2000,
-    )  # fmt: skip
+        x,
+        y,
+        psf_flux,
+        0.5 * ap_err,
+        ap_flux,
+        ap_err,
+        order=1,
+        x_center=1000,
+        y_center=2000,
+        x_scale=1000,
+        y_scale=2000,
+    )
     assert isinstance(apc, ApertureCorrection)
     assert apc.n_used >= n - 20 and not apc.used[:10].any()
     err = np.sqrt(np.diag(apc.covariance))
@@ -365,8 +403,9 @@ def test_aperture_correction_recovers_a_known_map():
     assert np.allclose(flux, psf_flux * ratio)
     assert np.all(ferr >= 10.0 * ratio) and np.all(ferr > psf_flux * rerr * 0.999)
     # Few stars: the order drops instead of failing.
-    few = fit_aperture_correction(x[20:26], y[20:26], psf_flux[20:26], ap_err[20:26],
-                                  ap_flux[20:26], ap_err[20:26], order=1)  # fmt: skip
+    few = fit_aperture_correction(
+        x[20:26], y[20:26], psf_flux[20:26], ap_err[20:26], ap_flux[20:26], ap_err[20:26], order=1
+    )
     assert few.order == 0
 
 
@@ -415,13 +454,23 @@ def test_psf_fwhm_matches_truth_seeing_on_tiny_eimages(tiny_eimages):
         bkg, det = detect_with_background(image, variance, None, fwhm=3.5)
         data = image - bkg.image
         sel = select_psf_stars(
-            det.table, data, variance, mask, segmentation=det.segmentation,
+            det.table,
+            data,
+            variance,
+            mask,
+            segmentation=det.segmentation,
             fwhm=estimate_fwhm(det.table),
-        ).selected  # fmt: skip
+        ).selected
         fit = fit_psf_model(
-            data, variance, mask, det.table["x_win"][sel], det.table["y_win"][sel],
-            kernel_size=41, segmentation=det.segmentation, source_ids=det.table["id"][sel],
-        )  # fmt: skip
+            data,
+            variance,
+            mask,
+            det.table["x_win"][sel],
+            det.table["y_win"][sel],
+            kernel_size=41,
+            segmentation=det.segmentation,
+            source_ids=det.table["id"][sel],
+        )
         c = (np.array(image.shape[::-1]) - 1) / 2.0
         ratios.append(fit.psf.fwhm_at(*c) * scale / row["seeing"])
     ratios = np.array(ratios)

@@ -131,8 +131,11 @@ def make_survey(seed: int = 3, *, artifacts: bool = True, visits=VISITS) -> Surv
         meta = fits.Header({"VISIT": 1000 + i, "DETECTOR": 7, "BAND": "r", "MJD": 60000.0 + i})
         common = dict(metadata=meta, origin=(bx, by), mask_planes=MaskPlanes())
         direct.append(Exposure(image, var, mask.copy(), psf=psf_model(sigma), **common))
-        truth.append(Exposure(np.where(mask != 0, 0.0, clean), var, mask.copy(),
-                              psf=psf_model(sigma), **common))  # fmt: skip
+        truth.append(
+            Exposure(
+                np.where(mask != 0, 0.0, clean), var, mask.copy(), psf=psf_model(sigma), **common
+            )
+        )
         # PSF matching: convolve with the Gaussian that takes this PSF to the model.
         k_sigma = np.sqrt(MODEL_SIGMA**2 - sigma**2)
         kernel = (
@@ -153,8 +156,9 @@ def make_survey(seed: int = 3, *, artifacts: bool = True, visits=VISITS) -> Surv
         m_mask = np.where(bad, no_data, 0).astype(np.int32)
         model = psf_model(MODEL_SIGMA)
         matched.append(Exposure(np.where(bad, 0.0, conv), conv_var, m_mask, psf=model, **common))
-        truth_matched.append(Exposure(np.where(bad, 0.0, conv_clean), conv_var, m_mask.copy(),
-                                      psf=model, **common))  # fmt: skip
+        truth_matched.append(
+            Exposure(np.where(bad, 0.0, conv_clean), conv_var, m_mask.copy(), psf=model, **common)
+        )
     return Survey(stars, direct, matched, truth, truth_matched)
 
 
@@ -178,9 +182,11 @@ def deep(survey) -> CoaddResult:
 def truth_coadd(survey) -> CoaddResult:
     """The noise-free coadd: the same pixels enter as in ``deep`` except the clipped ones."""
     return assemble_coadd(
-        wrap(survey.truth_direct), shape=SHAPE, wcs=None,
+        wrap(survey.truth_direct),
+        shape=SHAPE,
+        wcs=None,
         rejection_inputs=wrap(survey.truth_matched),
-    )  # fmt: skip
+    )
 
 
 def coverage(exposures) -> np.ndarray:
@@ -245,8 +251,15 @@ def test_depth_gain_is_sqrt_n_for_equal_inputs():
     for i in range(n):
         image = rng.normal(0.0, sigma, (64, 80))
         meta = fits.Header({"VISIT": i, "DETECTOR": 0})
-        inputs.append(Exposure(image, np.full(image.shape, sigma**2), np.zeros(image.shape),
-                               psf=psf_model(1.0), metadata=meta))  # fmt: skip
+        inputs.append(
+            Exposure(
+                image,
+                np.full(image.shape, sigma**2),
+                np.zeros(image.shape),
+                psf=psf_model(1.0),
+                metadata=meta,
+            )
+        )
     result = assemble_coadd(wrap(inputs), shape=(64, 80), wcs=None)
     measured = np.nanstd(result.exposure.image)
     assert abs(sigma / measured / np.sqrt(n) - 1.0) < 0.05
@@ -313,19 +326,33 @@ def test_bad_bits_spread_by_psf_matching_do_not_stop_the_check(survey, deep):
         mask = e.mask | np.where(bad, np.int32(1 << e.mask_planes.bits["BAD"]), 0).astype(
             e.mask.dtype
         )
-        flagged.append(Exposure(e.image, e.variance, mask, psf=e.psf, metadata=e.metadata,
-                                origin=e.origin, mask_planes=e.mask_planes))  # fmt: skip
+        flagged.append(
+            Exposure(
+                e.image,
+                e.variance,
+                mask,
+                psf=e.psf,
+                metadata=e.metadata,
+                origin=e.origin,
+                mask_planes=e.mask_planes,
+            )
+        )
     assert np.mean([f.mask_of("BAD").mean() for f in flagged]) > 0.25
-    result = assemble_coadd(wrap(survey.direct), shape=SHAPE, wcs=None,
-                            rejection_inputs=wrap(flagged))  # fmt: skip
+    result = assemble_coadd(
+        wrap(survey.direct), shape=SHAPE, wcs=None, rejection_inputs=wrap(flagged)
+    )
     np.testing.assert_array_equal(result.inputs["n_used"], deep.inputs["n_used"])
     np.testing.assert_array_equal(
         result.exposure.mask_of("CLIPPED"), deep.exposure.mask_of("CLIPPED")
     )
     # Reading BAD as missing data would leave those direct pixels unchecked, hence unused.
-    strict = assemble_coadd(wrap(survey.direct), shape=SHAPE, wcs=None,
-                            rejection_inputs=wrap(flagged),
-                            rejection_bad_mask_planes=("NO_DATA", "BAD"))  # fmt: skip
+    strict = assemble_coadd(
+        wrap(survey.direct),
+        shape=SHAPE,
+        wcs=None,
+        rejection_inputs=wrap(flagged),
+        rejection_bad_mask_planes=("NO_DATA", "BAD"),
+    )
     assert strict.inputs["n_used"].sum() < 0.8 * deep.inputs["n_used"].sum()
 
 
@@ -340,9 +367,11 @@ def test_bright_star_cores_are_not_clipped(survey, deep):
 def test_few_inputs_cannot_reject_and_say_so(survey):
     for n in (1, 2):
         result = assemble_coadd(
-            wrap(survey.direct[:n]), shape=SHAPE, wcs=None,
+            wrap(survey.direct[:n]),
+            shape=SHAPE,
+            wcs=None,
             rejection_inputs=wrap(survey.matched[:n]),
-        )  # fmt: skip
+        )
         header = result.exposure.metadata
         assert header["REJECT"] == "NONE"
         assert "needs >= 3" in header["REJWHY"]
@@ -392,8 +421,10 @@ def uniformly_covered(survey, stars: pd.DataFrame, radius: float = 9.0) -> np.nd
     """Stars whose surroundings have one set of visits: no PSF can describe a star that a
     coverage edge cuts (its profile is a different mixture on either side)."""
     yy, xx = np.mgrid[: SHAPE[0], : SHAPE[1]]
-    maps = [(coverage([d]) > 0) & (coverage([m]) > 0) for d, m in zip(survey.direct,
-            survey.matched, strict=True)]  # fmt: skip
+    maps = [
+        (coverage([d]) > 0) & (coverage([m]) > 0)
+        for d, m in zip(survey.direct, survey.matched, strict=True)
+    ]
     clean = []
     for x, y in zip(stars["x"], stars["y"], strict=True):
         disc = np.hypot(xx - x, yy - y) <= radius
@@ -424,9 +455,15 @@ def test_bright_star_psf_fluxes_unbiased_in_deep_coadd(survey, deep, truth_coadd
     baseline = []
     e = truth_coadd.exposure
     for row in table.itertuples():
-        ref = measure_sources(e.image, e.variance, e.mask_of("NO_DATA"),
-                              psf=exact_coadd_psf(survey, row.x, row.y), x=[row.x], y=[row.y],
-                              refine_centroids=False)  # fmt: skip
+        ref = measure_sources(
+            e.image,
+            e.variance,
+            e.mask_of("NO_DATA"),
+            psf=exact_coadd_psf(survey, row.x, row.y),
+            x=[row.x],
+            y=[row.y],
+            refine_centroids=False,
+        )
         baseline.append(-2.5 * np.log10(ref["psf_flux"].iloc[0] / row.true_flux))
     excess = (dmag - np.array(baseline))[ok]
     assert abs(np.median(excess)) < 0.003, np.median(excess)
@@ -490,9 +527,16 @@ def test_coadd_psf_follows_input_psf_variation():
     inputs = []
     for i, (psf, x0) in enumerate([(varying, 0), (varying, 60), (psf_model(1.0), 0)]):
         nx = 100 if i < 2 else 160
-        inputs.append(Exposure(np.zeros((64, nx)), np.full((64, nx), 1.0), np.zeros((64, nx)),
-                               psf=psf, metadata=fits.Header({"VISIT": i, "DETECTOR": 0}),
-                               origin=(x0, 0)))  # fmt: skip
+        inputs.append(
+            Exposure(
+                np.zeros((64, nx)),
+                np.full((64, nx), 1.0),
+                np.zeros((64, nx)),
+                psf=psf,
+                metadata=fits.Header({"VISIT": i, "DETECTOR": 0}),
+                origin=(x0, 0),
+            )
+        )
     result = assemble_coadd(wrap(inputs), shape=shape, wcs=None, psf_block=4, do_reject=False)
     for x in (10.0, 70.0, 90.0, 150.0):
         expected = psf_model(1.0).kernel_at(0, 0)
@@ -511,9 +555,14 @@ def test_coadd_psf_follows_coverage():
     shape = (120, 200)
     inputs = []
     for i, (sigma, x0, nx) in enumerate([(0.4, 0, 200), (1.8, 100, 100), (1.8, 100, 100)]):
-        e = Exposure(np.zeros((120, nx)), np.full((120, nx), 4.0), np.zeros((120, nx)),
-                     psf=psf_model(sigma), metadata=fits.Header({"VISIT": i, "DETECTOR": 0}),
-                     origin=(x0, 0))  # fmt: skip
+        e = Exposure(
+            np.zeros((120, nx)),
+            np.full((120, nx), 4.0),
+            np.zeros((120, nx)),
+            psf=psf_model(sigma),
+            metadata=fits.Header({"VISIT": i, "DETECTOR": 0}),
+            origin=(x0, 0),
+        )
         inputs.append(e)
     result = assemble_coadd(wrap(inputs), shape=shape, wcs=None, psf_cell_size=20, psf_order=3)
     psf = result.exposure.psf
@@ -564,8 +613,15 @@ def test_no_data_region_and_interpolation():
         mask = np.zeros((60, 60), np.int32)
         mask[20:30, 25:35] = MaskPlanes().bitmask("NO_DATA")  # a hole in every input
         image[mask != 0] = np.nan
-        inputs.append(Exposure(image, np.full(image.shape, 9.0), mask, psf=psf_model(1.0),
-                               metadata=fits.Header({"VISIT": i, "DETECTOR": 1})))  # fmt: skip
+        inputs.append(
+            Exposure(
+                image,
+                np.full(image.shape, 9.0),
+                mask,
+                psf=psf_model(1.0),
+                metadata=fits.Header({"VISIT": i, "DETECTOR": 1}),
+            )
+        )
     plain = assemble_coadd(wrap(inputs), shape=shape, wcs=None)
     no_data = plain.exposure.mask_of("NO_DATA")
     expected = np.zeros(shape, bool)
@@ -594,8 +650,15 @@ def test_bad_planes_excluded_and_saturation_propagated():
             image[10:12, 10:12] = 1e6
             mask[10:12, 10:12] = planes.bitmask("SAT")
             mask[30, 30] = planes.bitmask("CR", "INTRP")
-        inputs.append(Exposure(image, np.full(image.shape, 4.0), mask, psf=psf_model(1.0),
-                               metadata=fits.Header({"VISIT": i, "DETECTOR": 0})))  # fmt: skip
+        inputs.append(
+            Exposure(
+                image,
+                np.full(image.shape, 4.0),
+                mask,
+                psf=psf_model(1.0),
+                metadata=fits.Header({"VISIT": i, "DETECTOR": 0}),
+            )
+        )
     result = assemble_coadd(wrap(inputs), shape=(40, 40), wcs=None)
     e = result.exposure
     assert np.abs(e.image[10:12, 10:12]).max() < 10.0
@@ -614,8 +677,13 @@ def test_photometric_scale_of_inputs_is_applied():
     image = rng.normal(10.0, 1.0, (30, 30))
     meta = fits.Header({"VISIT": 1, "DETECTOR": 2})
     njy = Exposure(image, np.ones(image.shape), np.zeros(image.shape), metadata=meta)
-    counts = Exposure(image / 4.0, np.ones(image.shape) / 16.0, np.zeros(image.shape),
-                      metadata=meta, photo_calib=PhotoCalib(njy_per_unit=4.0))  # fmt: skip
+    counts = Exposure(
+        image / 4.0,
+        np.ones(image.shape) / 16.0,
+        np.zeros(image.shape),
+        metadata=meta,
+        photo_calib=PhotoCalib(njy_per_unit=4.0),
+    )
     a = assemble_coadd(wrap([njy]), shape=(30, 30), wcs=None)
     b = assemble_coadd(wrap([counts]), shape=(30, 30), wcs=None)
     np.testing.assert_allclose(a.exposure.image, b.exposure.image, rtol=1e-6)
@@ -640,9 +708,12 @@ def assert_same_coadd(a: CoaddResult, b: CoaddResult) -> None:
 def test_strips_give_the_same_coadd_as_one_strip(survey, deep):
     assert deep.exposure.metadata["STRIPROW"] == SHAPE[0]  # the default fits in one strip
     strips = assemble_coadd(
-        wrap(survey.direct), shape=SHAPE, wcs=None, rejection_inputs=wrap(survey.matched),
+        wrap(survey.direct),
+        shape=SHAPE,
+        wcs=None,
+        rejection_inputs=wrap(survey.matched),
         strip_rows=17,
-    )  # fmt: skip
+    )
     assert strips.exposure.metadata["STRIPROW"] == 17
     assert_same_coadd(deep, strips)
     pd.testing.assert_frame_equal(deep.inputs, strips.inputs)
@@ -745,8 +816,12 @@ def test_template_selection_per_calexp(ccd_visits):
     assert list(zip(best3["visit"], best3["detector"], strict=True)) == pairs[:3]
     assert select_template_visits(ccd_visits, max_images=3, **kw) == [1, 2, 9]
     assert select_template_visits(ccd_visits, max_images=None, **{**kw, "mjd_min": None}) == [
-        1, 2, 6, 7, 9,
-    ]  # fmt: skip
+        1,
+        2,
+        6,
+        7,
+        9,
+    ]
     with pytest.raises(ValueError):
         select_template_visits(ccd_visits, max_images=0, **kw)
 
@@ -803,8 +878,17 @@ def _with_aperture_corrections(exposures, ratios):
         meta = e.metadata.copy()
         if a is not None:
             meta["APCORR"] = float(a)
-        out.append(Exposure(e.image / (a or 1.0), e.variance, e.mask.copy(), psf=e.psf,
-                            metadata=meta, origin=e.origin, mask_planes=e.mask_planes))  # fmt: skip
+        out.append(
+            Exposure(
+                e.image / (a or 1.0),
+                e.variance,
+                e.mask.copy(),
+                psf=e.psf,
+                metadata=meta,
+                origin=e.origin,
+                mask_planes=e.mask_planes,
+            )
+        )
     return out
 
 
@@ -817,8 +901,12 @@ def test_coadd_aperture_correction_restores_the_inputs_calibration(survey, tmp_p
 
     ratios = list(1.0 + 0.025 * np.arange(len(VISITS)))
     plain = assemble_coadd(wrap(survey.truth_direct), shape=SHAPE, wcs=None, do_reject=False)
-    coadd = assemble_coadd(wrap(_with_aperture_corrections(survey.truth_direct, ratios)),
-                           shape=SHAPE, wcs=None, do_reject=False)  # fmt: skip
+    coadd = assemble_coadd(
+        wrap(_with_aperture_corrections(survey.truth_direct, ratios)),
+        shape=SHAPE,
+        wcs=None,
+        do_reject=False,
+    )
     stars = survey.stars
     x, y = stars["x"].to_numpy(), stars["y"].to_numpy()
     ratio = coadd.coadd_psf.aperture_correction_at(x, y)
@@ -840,8 +928,12 @@ def test_coadd_aperture_correction_restores_the_inputs_calibration(survey, tmp_p
 
     # Where an input without a correction contributes, none can be given.
     ratios[7] = None
-    partial = assemble_coadd(wrap(_with_aperture_corrections(survey.truth_direct, ratios)),
-                             shape=SHAPE, wcs=None, do_reject=False)  # fmt: skip
+    partial = assemble_coadd(
+        wrap(_with_aperture_corrections(survey.truth_direct, ratios)),
+        shape=SHAPE,
+        wcs=None,
+        do_reject=False,
+    )
     ix, iy = np.round(x).astype(int), np.round(y).astype(int)
     covered_by_7 = coverage([survey.truth_direct[7]])[iy, ix] > 0
     assert covered_by_7.any() and not covered_by_7.all()
@@ -874,13 +966,27 @@ def test_pure_noise_is_not_clipped_and_byte_order_does_not_matter():
         image = rng.normal(0.0, sigma, (150, 150))
         meta = fits.Header({"VISIT": 50 + i, "DETECTOR": 3})
         common = dict(metadata=meta, origin=(x0, y0))
-        direct.append(Exposure(image, np.full(image.shape, sigma**2), np.zeros(image.shape),
-                               psf=psf_model(0.8), **common))  # fmt: skip
+        direct.append(
+            Exposure(
+                image,
+                np.full(image.shape, sigma**2),
+                np.zeros(image.shape),
+                psf=psf_model(0.8),
+                **common,
+            )
+        )
         kernel = galsim.Gaussian(sigma=1.5).drawImage(nx=11, ny=11, scale=1.0, method="no_pixel")
         k = kernel.array / kernel.array.sum()
         smooth = ndimage.convolve(image, k, mode="nearest")
-        matched.append(Exposure(smooth, np.full(image.shape, sigma**2 * (k**2).sum()),
-                                np.zeros(image.shape), psf=psf_model(1.7), **common))  # fmt: skip
+        matched.append(
+            Exposure(
+                smooth,
+                np.full(image.shape, sigma**2 * (k**2).sum()),
+                np.zeros(image.shape),
+                psf=psf_model(1.7),
+                **common,
+            )
+        )
     result = assemble_coadd(
         wrap(direct), shape=shape, wcs=None, rejection_inputs=wrap(matched), strip_rows=50
     )
@@ -892,9 +998,12 @@ def test_pure_noise_is_not_clipped_and_byte_order_does_not_matter():
     correlation = result.inputs["noise_correlation"]
     assert (np.abs(correlation / predicted - 1.0) < 0.1).all(), (correlation, predicted)
     swapped = assemble_coadd(
-        [BigEndianRows(e) for e in direct], shape=shape, wcs=None,
-        rejection_inputs=[BigEndianRows(e) for e in matched], strip_rows=50,
-    )  # fmt: skip
+        [BigEndianRows(e) for e in direct],
+        shape=shape,
+        wcs=None,
+        rejection_inputs=[BigEndianRows(e) for e in matched],
+        strip_rows=50,
+    )
     assert_same_coadd(result, swapped)
 
 
@@ -905,8 +1014,16 @@ def split_rows(e: Exposure, at: int) -> list[Exposure]:
         meta = e.metadata.copy()
         meta["DETECTOR"] = detector
         origin = (e.origin[0], e.origin[1] + rows.start)
-        parts.append(Exposure(e.image[rows], e.variance[rows], e.mask[rows], psf=e.psf,
-                              metadata=meta, origin=origin))  # fmt: skip
+        parts.append(
+            Exposure(
+                e.image[rows],
+                e.variance[rows],
+                e.mask[rows],
+                psf=e.psf,
+                metadata=meta,
+                origin=origin,
+            )
+        )
     return parts
 
 

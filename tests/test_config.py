@@ -61,9 +61,13 @@ def test_template_selection_is_relative_unless_a_fwhm_cut_is_set():
     # The CONTRACT's keys (an absolute cut) select as they say: no quantile on top.
     absolute = load_config({"template": {"max_psf_fwhm": 0.9, "mjd_max": 60630.0}}).template
     assert absolute.selection() == {
-        "mjd_min": None, "mjd_max": 60630.0, "max_psf_fwhm": 0.9, "max_images": 10,
-        "seeing_quantile": None, "min_images": 0,
-    }  # fmt: skip
+        "mjd_min": None,
+        "mjd_max": 60630.0,
+        "max_psf_fwhm": 0.9,
+        "max_images": 10,
+        "seeing_quantile": None,
+        "min_images": 0,
+    }
 
 
 def test_reference_band_priority_lists_each_band_once():

@@ -93,8 +93,15 @@ def test_synthetic_survey_dry_run_has_the_expected_jobs(tmp_path):
 
 # Partitions run single-frame processing only: a coadd made inside a partition
 # would hold that partition's visits alone (docs/hpc.md, "Partitioned runs").
-PARTITION_ARGS = ("--omit-from", "ccdvisit_table", "source_table", "run_summary", "warp",
-                  "--rerun-triggers", "mtime")  # fmt: skip
+PARTITION_ARGS = (
+    "--omit-from",
+    "ccdvisit_table",
+    "source_table",
+    "run_summary",
+    "warp",
+    "--rerun-triggers",
+    "mtime",
+)
 
 
 def test_preparation_step_runs_no_ccd(tmp_path):
@@ -111,8 +118,11 @@ def test_visit_partitions_then_consolidate_equal_one_full_run(tiny_run, tmp_path
     # The preparation step (simulation, ingest, refcat, calibrations) of the
     # full run, copied with its times: partitions must not redo it.
     prepared = {"sim", "registry", "refcat", "calib", "skymap"}
-    shutil.copytree(full, work / "results", ignore=lambda d, names: (
-        [n for n in names if n not in prepared] if Path(d) == full else []))  # fmt: skip
+    shutil.copytree(
+        full,
+        work / "results",
+        ignore=lambda d, names: [n for n in names if n not in prepared] if Path(d) == full else [],
+    )
     visits = sorted(Butler(full).get("CcdVisit")["visit"].unique())
     halves = [visits[: len(visits) // 2], visits[len(visits) // 2 :]]
     for part in halves:

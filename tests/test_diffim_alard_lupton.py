@@ -80,9 +80,17 @@ def fit(scene, idx=None, **cfg):
     xs, ys, _, _, template, science, tvar, svar = scene
     idx = slice(None) if idx is None else idx
     return fit_kernel(
-        template, science, tvar, svar, None, xs[idx], ys[idx],
-        template_sigma=SIG_T, science_sigma=SIG_S, config=AlardLuptonConfig(**cfg),
-    )  # fmt: skip
+        template,
+        science,
+        tvar,
+        svar,
+        None,
+        xs[idx],
+        ys[idx],
+        template_sigma=SIG_T,
+        science_sigma=SIG_S,
+        config=AlardLuptonConfig(**cfg),
+    )
 
 
 def test_basis_is_normalised_for_a_constant_kernel_sum():
@@ -98,16 +106,19 @@ def test_recovers_flux_scale_kernel_and_background(scene):
     assert sol.degrees == (6, 4, 2) and sol.spatial_order == 1 and sol.n_stamps == 40
     assert sol.rejected.size == 0 and sol.skipped.size == 0
     ksum = sol.kernel_sum_at(100.0, 100.0)
-    kerr = np.sqrt(((sol.kernel_at(100, 100) - SCALE * kernel) ** 2).sum()
-                   / ((SCALE * kernel) ** 2).sum())  # fmt: skip
+    kerr = np.sqrt(
+        ((sol.kernel_at(100, 100) - SCALE * kernel) ** 2).sum() / ((SCALE * kernel) ** 2).sum()
+    )
     raw = fit(scene, ridge=0.0).kernel_at(100, 100)
     kerr_raw = np.sqrt(((raw - SCALE * kernel) ** 2).sum() / ((SCALE * kernel) ** 2).sum())
     diff, var = subtract(template, science, tvar, svar, sol, grid_spacing=100.0)
     chi2 = stamp_chi2(diff, var, xs, ys)
     bg_err = sol.background((N, N)) - background_truth()
-    print(f"kernel sum {ksum:.4f} (error {ksum / SCALE - 1:+.4f}); kernel L2 error {kerr:.3f} "
-          f"(undamped {kerr_raw:.3f}); stamp chi2/dof mean {chi2.mean():.3f} max {chi2.max():.3f}; "
-          f"background error inner {np.abs(bg_err[20:-20, 20:-20]).max():.3f}")  # fmt: skip
+    print(
+        f"kernel sum {ksum:.4f} (error {ksum / SCALE - 1:+.4f}); kernel L2 error {kerr:.3f} "
+        f"(undamped {kerr_raw:.3f}); stamp chi2/dof mean {chi2.mean():.3f} max {chi2.max():.3f}; "
+        f"background error inner {np.abs(bg_err[20:-20, 20:-20]).max():.3f}"
+    )
     assert abs(ksum / SCALE - 1) < 0.01
     assert kerr < 0.4 and kerr < kerr_raw
     assert chi2.max() < 1.3 and chi2.mean() < 1.1
@@ -125,9 +136,11 @@ def test_template_variance_weighting(scene):
     images = (xs, ys, fl, kernel, *observe(rng, t_true, s_true, template_sky_var=100.0))
     sol, base = fit(images, use_template_variance=True), fit(images)
     with_t, without = np.median(sol.stamp_chi2), np.median(base.stamp_chi2)
-    print(f"shallow template: kernel sum {sol.kernel_sum_at(100, 100):.4f} with its variance, "
-          f"{base.kernel_sum_at(100, 100):.4f} without; median stamp chi2 {with_t:.3f} vs "
-          f"{without:.3f}")  # fmt: skip
+    print(
+        f"shallow template: kernel sum {sol.kernel_sum_at(100, 100):.4f} with its variance, "
+        f"{base.kernel_sum_at(100, 100):.4f} without; median stamp chi2 {with_t:.3f} vs "
+        f"{without:.3f}"
+    )
     assert abs(sol.kernel_sum_at(100, 100) / SCALE - 1) < 0.01
     assert abs(with_t - 1.0) < 0.06 and without > with_t + 0.1
 
@@ -158,9 +171,18 @@ def test_spatially_varying_kernel_needs_order_one():
     template, science, tvar, svar = observe(rng, t_true, s_true)
     chi2 = {}
     for order in (0, 1):
-        sol = fit_kernel(template, science, tvar, svar, None, xs, ys, template_sigma=SIG_T,
-                         science_sigma=float(np.sqrt(SIG_T**2 + 1.6**2)),
-                         config=AlardLuptonConfig(spatial_order=order))  # fmt: skip
+        sol = fit_kernel(
+            template,
+            science,
+            tvar,
+            svar,
+            None,
+            xs,
+            ys,
+            template_sigma=SIG_T,
+            science_sigma=float(np.sqrt(SIG_T**2 + 1.6**2)),
+            config=AlardLuptonConfig(spatial_order=order),
+        )
         assert sol.spatial_order == order
         diff, var = subtract(template, science, tvar, svar, sol, grid_spacing=50.0)
         chi2[order] = stamp_chi2(diff, var, xs, ys)
@@ -176,8 +198,13 @@ def test_spatially_varying_kernel_needs_order_one():
 def test_variable_star_stamp_is_rejected(scene):
     xs, ys, fl, kernel, template, science, tvar, svar = scene
     j = int(np.argmax(fl))  # the brightest star brightens by 30% in the science image
-    extra = 0.3 * SCALE * fftconvolve(render(xs[j : j + 1], ys[j : j + 1], fl[j : j + 1], SIG_T),
-                                      kernel, mode="same")  # fmt: skip
+    extra = (
+        0.3
+        * SCALE
+        * fftconvolve(
+            render(xs[j : j + 1], ys[j : j + 1], fl[j : j + 1], SIG_T), kernel, mode="same"
+        )
+    )
     sol = fit((xs, ys, fl, kernel, template, science + extra, tvar, svar))
     sep = np.hypot(xs[sol.rejected] - xs[j], ys[sol.rejected] - ys[j])
     print(
@@ -192,9 +219,11 @@ def test_variable_star_stamp_is_rejected(scene):
 def test_few_stamps_fall_back_to_simpler_models(scene):
     order = np.argsort(scene[2])[::-1]  # brightest first
     five, three = fit(scene, order[:5]), fit(scene, order[:3])
-    print(f"5 stamps: degrees {five.degrees}, order {five.spatial_order}, "
-          f"sum {five.kernel_sum_at(100, 100):.4f}; 3 stamps: degrees {three.degrees}, "
-          f"order {three.spatial_order}, sum {three.kernel_sum_at(100, 100):.4f}")  # fmt: skip
+    print(
+        f"5 stamps: degrees {five.degrees}, order {five.spatial_order}, "
+        f"sum {five.kernel_sum_at(100, 100):.4f}; 3 stamps: degrees {three.degrees}, "
+        f"order {three.spatial_order}, sum {three.kernel_sum_at(100, 100):.4f}"
+    )
     assert five.degrees == (2, 1, 0) and five.spatial_order == 0 and five.n_stamps == 5
     assert five.basis.shape[0] == 6 + 3 + 1
     assert three.degrees == (0, 0, 0) and three.spatial_order == 0
@@ -213,15 +242,17 @@ def test_stamps_off_the_image_or_masked_are_skipped(scene):
     # One bad template pixel spoils every science pixel whose kernel footprint holds it.
     mask[round(ys[j]), round(xs[j])] = True
     x, y = np.concatenate([xs, [3.0]]), np.concatenate([ys, [100.0]])
-    sol = fit_kernel(template, science, tvar, svar, mask, x, y,
-                     template_sigma=SIG_T, science_sigma=SIG_S)  # fmt: skip
+    sol = fit_kernel(
+        template, science, tvar, svar, mask, x, y, template_sigma=SIG_T, science_sigma=SIG_S
+    )
     assert sol.skipped.tolist() == [j, 40] and sol.n_stamps == 39
     assert abs(sol.kernel_sum_at(100, 100) / SCALE - 1) < 0.01
 
 
 def test_psf_model_fallback_gives_the_gaussian_matching_kernel():
-    sol = psf_kernel_solution(gaussian_kernel(SIG_T, 25), gaussian_kernel(SIG_S, 25), 21,
-                              flux_scale=SCALE, shape=(N, N))  # fmt: skip
+    sol = psf_kernel_solution(
+        gaussian_kernel(SIG_T, 25), gaussian_kernel(SIG_S, 25), 21, flux_scale=SCALE, shape=(N, N)
+    )
     k = sol.kernel_at(10.0, 190.0) / SCALE
     d = np.arange(21) - 10
     r2 = d[None, :] ** 2 + d[:, None] ** 2

@@ -71,9 +71,11 @@ def test_difference_noise_is_white_after_decorrelation(scale):
     after = lag_correlation(inner(image))
     measured, predicted = inner(image).var(), float(np.median(inner(out_var)))
     white = SVAR + scale**2 * TVAR
-    print(f"K sum {scale}: lag-1 correlation before {before[0]:.4f}, {before[1]:.4f}; after "
-          f"{after[0]:.4f}, {after[1]:.4f}; pixel variance {measured:.4f} vs plane "
-          f"{predicted:.4f} (white-noise value {white:.2f})")  # fmt: skip
+    print(
+        f"K sum {scale}: lag-1 correlation before {before[0]:.4f}, {before[1]:.4f}; after "
+        f"{after[0]:.4f}, {after[1]:.4f}; pixel variance {measured:.4f} vs plane "
+        f"{predicted:.4f} (white-noise value {white:.2f})"
+    )
     assert min(before) > 0.08  # > 15 sigma for 46k pixels
     assert max(abs(r) for r in after) < 0.02
     assert predicted == pytest.approx(measured, rel=0.03)

@@ -58,9 +58,12 @@ def test_positions_lie_on_usable_pixels_and_keep_apart():
 
 def test_matching_takes_the_nearest_within_the_radius():
     match = match_injected(
-        np.array([10.0, 50.0, 90.0]), np.array([10.0, 50.0, 90.0]),
-        np.array([10.5, 53.5, 89.0]), np.array([10.0, 50.0, 90.2]), radius=2.0,
-    )  # fmt: skip
+        np.array([10.0, 50.0, 90.0]),
+        np.array([10.0, 50.0, 90.0]),
+        np.array([10.5, 53.5, 89.0]),
+        np.array([10.0, 50.0, 90.2]),
+        radius=2.0,
+    )
     assert match.tolist() == [0, -1, 2]
     assert (
         match_injected(np.array([1.0]), np.array([1.0]), np.array([]), np.array([]), 2.0)[0] == -1
@@ -99,9 +102,13 @@ def injected_into_noise():
     image = rng.normal(0.0, sigma, shape) + point_source_image(shape, psf, x, y, snr * err)
     planes = MaskPlanes()
     found = detect_dia_sources(
-        image, np.full(shape, sigma**2), np.zeros(shape, MASK_DTYPE), planes, psf,
+        image,
+        np.full(shape, sigma**2),
+        np.zeros(shape, MASK_DTYPE),
+        planes,
+        psf,
         DiaDetectionConfig(threshold_sigma=5.0),
-    )  # fmt: skip
+    )
     match = match_injected(x, y, found["x"].to_numpy(), found["y"].to_numpy(), 4.0)
     return snr, match >= 0, found
 
@@ -132,14 +139,21 @@ def test_injection_summary_of_a_table():
     injected = np.full(n, 1000.0)
     table = pd.DataFrame(
         {
-            "visit": 1, "detector": rng.integers(0, 4, n), "snr": snr, "detected": detected,
-            "clean": clean, "hostFlux": np.where(rng.uniform(size=n) < 0.2, 5e4, 0.0),
-            "flags": np.where(detected & ~clean, 1 << 10, 0), "injectedFlux": injected,
+            "visit": 1,
+            "detector": rng.integers(0, 4, n),
+            "snr": snr,
+            "detected": detected,
+            "clean": clean,
+            "hostFlux": np.where(rng.uniform(size=n) < 0.2, 5e4, 0.0),
+            "flags": np.where(detected & ~clean, 1 << 10, 0),
+            "injectedFlux": injected,
             "psfFlux": np.where(detected, 1010.0, np.nan),
-            "diffFlux": injected + rng.normal(0.0, 1000.0 / snr), "diffFluxErr": 1000.0 / snr,
-            "raOffset": rng.normal(0, 0.01, n), "decOffset": rng.normal(0, 0.01, n),
+            "diffFlux": injected + rng.normal(0.0, 1000.0 / snr),
+            "diffFluxErr": 1000.0 / snr,
+            "raOffset": rng.normal(0, 0.01, n),
+            "decOffset": rng.normal(0, 0.01, n),
         }
-    )  # fmt: skip
+    )
     summary = injection_summary(table)
     assert summary["n_injected"] == n and summary["n_ccd_visits"] == 4
     assert summary["fit_any_dia_source"]["snr_50"] == pytest.approx(5.0, abs=0.3)

@@ -101,9 +101,12 @@ def test_residuals_of_static_stars_are_flagged_but_real_changes_are_not():
     _add(image, 0.3 * 2e5, 128.0, 190.0)  # a variable star of 2e5 brightened by 30 %
     _add(image, 3000.0, 200.0, 200.0)  # a hostless transient
     static = pd.DataFrame(
-        {"x": [s[0] for s in stars] + [128.0, 200.0], "y": [s[1] for s in stars] + [190.0, 200.0],
-         "flux": [s[2] for s in stars] + [2e5, 3000.0]}
-    )  # fmt: skip
+        {
+            "x": [s[0] for s in stars] + [128.0, 200.0],
+            "y": [s[1] for s in stars] + [190.0, 200.0],
+            "flux": [s[2] for s in stars] + [2e5, 3000.0],
+        }
+    )
     planes, mask = MaskPlanes(), np.zeros(shape, dtype=MASK_DTYPE)
     psf = PsfModel.constant(_psf_stamp())
     args = (image, np.full(shape, 100.0), mask, planes, psf)
@@ -121,9 +124,11 @@ def test_residuals_of_static_stars_are_flagged_but_real_changes_are_not():
     from workflow_lib.diffim.sources import DiaDetectionConfig
 
     gated = detect_dia_sources(
-        *args, DiaDetectionConfig(max_residual_ratio=0.001),
-        static_sources=static, reference_stars=static.iloc[:6],
-    )  # fmt: skip
+        *args,
+        DiaDetectionConfig(max_residual_ratio=0.001),
+        static_sources=static,
+        reference_stars=static.iloc[:6],
+    )
     assert gated.attrs["bad_subtraction"]
     assert ((gated["flags"] & int(DiaSourceFlag.BAD_SUBTRACTION)) != 0).all()
     # Without reference stars nothing is flagged for residuals (the ratio is unknown).

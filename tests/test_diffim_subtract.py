@@ -29,8 +29,13 @@ def _render(sigma, stars, noise, rng, background=0.0):  # type: ignore[no-untype
             sigma, x - ix, y - iy
         )
     planes = MaskPlanes()
-    return Exposure(image, np.full(SHAPE, noise**2), np.zeros(SHAPE, MASK_DTYPE),
-                    psf=PsfModel.constant(_gauss(sigma)), mask_planes=planes)  # fmt: skip
+    return Exposure(
+        image,
+        np.full(SHAPE, noise**2),
+        np.zeros(SHAPE, MASK_DTYPE),
+        psf=PsfModel.constant(_gauss(sigma)),
+        mask_planes=planes,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +46,9 @@ def stars():
     return [(x, y, f) for (x, y), f in zip(xy, flux, strict=True)]
 
 
-@pytest.mark.parametrize(("sigma_sci", "sigma_tmpl", "convolved"),
-                         [(2.2, 1.5, "template"), (1.5, 2.2, "both")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sigma_sci", "sigma_tmpl", "convolved"), [(2.2, 1.5, "template"), (1.5, 2.2, "both")]
+)
 def test_static_stars_vanish_and_a_transient_remains(stars, sigma_sci, sigma_tmpl, convolved):
     rng = np.random.default_rng(9)
     transient = (128.4, 100.7, 3000.0)
@@ -64,8 +70,9 @@ def test_static_stars_vanish_and_a_transient_remains(stars, sigma_sci, sigma_tmp
     assert abs(np.median(quiet)) < 0.5
 
 
-@pytest.mark.parametrize(("sigma_sci", "sigma_tmpl", "convolved"),
-                         [(2.2, 1.5, "template"), (1.5, 2.2, "science")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("sigma_sci", "sigma_tmpl", "convolved"), [(2.2, 1.5, "template"), (1.5, 2.2, "science")]
+)
 def test_alard_lupton_with_decorrelation(stars, sigma_sci, sigma_tmpl, convolved):
     """The kernel fitted on the stars (flux scale 1.1 between the images), the difference
     decorrelated: static stars vanish, the transient's flux and S/N are right."""

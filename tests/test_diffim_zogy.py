@@ -67,8 +67,10 @@ def test_pure_noise_difference_is_white_with_unit_variance(s_sci, s_tpl):
     d = interior(res.normalised_difference)
     rx, ry = lag1(d)
     score_std = float(interior(res.score).std())
-    print(f"\nPSFs {s_sci}/{s_tpl}: var D = {d.var():.4f}, lag-1 rho = ({rx:.4f}, {ry:.4f}), "
-          f"std score = {score_std:.4f}, F_D = {res.flux_scale:.4f}")  # fmt: skip
+    print(
+        f"\nPSFs {s_sci}/{s_tpl}: var D = {d.var():.4f}, lag-1 rho = ({rx:.4f}, {ry:.4f}), "
+        f"std score = {score_std:.4f}, F_D = {res.flux_scale:.4f}"
+    )
     assert abs(d.var() - 1.0) < 0.03
     assert abs(rx) < 0.03 and abs(ry) < 0.03
     assert abs(score_std - 1.0) < 0.05
@@ -100,9 +102,11 @@ def test_transient_flux_and_significance(s_sci, s_tpl, sigma_r):
         science_only = flux * np.sqrt((p_sci**2).sum()) / sigma_n
         assert expected_snr == pytest.approx(science_only, rel=0.01)
     peak = float(res.score[y, x])
-    print(f"\nPSFs {s_sci}/{s_tpl}, sigma_r {sigma_r}: flux {measured:.1f} (true {flux}), "
-          f"score flux {peak / np.sqrt(f_s):.1f}, significance {peak:.1f} "
-          f"(expected {expected_snr:.1f})")  # fmt: skip
+    print(
+        f"\nPSFs {s_sci}/{s_tpl}, sigma_r {sigma_r}: flux {measured:.1f} (true {flux}), "
+        f"score flux {peak / np.sqrt(f_s):.1f}, significance {peak:.1f} "
+        f"(expected {expected_snr:.1f})"
+    )
     assert abs(measured / flux - 1.0) < 0.03
     assert abs(peak / np.sqrt(f_s) / flux - 1.0) < 0.03
     assert abs(peak / expected_snr - 1.0) < 0.10
@@ -122,8 +126,10 @@ def test_static_star_leaves_no_residual(s_sci, s_tpl):
     add_point(tpl, p_tpl, y, x, flux)
     res = zogy_difference(sci, tpl, var_n, var_r, p_sci, p_tpl)
     stamp = res.score[y - 10 : y + 11, x - 10 : x + 11]
-    print(f"\nPSFs {s_sci}/{s_tpl}: static star S/N {snr}: score at star {res.score[y, x]:.2f}, "
-          f"max |score| around it {np.abs(stamp).max():.2f}")  # fmt: skip
+    print(
+        f"\nPSFs {s_sci}/{s_tpl}: static star S/N {snr}: score at star {res.score[y, x]:.2f}, "
+        f"max |score| around it {np.abs(stamp).max():.2f}"
+    )
     assert abs(res.score[y, x]) < 5
     assert np.abs(stamp).max() < 5
     # The same star with a 10% flux change is detected: the test can see a residual.
@@ -141,8 +147,9 @@ def test_flux_zero_points_give_calibrated_difference():
     add_point(sci, p_sci, 80, 90, 1500.0)
     ref = zogy_difference(sci, tpl, var_n, var_r, p_sci, p_tpl)
     g = 2.5
-    counts = zogy_difference(g * sci, tpl, g * g * var_n, var_r, p_sci, p_tpl,
-                             config=ZogyConfig(science_flux_scale=g))  # fmt: skip
+    counts = zogy_difference(
+        g * sci, tpl, g * g * var_n, var_r, p_sci, p_tpl, config=ZogyConfig(science_flux_scale=g)
+    )
     np.testing.assert_allclose(counts.difference, ref.difference, atol=1e-9)
     np.testing.assert_allclose(counts.variance, ref.variance, rtol=1e-9)
     np.testing.assert_allclose(counts.score, ref.score, atol=1e-9)
@@ -167,8 +174,15 @@ def test_spatially_varying_variance_plane():
         print(f"\n{name}: var D {d.var():.3f} vs plane {v.mean():.3f}, std score {s.std():.3f}")
         assert abs(d.var() / v.mean() - 1.0) < 0.05
         assert abs(s.std() - 1.0) < 0.07
-    const = zogy_difference(sci, tpl, sigma**2, np.full(shape, 0.25), p_sci, p_tpl,
-                            config=ZogyConfig(spatial_variance=False))  # fmt: skip
+    const = zogy_difference(
+        sci,
+        tpl,
+        sigma**2,
+        np.full(shape, 0.25),
+        p_sci,
+        p_tpl,
+        config=ZogyConfig(spatial_variance=False),
+    )
     assert np.ptp(const.variance) == 0.0
     left = const.score[BORDER:-BORDER, BORDER:150].std()
     right = const.score[BORDER:-BORDER, 234:-BORDER].std()
@@ -184,13 +198,15 @@ def test_padding_prevents_wrap_around():
     add_point(sci, p_sci, 64, 2, 5e4)
     padded = zogy_difference(sci, tpl, var_n, var_r, p_sci, p_tpl)
     far_side = np.abs(padded.score[:, -8:]).max()
-    unpadded = zogy_difference(sci, tpl, var_n, var_r, p_sci, p_tpl,
-                               config=ZogyConfig(pad_width=0))  # fmt: skip
+    unpadded = zogy_difference(sci, tpl, var_n, var_r, p_sci, p_tpl, config=ZogyConfig(pad_width=0))
     wrapped = np.abs(unpadded.score[:, -8:]).max()
-    reflect = zogy_difference(sci, tpl, var_n, var_r, p_sci, p_tpl,
-                              config=ZogyConfig(padding="reflect"))  # fmt: skip
-    print(f"\nmax |score| at the far edge: padded {far_side:.2f}, unpadded {wrapped:.1f}, "
-          f"reflect {np.abs(reflect.score[:, -8:]).max():.2f}")  # fmt: skip
+    reflect = zogy_difference(
+        sci, tpl, var_n, var_r, p_sci, p_tpl, config=ZogyConfig(padding="reflect")
+    )
+    print(
+        f"\nmax |score| at the far edge: padded {far_side:.2f}, unpadded {wrapped:.1f}, "
+        f"reflect {np.abs(reflect.score[:, -8:]).max():.2f}"
+    )
     assert far_side < 5
     assert wrapped > 50  # the check can fail: without padding the source wraps round
     assert np.abs(reflect.score[:, -8:]).max() < 5
@@ -208,14 +224,17 @@ def test_masked_pixels_are_ignored_and_mask_grows(fill):
     mask[100:103, 60:62] = True
     sci[101, 60] = 1e6  # a cosmic ray or bad column
     tpl[100, 61] = np.nan
-    res = zogy_difference(sci, tpl, var_n, var_r, p_sci, p_tpl, mask=mask,
-                          config=ZogyConfig(mask_fill=fill))  # fmt: skip
+    res = zogy_difference(
+        sci, tpl, var_n, var_r, p_sci, p_tpl, mask=mask, config=ZogyConfig(mask_fill=fill)
+    )
     unmasked = zogy_difference(sci, np.nan_to_num(tpl), var_n, var_r, p_sci, p_tpl)
     grown = res.mask[BORDER:-BORDER, BORDER:-BORDER]
     radius = int(res.mask[101, :].sum() - res.mask[101, BORDER:-BORDER].sum()) // 2
-    print(f"\nfill {fill}: grown mask {grown.sum()} px (radius {radius}), max |score| "
-          f"outside {np.abs(res.score[~res.mask]).max():.2f}, unmasked run "
-          f"{np.abs(unmasked.score).max():.0f}")  # fmt: skip
+    print(
+        f"\nfill {fill}: grown mask {grown.sum()} px (radius {radius}), max |score| "
+        f"outside {np.abs(res.score[~res.mask]).max():.2f}, unmasked run "
+        f"{np.abs(unmasked.score).max():.0f}"
+    )
     assert np.all(np.isfinite(res.difference)) and np.all(np.isfinite(res.score))
     assert np.abs(res.score[~res.mask]).max() < 5.5
     assert np.abs(unmasked.score).max() > 100  # the spike would show without the mask

@@ -16,10 +16,23 @@ from workflow_lib.io.tables import read_provenance
 def _tan_sip_wcs() -> WCS:
     header = fits.Header()
     header.update(
-        CTYPE1="RA---TAN-SIP", CTYPE2="DEC--TAN-SIP", CRVAL1=55.9, CRVAL2=-29.8,
-        CRPIX1=-300.0, CRPIX2=812.5, CD1_1=-5.5e-5, CD1_2=1.0e-6, CD2_1=1.0e-6, CD2_2=5.5e-5,
-        A_ORDER=3, B_ORDER=3, A_3_0=2e-9, A_1_2=2e-9, B_0_3=2e-9, B_2_1=2e-9,
-    )  # fmt: skip
+        CTYPE1="RA---TAN-SIP",
+        CTYPE2="DEC--TAN-SIP",
+        CRVAL1=55.9,
+        CRVAL2=-29.8,
+        CRPIX1=-300.0,
+        CRPIX2=812.5,
+        CD1_1=-5.5e-5,
+        CD1_2=1.0e-6,
+        CD2_1=1.0e-6,
+        CD2_2=5.5e-5,
+        A_ORDER=3,
+        B_ORDER=3,
+        A_3_0=2e-9,
+        A_1_2=2e-9,
+        B_0_3=2e-9,
+        B_2_1=2e-9,
+    )
     return WCS(header)
 
 
@@ -42,9 +55,14 @@ def test_exposure_round_trip_big_endian_nonzero_origin(tmp_path):
     )
     psf = PsfModel(basis, order=1, x_center=25, y_center=20, x_scale=25, y_scale=20)
     exposure = Exposure(
-        image, variance, np.zeros((40, 50)), wcs=_tan_sip_wcs(), psf=psf,
-        photo_calib=PhotoCalib(1.0, zero_point=28.3), origin=(1000, -20),
-    )  # fmt: skip
+        image,
+        variance,
+        np.zeros((40, 50)),
+        wcs=_tan_sip_wcs(),
+        psf=psf,
+        photo_calib=PhotoCalib(1.0, zero_point=28.3),
+        origin=(1000, -20),
+    )
     exposure.set_mask("SAT", image > 1.5)
     exposure.set_mask("MY_PLANE", image < -2)
     path = tmp_path / "calexp.fits"

@@ -70,22 +70,40 @@ def make_raw(
             detsec = f"[{x1}:{x2},{y1}:{y2}]"
             header = fits.Header()
             header.update(
-                EXTNAME=f"C{row}{col}", DATASEC=f"[{pre + 1}:{pre + hx},1:{hy}]",
+                EXTNAME=f"C{row}{col}",
+                DATASEC=f"[{pre + 1}:{pre + hx},1:{hy}]",
                 BIASSEC=f"[{pre + hx + 1}:{pre + hx + overscan},1:{hy}]",
                 DETSEC=detsec,
-                GAIN=GAINS[k], RDNOISE=READ_NOISE[k], SATURATE=sat,
-            )  # fmt: skip
+                GAIN=GAINS[k],
+                RDNOISE=READ_NOISE[k],
+                SATURATE=sat,
+            )
             amps.append((data, header))
     return _primary(), amps
 
 
 def _primary(**cards: object) -> fits.Header:
     h = fits.Header()
-    base = {"OBSTYPE": "science", "EXPID": 1, "DETECTOR": 0, "FILTER": "r", "EXPTIME": 30.0,
-            "MJD-OBS": 60640.0, "RA": 56.0, "DEC": -31.0, "CTYPE1": "RA---TAN",
-            "CTYPE2": "DEC--TAN", "CRVAL1": 56.0, "CRVAL2": -31.0, "CRPIX1": 64.0,
-            "CRPIX2": 64.0, "CD1_1": -5.5e-5, "CD1_2": 0.0, "CD2_1": 0.0,
-            "CD2_2": 5.5e-5}  # fmt: skip
+    base = {
+        "OBSTYPE": "science",
+        "EXPID": 1,
+        "DETECTOR": 0,
+        "FILTER": "r",
+        "EXPTIME": 30.0,
+        "MJD-OBS": 60640.0,
+        "RA": 56.0,
+        "DEC": -31.0,
+        "CTYPE1": "RA---TAN",
+        "CTYPE2": "DEC--TAN",
+        "CRVAL1": 56.0,
+        "CRVAL2": -31.0,
+        "CRPIX1": 64.0,
+        "CRPIX2": 64.0,
+        "CD1_1": -5.5e-5,
+        "CD1_2": 0.0,
+        "CD2_1": 0.0,
+        "CD2_2": 5.5e-5,
+    }
     base.update(cards)
     for key, value in base.items():
         h[key] = value
@@ -146,8 +164,9 @@ def test_saturation_judged_on_raw_value_and_kept_after_interpolation():
     electrons[40:44, 20] = 2.0e5  # over full scale
     electrons[90, 100] = 2.0e5
     _, amps = make_raw(electrons, rng)
-    res = run_isr(_primary(), amps, bias=None, dark=None, flat=None, defects=None,
-                  cosmic_rays=False)  # fmt: skip
+    res = run_isr(
+        _primary(), amps, bias=None, dark=None, flat=None, defects=None, cosmic_rays=False
+    )
     exp = res.exposure
     sat = exp.mask_of("SAT")
     assert sat[40:44, 20].all() and sat[90, 100]
@@ -198,15 +217,24 @@ def test_missing_calibrations_are_skipped_and_recorded():
     electrons = rng.poisson(np.full((64, 64), 100.0)).astype(float)
     _, amps = make_raw(electrons, rng)
     res = run_isr(_primary(), amps, bias=None, dark=None, flat=None, defects=None)
-    for step, card in (("bias", "ISR_BIAS"), ("dark", "ISR_DARK"), ("flat", "ISR_FLAT"),
-                       ("defects", "ISR_DEFS")):  # fmt: skip
+    for step, card in (
+        ("bias", "ISR_BIAS"),
+        ("dark", "ISR_DARK"),
+        ("flat", "ISR_FLAT"),
+        ("defects", "ISR_DEFS"),
+    ):
         assert res.steps[step].startswith("skipped: no ")
         assert res.exposure.metadata[card] == res.steps[step]
     assert res.exposure.metadata["ISR_BIAS"] == "skipped: no master bias"
     assert res.steps["cosmic_rays"].startswith("done")
     # Shape mismatch of a master is a clear error.
-    wrong = MasterCalib("bias", np.zeros((10, 10), np.float32), np.zeros((10, 10), np.float32),
-                        np.zeros((10, 10), bool), 1)  # fmt: skip
+    wrong = MasterCalib(
+        "bias",
+        np.zeros((10, 10), np.float32),
+        np.zeros((10, 10), np.float32),
+        np.zeros((10, 10), bool),
+        1,
+    )
     with pytest.raises(ValueError, match="master bias is"):
         run_isr(_primary(), amps, bias=wrong, dark=None, flat=None, defects=None)
 

@@ -87,10 +87,17 @@ def test_module_imports_only_its_own_and_lower_layers(module):
 
 def test_every_module_is_in_a_layer():
     loose = sorted(
-        m for m in MODULES
-        if _layer(m) not in ALLOWED and m not in {"workflow_lib", "workflow_lib.__main__",
-                                                  "workflow_lib.cli", "workflow_lib.workflow"}
-    )  # fmt: skip
+        m
+        for m in MODULES
+        if _layer(m) not in ALLOWED
+        and m
+        not in {
+            "workflow_lib",
+            "workflow_lib.__main__",
+            "workflow_lib.cli",
+            "workflow_lib.workflow",
+        }
+    )
     assert not loose, f"modules outside every layer (give them a stage folder): {loose}"
 
 

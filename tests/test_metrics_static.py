@@ -60,13 +60,15 @@ def test_completeness_fit_recovers_the_50_percent_magnitude():
     found = rng.uniform(size=len(truth)) < 0.98 / (1 + np.exp((mag - 24.5) / 0.15))
     table = _objects_from(truth, truth.index[found], rng=rng)
     region = lambda ra, dec: np.ones(np.size(ra), dtype=bool)  # noqa: E731
-    result = metrics.point_source_completeness(table, truth, band="r", depth_mag=24.4,
-                                               region=region)  # fmt: skip
+    result = metrics.point_source_completeness(
+        table, truth, band="r", depth_mag=24.4, region=region
+    )
     assert result["m50"] == pytest.approx(24.5, abs=0.05)
     assert result["c_max"] == pytest.approx(0.98, abs=0.02)
     assert result["passed"] and result["m50_minus_depth"] == pytest.approx(0.1, abs=0.05)
-    assert not metrics.point_source_completeness(table, truth, band="r", depth_mag=24.0,
-                                                 region=region)["passed"]  # fmt: skip
+    assert not metrics.point_source_completeness(
+        table, truth, band="r", depth_mag=24.0, region=region
+    )["passed"]
     # Objects not detected in the band do not count.
     table["r_detected"] = False
     assert metrics.point_source_completeness(table, truth, band="r", region=region)["n_found"] == 0
@@ -145,8 +147,9 @@ def test_forced_pulls_detect_wrong_errors():
     good = metrics.forced_photometry_pulls(_forced_rows(truth, table, rng), table, truth)
     assert good["n"] > 1000 and 0.93 < good["sigma"] < 1.07 and good["passed"]
     assert abs(good["median"]) < 0.1
-    small = metrics.forced_photometry_pulls(_forced_rows(truth, table, rng, err_scale=0.8),
-                                            table, truth)  # fmt: skip
+    small = metrics.forced_photometry_pulls(
+        _forced_rows(truth, table, rng, err_scale=0.8), table, truth
+    )
     assert small["sigma"] > 1.15 and not small["passed"]
     flagged = _forced_rows(truth, table, rng, err_scale=0.8)
     flagged["flags"] = int(ForcedSourceFlag.EDGE)
@@ -224,11 +227,13 @@ def test_detection_completeness_reaches_the_predicted_depth():
     merged = objects.merge_detections({"r": detections}, wcs)
     table = objects.measure_objects({"r": coadd}, merged, id_base=0)
     ra, dec = wcs.all_pix2world(x, y, 0)
-    truth = pd.DataFrame({"id": np.arange(n), "kind": "star", "ra": ra, "dec": dec, "r_mag": mag,
-                          "hlr_arcsec": 0.0})  # fmt: skip
+    truth = pd.DataFrame(
+        {"id": np.arange(n), "kind": "star", "ra": ra, "dec": dec, "r_mag": mag, "hlr_arcsec": 0.0}
+    )
     inner = lambda r, d: np.ones(np.size(r), dtype=bool)  # noqa: E731
-    result = metrics.point_source_completeness(table, truth, band="r", depth_mag=depth,
-                                               region=inner)  # fmt: skip
+    result = metrics.point_source_completeness(
+        table, truth, band="r", depth_mag=depth, region=inner
+    )
     assert result["passed"], result
     assert result["c_max"] > 0.9
     # Against the variance-plane depth (no noise factor) too.
@@ -260,8 +265,9 @@ def test_completeness_not_reaching_half_gives_a_lower_limit():
     assert not deep["m50_reached"] and np.isnan(deep["m50"])
     assert deep["m50_lower_limit"] == pytest.approx(23.4, abs=0.1)
     assert deep["passed"] is None
-    shallow = metrics.point_source_completeness(table, truth, band="r", depth_mag=22.0,
-                                                region=region)  # fmt: skip
+    shallow = metrics.point_source_completeness(
+        table, truth, band="r", depth_mag=22.0, region=region
+    )
     assert shallow["passed"] is False
 
 
@@ -275,14 +281,23 @@ def test_depth_gain_compares_coadd_errors_with_the_inputs_combined(coadd_loss):
         n = int(rng.integers(4, 13))
         err = rng.uniform(80.0, 160.0, n)
         coadd_err.append(coadd_loss / np.sqrt(np.sum(1.0 / err**2)))
-        rows.append(pd.DataFrame({"objectId": obj, "band": "r", "psfFlux": 1e3,
-                                  "psfFluxErr": err, "flags": 0}))  # fmt: skip
+        rows.append(
+            pd.DataFrame(
+                {"objectId": obj, "band": "r", "psfFlux": 1e3, "psfFluxErr": err, "flags": 0}
+            )
+        )
     forced = pd.concat(rows, ignore_index=True)
     coadd_err = np.array(coadd_err)
-    table = pd.DataFrame({
-        "objectId": ids, "detect_isPrimary": True, "refExtendedness": 0.0,
-        "r_psfFlux": 20.0 * coadd_err, "r_psfFluxErr": coadd_err, "r_flags": 0,
-    })  # fmt: skip
+    table = pd.DataFrame(
+        {
+            "objectId": ids,
+            "detect_isPrimary": True,
+            "refExtendedness": 0.0,
+            "r_psfFlux": 20.0 * coadd_err,
+            "r_psfFluxErr": coadd_err,
+            "r_flags": 0,
+        }
+    )
     gain = metrics.coadd_depth_gain(table, forced, band="r")
     assert gain["n"] == 50
     assert gain["ratio"] == pytest.approx(coadd_loss, rel=1e-6)

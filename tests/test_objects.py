@@ -121,9 +121,13 @@ def patch_run():
     ra_mid = float(coadds["r"].wcs.all_pix2world([nx / 2], [ny / 2], 0)[0][0])
     tract = FakeTract(9, ra_mid)
     table = objects.measure_objects(
-        coadds, merged, tract=tract, patch=patch, id_base=objects.object_id_base(9, 12),
+        coadds,
+        merged,
+        tract=tract,
+        patch=patch,
+        id_base=objects.object_id_base(9, 12),
         bands=["g", "r", "i", "z"],
-    )  # fmt: skip
+    )
     return scene, groups, coadds, detections, merged, table, patch, tract
 
 
@@ -143,8 +147,16 @@ def _snr(scene: Scene, band: str) -> np.ndarray:
 
 def test_contract_columns_and_ids(patch_run):
     *_, table, _, _ = patch_run
-    required = ["objectId", "tract", "patch", "ra", "dec", "detect_isPrimary", "refBand",
-                "refExtendedness"]  # fmt: skip
+    required = [
+        "objectId",
+        "tract",
+        "patch",
+        "ra",
+        "dec",
+        "detect_isPrimary",
+        "refBand",
+        "refExtendedness",
+    ]
     for band in "grz" + "i":
         required += [f"{band}_psfFlux", f"{band}_psfFluxErr", f"{band}_apFlux", f"{band}_apFluxErr"]
     assert set(required) <= set(table.columns)
@@ -272,8 +284,9 @@ def test_primary_flags_follow_patch_and_tract_geometry(patch_run):
 def test_tract_region_falls_back_to_the_sky_map(patch_run):
     _, _, coadds, _, merged, _, patch, tract = patch_run
     small = merged.iloc[:10].reset_index(drop=True)
-    out = objects.measure_objects(coadds, small, patch=patch, skymap=FakeSkyMap(tract.ra_min),
-                                  id_base=0)  # fmt: skip
+    out = objects.measure_objects(
+        coadds, small, patch=patch, skymap=FakeSkyMap(tract.ra_min), id_base=0
+    )
     assert (out["detect_isTractInner"] == (out["ra"] > tract.ra_min)).all()
 
 
@@ -336,8 +349,9 @@ def test_coadd_depth_matches_the_psf_flux_error():
     shape = (200, 200)
     sigma = 7.0
     kernel = psf_kernel(moffat_psf(3.5))
-    coadd = exposure_from(np.zeros(shape), np.full(shape, sigma**2), wcs=tan_wcs(shape),
-                          psf=PsfModel.constant(kernel))  # fmt: skip
+    coadd = exposure_from(
+        np.zeros(shape), np.full(shape, sigma**2), wcs=tan_wcs(shape), psf=PsfModel.constant(kernel)
+    )
     depth = objects.coadd_psf_depth(coadd)
     # The unweighted PSF fit inside 2 FWHM: err = sigma sqrt(sum m^2) / sum m^2.
     half = int(np.ceil(2 * 3.5))
@@ -355,8 +369,9 @@ def test_deblend_fractions_share_each_pixel_once():
     star = lambda cx, cy, f: f * np.exp(-((xx - cx) ** 2 + (yy - cy) ** 2) / (2 * 1.7**2))  # noqa: E731
     image = star(20, 20, 1000.0) + star(27, 20, 500.0) + star(50, 20, 800.0)
     own = image[5:35, 5:45] > 1.0
-    fractions = deblend_fractions(image, own, (5, 5), np.array([20, 27]), np.array([20, 20]),
-                                  floor=1e-3, fwhm=4.0)  # fmt: skip
+    fractions = deblend_fractions(
+        image, own, (5, 5), np.array([20, 27]), np.array([20, 20]), floor=1e-3, fwhm=4.0
+    )
     assert np.allclose(fractions.sum(axis=0)[own], 1.0)
     assert np.all(fractions[:, ~own] == 0)
     sub = image[5:35, 5:45]
@@ -386,15 +401,17 @@ def test_errors_account_for_correlated_coadd_noise():
     sigma = 15.0
     noise = ndimage.convolve(rng.normal(0.0, sigma, shape), resampling, mode="wrap")
     variance = np.full(shape, sigma**2 * (resampling**2).sum())
-    coadd = exposure_from(noiseless + noise, variance, wcs=tan_wcs(shape),
-                          psf=PsfModel.constant(psf_kernel(profile)))  # fmt: skip
+    coadd = exposure_from(
+        noiseless + noise, variance, wcs=tan_wcs(shape), psf=PsfModel.constant(psf_kernel(profile))
+    )
     detections = objects.detect_coadd_sources(coadd)
     assert detections.attrs["noise_correlation_factor"] > 1.1
     merged = objects.merge_detections({"r": detections}, coadd.wcs)
     pulls = {}
     for correct in (True, False):
-        table = objects.measure_objects({"r": coadd}, merged, correct_noise_correlation=correct,
-                                        aperture_correction=False)  # fmt: skip
+        table = objects.measure_objects(
+            {"r": coadd}, merged, correct_noise_correlation=correct, aperture_correction=False
+        )
         dist, k = cKDTree(np.column_stack([table["x"], table["y"]])).query(np.column_stack([x, y]))
         rows = table.iloc[k[dist < 1.0]]
         pull = (rows["r_psfFlux"].to_numpy() - flux[dist < 1.0]) / rows["r_psfFluxErr"].to_numpy()
@@ -419,10 +436,15 @@ def test_exact_coadd_psf_removes_the_bias_at_a_coverage_edge():
     used_b = np.zeros(shape, dtype=bool)
     used_b[:, edge:] = True
     coadd_psf = build_coadd_psf(
-        [psf_a, psf_b], np.array([1.0, 1.0]), [(0, 0), (0, 0)],
+        [psf_a, psf_b],
+        np.array([1.0, 1.0]),
+        [(0, 0), (0, 0)],
         [block_sums(used_a, 0, 0, block), block_sums(used_b[:, edge:], 0, edge, block)],
-        [(0, 0), (edge // block, 0)], block=block, shape=shape, cell_size=64,
-    )  # fmt: skip
+        [(0, 0), (edge // block, 0)],
+        block=block,
+        shape=shape,
+        cell_size=64,
+    )
     # Bright isolated stars 12 pixels left and right of the edge (alternate rows) and far
     # from it on either side.
     ys = np.arange(20.0, 185.0, 30.0) + 0.3
@@ -452,10 +474,12 @@ def test_exact_coadd_psf_removes_the_bias_at_a_coverage_edge():
 
     def jumps(bias_mag: np.ndarray) -> np.ndarray:
         # How far sources near the edge are off from the far ones on their own side.
-        return np.array([
-            np.median(bias_mag[left]) - np.median(bias_mag[far_left]),
-            np.median(bias_mag[right]) - np.median(bias_mag[far_right]),
-        ])  # fmt: skip
+        return np.array(
+            [
+                np.median(bias_mag[left]) - np.median(bias_mag[far_left]),
+                np.median(bias_mag[right]) - np.median(bias_mag[far_right]),
+            ]
+        )
 
     smooth = bias()
     exact = bias(coadd_psfs={"r": coadd_psf})
@@ -470,14 +494,21 @@ def test_a_masked_star_core_gives_one_peak_not_a_ring():
     # A bright star whose core is masked in the coadd (saturated in every input).
     shape = (120, 120)
     profile = moffat_psf(3.5)
-    scene = Scene(np.array([60.3]), np.array([59.7]), {"r": np.array([5e6])},
-                  np.array(["star"]), np.zeros(1))  # fmt: skip
-    image, variance = render_band(shape, scene, "r", profile, sky_sigma=5.0,
-                                  rng=np.random.default_rng(8))  # fmt: skip
+    scene = Scene(
+        np.array([60.3]), np.array([59.7]), {"r": np.array([5e6])}, np.array(["star"]), np.zeros(1)
+    )
+    image, variance = render_band(
+        shape, scene, "r", profile, sky_sigma=5.0, rng=np.random.default_rng(8)
+    )
     yy, xx = np.mgrid[: shape[0], : shape[1]]
     core = np.hypot(xx - 60.3, yy - 59.7) < 5.0
-    coadd = exposure_from(image, variance, wcs=tan_wcs(shape),
-                          psf=PsfModel.constant(psf_kernel(profile)), no_data=core)  # fmt: skip
+    coadd = exposure_from(
+        image,
+        variance,
+        wcs=tan_wcs(shape),
+        psf=PsfModel.constant(psf_kernel(profile)),
+        no_data=core,
+    )
     ring = objects.detect_coadd_sources(coadd, hole_radius_fwhm=0.0)
     filled = objects.detect_coadd_sources(coadd)
     assert len(ring) > 1  # the hole's rim makes false peaks when left empty
@@ -499,13 +530,17 @@ def test_psf_fluxes_take_the_inputs_aperture_corrections():
     used_b[:, edge:] = True
     inputs = dict(
         psfs=[PsfModel.constant(kernel_a), PsfModel.constant(kernel_b)],
-        weights=np.array([1.0, 1.0]), origins=[(0, 0), (0, 0)],
-        coverage=[block_sums(np.ones(shape, dtype=bool), 0, 0, block),
-                  block_sums(used_b[:, edge:], 0, edge, block)],
+        weights=np.array([1.0, 1.0]),
+        origins=[(0, 0), (0, 0)],
+        coverage=[
+            block_sums(np.ones(shape, dtype=bool), 0, 0, block),
+            block_sums(used_b[:, edge:], 0, edge, block),
+        ],
         block_origin=[(0, 0), (edge // block, 0)],
-    )  # fmt: skip
-    with_apcorr = build_coadd_psf(*inputs.values(), block=block, shape=shape, cell_size=64,
-                                  aperture_corrections=apcorr)  # fmt: skip
+    )
+    with_apcorr = build_coadd_psf(
+        *inputs.values(), block=block, shape=shape, cell_size=64, aperture_corrections=apcorr
+    )
     without = build_coadd_psf(*inputs.values(), block=block, shape=shape, cell_size=64)
     ys = np.arange(20.0, 185.0, 30.0) + 0.3
     x = np.concatenate([np.full(ys.size, 60.4), np.full(ys.size, 260.1)])
@@ -518,15 +553,14 @@ def test_psf_fluxes_take_the_inputs_aperture_corrections():
             light = kernel_a / ratios[0]
             if xi > edge:
                 light = 0.5 * (light + kernel_b / ratios[1])
-            add_model_star(image, PsfModel.constant(light / light.sum()), xi, yi,
-                           flux * light.sum())  # fmt: skip
-        return exposure_from(image, np.full(shape, sigma**2), wcs=tan_wcs(shape),
-                             psf=without.model)  # fmt: skip
+            add_model_star(
+                image, PsfModel.constant(light / light.sum()), xi, yi, flux * light.sum()
+            )
+        return exposure_from(image, np.full(shape, sigma**2), wcs=tan_wcs(shape), psf=without.model)
 
     def dmag(coadd: Exposure, coadd_psf, **kwargs: object) -> tuple[np.ndarray, pd.DataFrame]:
         merged = objects.merge_detections({"r": objects.detect_coadd_sources(coadd)}, coadd.wcs)
-        table = objects.measure_objects({"r": coadd}, merged, coadd_psfs={"r": coadd_psf},
-                                        **kwargs)  # fmt: skip
+        table = objects.measure_objects({"r": coadd}, merged, coadd_psfs={"r": coadd_psf}, **kwargs)
         dist, index = cKDTree(np.column_stack([table["x"], table["y"]])).query(
             np.column_stack([x, y])
         )

@@ -66,9 +66,11 @@ def _shifted_refcat(ccd, tmp_path, *, keep: int | None = None, shift_deg: float 
     write_csv(table, tmp_path / "refcat.csv", header_prefix="#")
     manifest = tmp_path / "shards" / "manifest.json"
     shard_refcat(
-        refcat_path=str(tmp_path / "refcat.csv"), columns=plan.refcat_columns, nside=64,
+        refcat_path=str(tmp_path / "refcat.csv"),
+        columns=plan.refcat_columns,
+        nside=64,
         manifest_path=str(manifest),
-    )  # fmt: skip
+    )
     return str(manifest)
 
 
@@ -81,9 +83,21 @@ def test_a_good_ccd_gives_calexp_src_and_row(ccd, tmp_path):
         and calexp.psf.size == DEFAULTS["calibrate"]["psf_kernel_size"]
     )
     assert set(src.columns) >= {
-        "sourceId", "visit", "detector", "band", "ra", "dec", "x", "y", "psfFlux",
-        "psfFluxErr", "apFlux", "apFluxErr", "extendedness", "flags",
-    }  # fmt: skip
+        "sourceId",
+        "visit",
+        "detector",
+        "band",
+        "ra",
+        "dec",
+        "x",
+        "y",
+        "psfFlux",
+        "psfFluxErr",
+        "apFlux",
+        "apFluxErr",
+        "extendedness",
+        "flags",
+    }
     assert src["sourceId"].is_unique and len(src) == row["nSources"]
     # The calexp is in nJy: a bright star's PSF flux equals its aperture flux roughly.
     bright = src[(src["snr"] > 100) & (src["extendedness"] == 0)]
@@ -110,8 +124,16 @@ def test_all_nan_eimage_is_flagged(ccd, tmp_path):
     header["GAIN"] = 1.0
     eimage = tmp_path / "eimage.fits"
     write_image_file(eimage, header, [], primary_data=np.full((64, 64), np.nan, dtype=np.float32))
-    row, src = _run(ccd, tmp_path, raw_path=str(eimage), image_format="eimage",
-                    bias_path=None, dark_path=None, flat_path=None, defects_path=None)  # fmt: skip
+    row, src = _run(
+        ccd,
+        tmp_path,
+        raw_path=str(eimage),
+        image_format="eimage",
+        bias_path=None,
+        dark_path=None,
+        flat_path=None,
+        defects_path=None,
+    )
     _assert_failed(row, src, tmp_path, CcdVisitFlag.BAD_IMAGE, "ISR")
 
 

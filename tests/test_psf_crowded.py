@@ -184,9 +184,17 @@ def test_neighbour_flux_fraction_counts_only_other_footprints():
     seg = np.zeros((40, 40), dtype=np.int32)
     seg[18:23, 18:23] = 1  # the star
     seg[18:23, 26:29] = 2  # a neighbour 7 px away: 15 pixels of flux 1
-    frac = neighbour_flux_fraction(image, seg, np.array([1, 1]), [20.0, 20.0], [20.0, 20.0],
-                                   radius=10.0, flux=np.array([100.0, 100.0]))  # fmt: skip
+    frac = neighbour_flux_fraction(
+        image,
+        seg,
+        np.array([1, 1]),
+        [20.0, 20.0],
+        [20.0, 20.0],
+        radius=10.0,
+        flux=np.array([100.0, 100.0]),
+    )
     assert frac == pytest.approx([0.15, 0.15])
-    near = neighbour_flux_fraction(image, seg, np.array([1]), [20.0], [20.0], radius=5.0,
-                                   flux=np.array([100.0]))  # fmt: skip
+    near = neighbour_flux_fraction(
+        image, seg, np.array([1]), [20.0], [20.0], radius=5.0, flux=np.array([100.0])
+    )
     assert near[0] == 0.0

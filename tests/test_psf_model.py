@@ -62,10 +62,16 @@ def test_fit_box_holds_the_model_beyond_its_stars():
     # kernel = narrow + u^2 (wide - narrow): fine for |u| <= 1, a negative core beyond ~1.5
     basis = np.zeros((6, 25, 25))
     basis[0], basis[3] = narrow, wide - narrow
-    free = PsfModel(basis=basis, order=2, x_center=50.0, y_center=50.0, x_scale=50.0,
-                    y_scale=50.0)  # fmt: skip
-    boxed = PsfModel(basis=basis, order=2, x_center=50.0, y_center=50.0, x_scale=50.0,
-                     y_scale=50.0, fit_box=(10.0, 90.0, 20.0, 80.0))  # fmt: skip
+    free = PsfModel(basis=basis, order=2, x_center=50.0, y_center=50.0, x_scale=50.0, y_scale=50.0)
+    boxed = PsfModel(
+        basis=basis,
+        order=2,
+        x_center=50.0,
+        y_center=50.0,
+        x_scale=50.0,
+        y_scale=50.0,
+        fit_box=(10.0, 90.0, 20.0, 80.0),
+    )
     assert free.kernel_at(-40.0, 50.0)[12, 12] < 0  # u = -1.8
     assert boxed.kernel_at(-40.0, 50.0).min() >= 0
     np.testing.assert_allclose(boxed.kernel_at(-40.0, 95.0), free.kernel_at(10.0, 80.0))

@@ -21,13 +21,18 @@ from workflow_lib.single_frame.refcat import (
 )
 from workflow_lib.steps.refcat import load_refcat_region, read_manifest, shard_refcat
 
-DEFAULT = RefcatColumns(id="id", ra="ra", dec="dec", is_star="is_star", is_variable="is_variable",
-                        mags={}, mag_errs={})  # fmt: skip
+DEFAULT = RefcatColumns(
+    id="id", ra="ra", dec="dec", is_star="is_star", is_variable="is_variable", mags={}, mag_errs={}
+)
 PHOSIM = {
-    "id": "uniqueId", "ra": "raJ2000", "dec": "decJ2000", "is_star": "starnotgal",
-    "is_variable": "isvariable", "mags": {"g": "lsst_g", "r": "lsst_r", "i": "lsst_i"},
+    "id": "uniqueId",
+    "ra": "raJ2000",
+    "dec": "decJ2000",
+    "is_star": "starnotgal",
+    "is_variable": "isvariable",
+    "mags": {"g": "lsst_g", "r": "lsst_r", "i": "lsst_i"},
     "mag_errs": {},
-}  # fmt: skip
+}
 
 
 def default_table(rng: np.random.Generator, n: int = 50) -> pd.DataFrame:
@@ -63,8 +68,16 @@ def test_standardize_default_layout():
     rng = np.random.default_rng(1)
     out = standardize_refcat(default_table(rng), DEFAULT)
     assert list(out.columns) == [
-        "id", "ra", "dec", "g_mag", "g_mag_err", "r_mag", "r_mag_err", "is_star", "is_variable",
-    ]  # fmt: skip
+        "id",
+        "ra",
+        "dec",
+        "g_mag",
+        "g_mag_err",
+        "r_mag",
+        "r_mag_err",
+        "is_star",
+        "is_variable",
+    ]
     assert out["id"].dtype == np.int64 and out["is_star"].all() and not out["is_variable"].any()
     assert out["g_mag_err"].isna().all() and (out["r_mag_err"] == 0.01).all()
     only_r = standardize_refcat(default_table(rng), DEFAULT, bands=["r"])
@@ -158,8 +171,9 @@ def test_shard_and_load_phosim_refcat(tiny_refcat, tmp_path):
     empty = load_refcat_region(shard_dir=str(out), ra=ra0 + 90, dec=0.0, radius_deg=0.2)
     assert len(empty) == 0 and list(empty.columns) == list(full.columns)
     # Rerun at another nside through the rule's manifest path: stale shards go away.
-    shard_refcat(refcat_path=str(path), columns=PHOSIM, manifest_path=str(out / "manifest.json"),
-                 nside=64)  # fmt: skip
+    shard_refcat(
+        refcat_path=str(path), columns=PHOSIM, manifest_path=str(out / "manifest.json"), nside=64
+    )
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["nside"] == 64
     assert len(list(out.glob("refcat_*.parquet"))) == len(manifest["shards"])
@@ -184,8 +198,12 @@ def test_bad_refcat_and_missing_manifest(tmp_path):
     table = default_table(rng).drop(columns="dec")
     write_csv(table, tmp_path / "bad.csv")
     with pytest.raises(ValueError, match=r"bad\.csv: missing dec column 'dec'"):
-        shard_refcat(refcat_path=str(tmp_path / "bad.csv"), columns={}, nside=32,
-                     output_dir=str(tmp_path / "s"))  # fmt: skip
+        shard_refcat(
+            refcat_path=str(tmp_path / "bad.csv"),
+            columns={},
+            nside=32,
+            output_dir=str(tmp_path / "s"),
+        )
     assert not (tmp_path / "s" / "manifest.json").exists()
     with pytest.raises(FileNotFoundError, match="manifest"):
         load_refcat_region(shard_dir=str(tmp_path / "s"), ra=0.0, dec=0.0, radius_deg=1.0)

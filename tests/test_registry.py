@@ -255,9 +255,12 @@ def test_registry_of_an_older_version_is_refused_clearly(tmp_path, write_fake_ra
     write_fake_raw(tmp_path / "raw" / "a.fits")
     out = tmp_path / "registry.parquet"
     ingest_raw(
-        raw_dir=str(tmp_path / "raw"), registry_path=str(out),
-        problems_path=str(tmp_path / "problems.csv"), image_format="raw", on_bad_file="fail",
-    )  # fmt: skip
+        raw_dir=str(tmp_path / "raw"),
+        registry_path=str(out),
+        problems_path=str(tmp_path / "problems.csv"),
+        image_format="raw",
+        on_bad_file="fail",
+    )
     current = read_registry(out)
     assert np.isfinite(current[list(CORNER_COLUMNS)].to_numpy(float)).all()
 

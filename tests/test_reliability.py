@@ -25,16 +25,25 @@ from workflow_lib.plans.stale_locks import RUNS_DIR, clear_stale_locks_and_regis
 def _command(run_dir: Path, config: dict, *args: str) -> list[str]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "override.yaml").write_text(yaml.safe_dump(config))
-    return [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(run_dir),
-            "--configfile", str(run_dir / "override.yaml"), *args]  # fmt: skip
+    return [
+        SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(run_dir),
+        "--configfile",
+        str(run_dir / "override.yaml"),
+        *args,
+    ]
 
 
 def _kill_when(command: list[str], ready: Callable[[], bool], *, hash_seed: int) -> None:
     """Start the run and SIGKILL Snakemake and every job process once ``ready()``."""
     env = {**os.environ, "PYTHONHASHSEED": str(hash_seed)}
     with open(Path(command[command.index("-d") + 1]) / f"killed_{hash_seed}.log", "w") as log:
-        run = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
-                               start_new_session=True)  # fmt: skip
+        run = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
         deadline = time.monotonic() + 900
         while run.poll() is None and not ready() and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -105,11 +114,24 @@ def test_one_changed_parameter_reruns_only_what_depends_on_it(tiny_run):
     assert n_forced == len(list((tiny_run / "results" / "forced").rglob("*.parquet")))
     assert {"coadd_objects", "object_table", "forced_source_table"} <= set(counts)
     upstream = {
-        "simulate_scene", "simulate_exposure", "simulate_calibrations", "ingest_raw",
-        "shard_refcat", "make_skymap", "master_bias", "master_dark", "master_flat", "defects",
-        "process_ccd", "warp", "deep_coadd", "template_coadd", "ccdvisit_table",
-        "source_table", "qa_ccd_visits",
-    }  # fmt: skip
+        "simulate_scene",
+        "simulate_exposure",
+        "simulate_calibrations",
+        "ingest_raw",
+        "shard_refcat",
+        "make_skymap",
+        "master_bias",
+        "master_dark",
+        "master_flat",
+        "defects",
+        "process_ccd",
+        "warp",
+        "deep_coadd",
+        "template_coadd",
+        "ccdvisit_table",
+        "source_table",
+        "qa_ccd_visits",
+    }
     assert not upstream & set(counts), counts
     assert "Params have changed since last execution" in dry.stdout
     (tiny_run / "override.yaml").write_text(yaml.safe_dump(TINY))  # as the other tests expect

@@ -28,10 +28,25 @@ from workflow_lib.single_frame.isr import assemble_amplifiers
 PRESET = "tiny"
 SEED = 7
 CONTRACT_KEYS = (
-    "OBSTYPE", "EXPID", "DETECTOR", "FILTER", "MJD-OBS", "EXPTIME", "RA", "DEC",
-    "CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2",
-    "CD1_1", "CD1_2", "CD2_1", "CD2_2",
-)  # fmt: skip
+    "OBSTYPE",
+    "EXPID",
+    "DETECTOR",
+    "FILTER",
+    "MJD-OBS",
+    "EXPTIME",
+    "RA",
+    "DEC",
+    "CTYPE1",
+    "CTYPE2",
+    "CRVAL1",
+    "CRVAL2",
+    "CRPIX1",
+    "CRPIX2",
+    "CD1_1",
+    "CD1_2",
+    "CD2_1",
+    "CD2_2",
+)
 AMP_KEYS = ("EXTNAME", "DATASEC", "BIASSEC", "DETSEC", "GAIN", "RDNOISE", "SATURATE")
 
 
@@ -56,9 +71,12 @@ def sim(tmp_path_factory):
         for exposure in reg["exposure"].unique():
             out = {d: root / fmt / f"{fmt}_{exposure}_{d}.fits" for d in plan.detectors}
             simulate_exposures(
-                preset=PRESET, seed=SEED, output_paths={int(exposure): out},
-                truth_object_path=paths["truth_object_path"], image_format=fmt,
-            )  # fmt: skip
+                preset=PRESET,
+                seed=SEED,
+                output_paths={int(exposure): out},
+                truth_object_path=paths["truth_object_path"],
+                image_format=fmt,
+            )
             files.update({(fmt, int(exposure), d): p for d, p in out.items()})
     return {
         "root": root,
@@ -117,11 +135,25 @@ def test_registry_schema():
     plan = plan_survey(get_preset(PRESET), SEED)
     raw = plan.registry("raw")
     assert list(raw.columns) == [
-        "exposure", "visit", "detector", "obstype", "band", "mjd",
-        "exptime", "darktime", "ra", "dec",
-        "corner_ra_1", "corner_ra_2", "corner_ra_3", "corner_ra_4",
-        "corner_dec_1", "corner_dec_2", "corner_dec_3", "corner_dec_4",
-    ]  # fmt: skip
+        "exposure",
+        "visit",
+        "detector",
+        "obstype",
+        "band",
+        "mjd",
+        "exptime",
+        "darktime",
+        "ra",
+        "dec",
+        "corner_ra_1",
+        "corner_ra_2",
+        "corner_ra_3",
+        "corner_ra_4",
+        "corner_dec_1",
+        "corner_dec_2",
+        "corner_dec_3",
+        "corner_dec_4",
+    ]
     for col in ("exposure", "visit", "detector"):
         assert raw[col].dtype == np.int64
     assert set(raw["obstype"]) == {"science", "bias", "dark", "flat"}
@@ -143,8 +175,20 @@ def test_truth_tables(sim):
     obj = sim["truth_object"]
     assert set(obj["kind"]) == {"star", "galaxy", "transient", "variable"}
     assert obj["id"].is_unique and obj["id"].dtype == np.int64
-    for col in ("ra", "dec", "g_mag", "r_mag", "i_mag", "sersic_n", "hlr_arcsec", "e1", "e2",
-                "host_id", "in_refcat", "t0_mjd"):  # fmt: skip
+    for col in (
+        "ra",
+        "dec",
+        "g_mag",
+        "r_mag",
+        "i_mag",
+        "sersic_n",
+        "hlr_arcsec",
+        "e1",
+        "e2",
+        "host_id",
+        "in_refcat",
+        "t0_mjd",
+    ):
         assert col in obj
     gal = obj[obj["kind"] == "galaxy"]
     assert gal["hlr_arcsec"].between(0.2, 1.5).all()
@@ -276,9 +320,12 @@ def test_determinism(sim, tmp_path):
     for fmt, exposure in cases:
         out = {d: tmp_path / f"{fmt}_{exposure}_{d}.fits" for d in plan.detectors}
         simulate_exposures(
-            preset=PRESET, seed=SEED, output_paths={exposure: out},
-            truth_object_path=sim["root"] / "truth_object.parquet", image_format=fmt,
-        )  # fmt: skip
+            preset=PRESET,
+            seed=SEED,
+            output_paths={exposure: out},
+            truth_object_path=sim["root"] / "truth_object.parquet",
+            image_format=fmt,
+        )
         for d in plan.detectors:
             _, a = read_image_hdus(out[d])
             _, b = read_image_hdus(sim["files"][(fmt, exposure, d)])
@@ -339,8 +386,9 @@ def test_raw_calibrated_by_truth_matches_eimage(sim):
     eimage = read_image_hdus(files[("eimage", visit, det)])[1][0][0].astype(np.float64)
 
     crs = np.zeros(resp.shape)
-    mask = add_cosmic_rays(crs, rng_for(SEED, "cosmic_rays", visit, det), rate=p.cr_rate,
-                           darktime=info["darktime"])  # fmt: skip
+    mask = add_cosmic_rays(
+        crs, rng_for(SEED, "cosmic_rays", visit, det), rate=p.cr_rate, darktime=info["darktime"]
+    )
     mask |= sat | (resp < 0.8 * med) | (dark_rate_map(p, SEED, det) > 0.1) | (eimage > 8e4)
     for e in range(900_100, 900_100 + p.n_dark):  # CRs of the dark frames
         mask |= (_assembled(files[("raw", e, det)])[0] - bias) * gain > 200
@@ -375,10 +423,15 @@ def _stars_on(sim, visit: int, det: int, image: np.ndarray, *, wcs: WCS):
         f = flux_e[idx] / flux_e[i]
         near[i] = np.any((d > 0) & (((d < 20) & (f > 0.005)) | ((d < 40) & (f > 1.0))))
     ok = (
-        (obj["kind"] == "star").to_numpy() & ~near
-        & (x > 40) & (x < image.shape[1] - 40) & (y > 40) & (y < image.shape[0] - 40)
-        & (flux_e < 2.0e5 * (ccd["seeing"] / 0.6) ** 2) & (flux_e > 3e3)
-    )  # fmt: skip
+        (obj["kind"] == "star").to_numpy()
+        & ~near
+        & (x > 40)
+        & (x < image.shape[1] - 40)
+        & (y > 40)
+        & (y < image.shape[0] - 40)
+        & (flux_e < 2.0e5 * (ccd["seeing"] / 0.6) ** 2)
+        & (flux_e > 3e3)
+    )
     return x[ok], y[ok], flux_e[ok], ccd
 
 

@@ -140,8 +140,11 @@ def test_default_presets_keep_their_sky():
         p = get_preset(name)
         assert p.galaxy_mag_max == 25.5 and p.pixel_scale == 0.2
         assert (p.rotation_offset_deg, p.parity_flip, p.raw_dtype, p.obstype_keyword) == (
-            0.0, False, "int32", "OBSTYPE",
-        )  # fmt: skip
+            0.0,
+            False,
+            "int32",
+            "OBSTYPE",
+        )
         assert p.header_wcs_offset_arcsec == 4.0 and p.header_wcs_rotation_deg == (0.1, 0.3)
         assert p.template_seeing == (0.48, 0.6) and p.later_seeing == (0.68, 1.2)
 
@@ -201,9 +204,11 @@ def highlat_tiny(tmp_path_factory):
     visit = int(plan.later_visits("r")["visit"].iloc[0])
     out = {d: root / f"raw_{visit}_{d}.fits" for d in plan.detectors}
     simulate_exposures(
-        preset="highlat_tiny", seed=SEED, output_paths={visit: out},
+        preset="highlat_tiny",
+        seed=SEED,
+        output_paths={visit: out},
         truth_object_path=paths["truth_object_path"],
-    )  # fmt: skip
+    )
     return {"plan": plan, "visit": visit, "files": out, **{k: v for k, v in paths.items()}}
 
 

@@ -62,9 +62,15 @@ def test_bad_image_is_a_flagged_row_not_a_crash():
     from workflow_lib.core.config import load_config
 
     result = process_single_frame(
-        exposure, pd.DataFrame(), visit=1, detector=2, band="r", mjd=60600.0, exptime=30.0,
+        exposure,
+        pd.DataFrame(),
+        visit=1,
+        detector=2,
+        band="r",
+        mjd=60600.0,
+        exptime=30.0,
         config=load_config({}).calibrate,
-    )  # fmt: skip
+    )
     assert result.failed
     assert result.ccd_visit["flags"] & CcdVisitFlag.FAILED
     assert result.ccd_visit["flags"] & CcdVisitFlag.BAD_IMAGE
@@ -76,11 +82,15 @@ def test_consolidation_and_summary_list_failed_ccds(tmp_path):
     rows = [
         ccd_visit_row(visit=2, detector=0, band="r", mjd=60600.0, exptime=30.0, flags=0),
         ccd_visit_row(
-            visit=1, detector=1, band="r", mjd=60600.0, exptime=30.0,
+            visit=1,
+            detector=1,
+            band="r",
+            mjd=60600.0,
+            exptime=30.0,
             flags=int(CcdVisitFlag.FAILED | CcdVisitFlag.NO_REFERENCE_STARS),
             fail_reason="no reference stars overlap this CCD",
         ),
-    ]  # fmt: skip
+    ]
     paths = []
     for i, row in enumerate(rows):
         paths.append(str(tmp_path / f"row{i}.parquet"))
@@ -127,11 +137,17 @@ def test_streamed_consolidation_equals_concatenating_and_sorting(tmp_path):
     rng = np.random.default_rng(4)
     pieces = []
     for visit, detector, n in [(3, 1, 5), (1, 2, 0), (1, 0, 7), (2, 0, 4), (1, 0, 3), (3, 0, 6)]:
-        pieces.append(pd.DataFrame({
-            "sourceId": rng.integers(0, 2**62, n), "visit": np.full(n, visit),
-            "detector": np.full(n, detector), "band": ["r"] * n if n else [],
-            "psfFlux": rng.normal(size=n).astype(np.float32),
-        }))  # fmt: skip
+        pieces.append(
+            pd.DataFrame(
+                {
+                    "sourceId": rng.integers(0, 2**62, n),
+                    "visit": np.full(n, visit),
+                    "detector": np.full(n, detector),
+                    "band": ["r"] * n if n else [],
+                    "psfFlux": rng.normal(size=n).astype(np.float32),
+                }
+            )
+        )
     paths = []
     for i, piece in enumerate(pieces):
         paths.append(str(tmp_path / f"p{i}.parquet"))
@@ -162,8 +178,13 @@ def test_process_ccd_inputs_follow_the_available_calibrations():
     visit, detector = plan.science_ids[0]
     inputs = plan.process_ccd_inputs({"visit": str(visit), "detector": str(detector)})
     assert set(inputs) == {
-        "raw_path", "refcat_manifest_path", "bias_path", "dark_path", "flat_path", "defects_path",
-    }  # fmt: skip
+        "raw_path",
+        "refcat_manifest_path",
+        "bias_path",
+        "dark_path",
+        "flat_path",
+        "defects_path",
+    }
     band = plan.science.set_index(["visit", "detector"]).loc[(visit, detector), "band"]
     assert inputs["flat_path"].endswith(f"flat_{band}_{detector}.fits")
 
@@ -179,12 +200,13 @@ def test_metrics_against_a_known_truth():
     n_stars, visits = 40, [10, 11, 12, 13]
     truth = pd.DataFrame(
         {
-            "id": np.arange(n_stars), "kind": "star",
+            "id": np.arange(n_stars),
+            "kind": "star",
             "ra": 56.0 + rng.uniform(0, 0.05, n_stars),
             "dec": -30.0 + rng.uniform(0, 0.05, n_stars),
             "r_mag": rng.uniform(17, 20, n_stars),
         }
-    )  # fmt: skip
+    )
     rows = []
     for visit in visits:
         err_mag = rng.normal(0, 0.004, n_stars)  # 4 mmag per-visit scatter
@@ -207,9 +229,21 @@ def test_metrics_against_a_known_truth():
         )
     sources = pd.concat(rows, ignore_index=True)
     ccd = pd.DataFrame(
-        [ccd_visit_row(visit=v, detector=0, band="r", mjd=0, exptime=30, flags=0, seeing=0.8,
-                       zeroPoint=28.003, astromRms=0.005) for v in visits]
-    )  # fmt: skip
+        [
+            ccd_visit_row(
+                visit=v,
+                detector=0,
+                band="r",
+                mjd=0,
+                exptime=30,
+                flags=0,
+                seeing=0.8,
+                zeroPoint=28.003,
+                astromRms=0.005,
+            )
+            for v in visits
+        ]
+    )
     truth_ccd = pd.DataFrame({"visit": visits, "detector": 0, "zero_point": 28.0, "seeing": 0.8})
     m = single_frame_metrics(sources, ccd, truth, truth_ccd)
     assert m["zero_point_abs_diff_median_mmag"] == pytest.approx(3.0, abs=1e-6)

@@ -342,10 +342,13 @@ def _registry_rows(ra_centres, dec_centres, rng):
         if k % 2:  # either sense round the polygon
             ra, dec = ra[::-1], dec[::-1]
         rows.append(
-            {"visit": 1000 + k // 3, "detector": k % 3,
-             **dict(zip(CORNER_RA_COLUMNS, ra, strict=True)),
-             **dict(zip(CORNER_DEC_COLUMNS, dec, strict=True))}
-        )  # fmt: skip
+            {
+                "visit": 1000 + k // 3,
+                "detector": k % 3,
+                **dict(zip(CORNER_RA_COLUMNS, ra, strict=True)),
+                **dict(zip(CORNER_DEC_COLUMNS, dec, strict=True)),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -379,10 +382,12 @@ def test_ccd_patches_with_a_margin_hold_the_points_near_each_ccd():
             shift = 0.95 * margin / 3600.0
             grown.append(
                 tan_deproject(
-                    xi[a] + t * ex + shift * normal[0], eta[a] + t * ey + shift * normal[1],
-                    ra0, dec0,
+                    xi[a] + t * ex + shift * normal[0],
+                    eta[a] + t * ey + shift * normal[1],
+                    ra0,
+                    dec0,
                 )
-            )  # fmt: skip
+            )
         near_ra = np.concatenate([g[0] for g in grown])
         near_dec = np.concatenate([g[1] for g in grown])
         expected = _outer_patches_holding(skymap, near_ra, near_dec)
@@ -395,9 +400,10 @@ def test_ccd_patches_of_ccds_off_the_map_and_bad_rows():
     rng = np.random.default_rng(2)
     rows = _registry_rows([10.0, 10.1, 80.0], [0.0, 0.0, 40.0], rng)
     fitted = discrete_sky_map(
-        rows.loc[:1, list(CORNER_RA_COLUMNS)], rows.loc[:1, list(CORNER_DEC_COLUMNS)],
+        rows.loc[:1, list(CORNER_RA_COLUMNS)],
+        rows.loc[:1, list(CORNER_DEC_COLUMNS)],
         **SMALL_PATCHES,
-    )  # fmt: skip
+    )
     result = ccd_patches(rows, fitted, margin_arcsec=5.0)
     assert result[(1000, 2)] == [] and len(result[(1000, 0)]) > 0
     rows.loc[1, "corner_dec_3"] = np.nan
@@ -412,12 +418,26 @@ def test_to_dict_from_dict_round_trip_through_json():
     rng = np.random.default_rng(4)
     ra, dec = _dithered_ccd_corners(359.98, -60.0, rng)
     maps = [
-        rings_sky_map(num_rings=50, tract_overlap_deg=0.02, pixel_scale_arcsec=0.3,
-                      patch_inner_size=2000, patch_border=60, projection="STG",
-                      ra_start_deg=12.5),
-        discrete_sky_map(ra, dec, border_deg=0.013, tract_id=3, tract_overlap_deg=0.001,
-                         pixel_scale_arcsec=0.25, patch_inner_size=700, patch_border=20),
-    ]  # fmt: skip
+        rings_sky_map(
+            num_rings=50,
+            tract_overlap_deg=0.02,
+            pixel_scale_arcsec=0.3,
+            patch_inner_size=2000,
+            patch_border=60,
+            projection="STG",
+            ra_start_deg=12.5,
+        ),
+        discrete_sky_map(
+            ra,
+            dec,
+            border_deg=0.013,
+            tract_id=3,
+            tract_overlap_deg=0.001,
+            pixel_scale_arcsec=0.25,
+            patch_inner_size=700,
+            patch_border=20,
+        ),
+    ]
     test_ra, test_dec = _sphere_sample(rng, 2000)
     test_ra, test_dec = np.append(test_ra, ra.ravel()), np.append(test_dec, dec.ravel())
     for skymap in maps:

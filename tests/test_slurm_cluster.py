@@ -59,8 +59,9 @@ def slurm_env(tmp_path_factory):
             pytest.fail(f"the real SLURM test must run in CI, but it {reason}")
         pytest.skip(f"real SLURM cluster test skipped: it {reason}")
     state = tmp_path_factory.mktemp("slurm-cluster")
-    up = subprocess.run(["bash", str(CLUSTER_SCRIPT), "up", str(state)],
-                        capture_output=True, text=True, timeout=900)  # fmt: skip
+    up = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "up", str(state)], capture_output=True, text=True, timeout=900
+    )
     try:
         if up.returncode != 0:
             pytest.fail(f"cluster.sh up failed ({up.returncode}):\n{up.stderr[-4000:]}")
@@ -76,19 +77,24 @@ def _raw_mode_config(sim_root: Path, visits: list[int]) -> dict:
             "raw_dir": str(sim_root / "sim/raw"),
             "refcat": str(sim_root / "sim/refcat/refcat_phosim.csv"),
             "refcat_columns": {
-                "id": "uniqueId", "ra": "raJ2000", "dec": "decJ2000", "is_star": "starnotgal",
-                "is_variable": "isvariable", "mags": {"g": "lsst_g", "r": "lsst_r", "i": "lsst_i"},
+                "id": "uniqueId",
+                "ra": "raJ2000",
+                "dec": "decJ2000",
+                "is_star": "starnotgal",
+                "is_variable": "isvariable",
+                "mags": {"g": "lsst_g", "r": "lsst_r", "i": "lsst_i"},
             },
         },
         "select": {"visit": visits},
-    }  # fmt: skip
+    }
 
 
 def _cancel_once(env: dict, comment: str, done: threading.Event, cancelled: list[str]) -> None:
     """``scancel`` the first running SLURM job whose comment holds ``comment``."""
     while not done.is_set():
-        queue = subprocess.run(["squeue", "-h", "-o", "%i|%k|%T"], env=env,
-                               capture_output=True, text=True, timeout=30)  # fmt: skip
+        queue = subprocess.run(
+            ["squeue", "-h", "-o", "%i|%k|%T"], env=env, capture_output=True, text=True, timeout=30
+        )
         for line in queue.stdout.splitlines():
             job_id, job_comment, state = line.split("|")
             if comment in job_comment and state == "RUNNING":
@@ -104,8 +110,9 @@ def _run_bounded(
 ) -> tuple[subprocess.CompletedProcess, list[str]]:
     """Run Snakemake, ``scancel`` one job of it once; past the limit SIGTERM (it cancels
     its SLURM jobs), then SIGKILL. Returns the run and the ids of the cancelled jobs."""
-    proc = subprocess.Popen(command, cwd=cwd, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc = subprocess.Popen(
+        command, cwd=cwd, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     done, cancelled = threading.Event(), []
     canceller = threading.Thread(target=_cancel_once, args=(env, cancel_comment, done, cancelled))
     canceller.start()
@@ -129,8 +136,12 @@ def _sacct(env: dict, *args: str) -> list[dict[str, str]]:
     fields = ["JobID", "JobName", "State", "ExitCode", "Comment", "AllocCPUS"]
     result = subprocess.run(
         ["sacct", "-X", "-P", "-n", "-o", ",".join(fields), *args],
-        env=env, capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     return [dict(zip(fields, line.split("|"), strict=True)) for line in result.stdout.splitlines()]
 
 
@@ -142,17 +153,29 @@ def test_tiny_survey_through_the_slurm_profile(slurm_env, tiny_run, tmp_path):
     configfile = tmp_path / "override.yaml"
     configfile.write_text(yaml.safe_dump(_raw_mode_config(tiny_run / "results", visits)))
     command = [
-        SNAKEMAKE, "-s", str(REPO / "Snakefile"), "-d", str(tmp_path),
-        "--configfile", str(configfile), "--workflow-profile", str(REPO / "profiles/slurm"),
+        SNAKEMAKE,
+        "-s",
+        str(REPO / "Snakefile"),
+        "-d",
+        str(tmp_path),
+        "--configfile",
+        str(configfile),
+        "--workflow-profile",
+        str(REPO / "profiles/slurm"),
         # Poll often: the jobs here take seconds, not hours.
-        "--slurm-init-seconds-before-status-checks", "2",
-        "--seconds-between-status-checks", "3",
+        "--slurm-init-seconds-before-status-checks",
+        "2",
+        "--seconds-between-status-checks",
+        "3",
         # The profile sizes the whole-survey tables for DC2 (up to 16 GB); a
         # test node may have less, and a job asking for more never starts.
-        "--set-resources", *(f"{rule}:mem_mb=2000" for rule in (
-            "ccdvisit_table", "source_table", "object_table", "forced_source_table")),
+        "--set-resources",
+        *(
+            f"{rule}:mem_mb=2000"
+            for rule in ("ccdvisit_table", "source_table", "object_table", "forced_source_table")
+        ),
         "--verbose",
-    ]  # fmt: skip
+    ]
     # One visit's job is cancelled mid-run (scancel): the profile's retries
     # resubmit it, and the rest of the DAG goes on.
     result, cancelled = _run_bounded(

@@ -53,8 +53,11 @@ def test_ccds_are_grouped_per_visit_and_calibrations_per_detector(profile_dry_ru
     others = ["all", "run_summary", "metrics", "qa_truth", "associate_patch"]
     assert sorted(ungrouped) == sorted([*others, *tables, *dia_tables])
     assert {rule for rule, _ in groups["qa_figures"]} == {
-        "qa_ccd_visits", "qa_color_image", "qa_dia_cutouts", "qa_light_curves"
-    }  # fmt: skip
+        "qa_ccd_visits",
+        "qa_color_image",
+        "qa_dia_cutouts",
+        "qa_light_curves",
+    }
     visit_groups = {g: jobs for g, jobs in groups.items() if g.startswith("visit_")}
     ccds = [wc for jobs in visit_groups.values() for rule, wc in jobs if rule == "process_ccd"]
     assert len(ccds) == 20  # the tiny survey: 10 visits x 2 detectors

@@ -707,10 +707,17 @@ def test_warp_carries_the_inputs_aperture_correction_at_its_centre() -> None:
     wcs = tan_sip_wcs(shape, rotation_deg=33.0)
     calexp, _ = make_calexp(rng, shape, wcs, n_stars=9, noise=5.0)
     apcorr = ApertureCorrection(
-        coefficients=np.array([1.02, 0.01, -0.004]), covariance=np.zeros((3, 3)), order=1,
-        x_center=149.5, y_center=149.5, x_scale=150.0, y_scale=150.0, n_used=20,
-        scatter=0.002, used=np.zeros(0, dtype=bool),
-    )  # fmt: skip
+        coefficients=np.array([1.02, 0.01, -0.004]),
+        covariance=np.zeros((3, 3)),
+        order=1,
+        x_center=149.5,
+        y_center=149.5,
+        x_scale=150.0,
+        y_scale=150.0,
+        n_used=20,
+        scatter=0.002,
+        used=np.zeros(0, dtype=bool),
+    )
     for key, value, comment in apcorr.to_cards():
         calexp.metadata[key] = (value, comment)
     back = ApertureCorrection.from_header(calexp.metadata)
@@ -725,8 +732,10 @@ def test_warp_carries_the_inputs_aperture_correction_at_its_centre() -> None:
         expected = apcorr.ratio_at(np.clip(sx, 0, 299), np.clip(sy, 0, 299))[0][0]
         assert warp.metadata["APCORR"] == pytest.approx(expected, rel=1e-12)
         assert "APCORD" not in warp.metadata and "APC0" not in warp.metadata
-    small, big = (warp_exposure(calexp, target, b).metadata["APCORR"]
-                  for b in [(250, 260, 40, 30), (0, 0, 600, 600)])  # fmt: skip
+    small, big = (
+        warp_exposure(calexp, target, b).metadata["APCORR"]
+        for b in [(250, 260, 40, 30), (0, 0, 600, 600)]
+    )
     assert small != pytest.approx(big, abs=1e-4)  # the gradient is seen
     matched = psf_match_exposure(calexp, model_psf(5.0, 41), grid_spacing=150)
     assert ApertureCorrection.from_header(matched.metadata) is None

@@ -133,15 +133,30 @@ def test_tiny_run_static_sky_products(tiny_run):
     butler = Butler(tiny_run / "results")
     plan = WorkflowPlan({**TINY, "output_dir": str(tiny_run / "results")})
     objects = butler.get("Object")
-    contract = ["objectId", "tract", "patch", "ra", "dec", "detect_isPrimary", "refBand",
-                "refExtendedness"]  # fmt: skip
+    contract = [
+        "objectId",
+        "tract",
+        "patch",
+        "ra",
+        "dec",
+        "detect_isPrimary",
+        "refBand",
+        "refExtendedness",
+    ]
     for band in plan.science_bands:
         contract += [f"{band}_{c}" for c in ("psfFlux", "psfFluxErr", "apFlux", "apFluxErr")]
     assert set(contract) <= set(objects.columns)
     assert objects["objectId"].is_unique and objects["detect_isPrimary"].sum() > 50
     forced = butler.get("ForcedSource")
-    forced_cols = ["objectId", "visit", "detector", "band", "midpointMjdTai", "psfFlux",
-                   "psfFluxErr"]  # fmt: skip
+    forced_cols = [
+        "objectId",
+        "visit",
+        "detector",
+        "band",
+        "midpointMjdTai",
+        "psfFlux",
+        "psfFluxErr",
+    ]
     assert set(forced_cols) <= set(forced.columns)
     primary = set(objects.loc[objects["detect_isPrimary"], "objectId"])
     assert set(forced["objectId"]) <= primary

@@ -30,9 +30,13 @@ HIGHLAT = {"sim": {"preset": "highlat_tiny", "seed": 7}}
 def highlat_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("highlat_tiny")
     snakemake(
-        run_dir, HIGHLAT, "--cores", "2",
-        "results/tables/CcdVisit.parquet", "results/tables/Source.parquet",
-    )  # fmt: skip
+        run_dir,
+        HIGHLAT,
+        "--cores",
+        "2",
+        "results/tables/CcdVisit.parquet",
+        "results/tables/Source.parquet",
+    )
     results = run_dir / "results"
     return {
         "results": results,
@@ -64,9 +68,12 @@ def test_ccds_with_five_reference_stars_are_calibrated(highlat_run):
 
 def test_figures_against_truth(highlat_run):
     m = single_frame_metrics(
-        highlat_run["src"], highlat_run["ccd"], highlat_run["truth"], highlat_run["truth_ccd"],
+        highlat_run["src"],
+        highlat_run["ccd"],
+        highlat_run["truth"],
+        highlat_run["truth_ccd"],
         snr_min=30.0,
-    )  # fmt: skip
+    )
     # Calibrated fluxes of stars: the zero point and aperture correction together.
     assert abs(m["psf_flux_offset_median_mmag"]) < 10.0
     # Seeing: within 5%, biased up by a few per cent where the PSF is undersampled

@@ -181,11 +181,37 @@ def run_hotpants(sci_path, tmpl_path, out_path, s_noise, t_noise, workdir, timer
     # -c t: convolve the template; -n i: the difference in the science's units; the
     # valid ranges opened (the defaults flag negative noise and anything above 25000).
     cmd = [
-        HOTPANTS, "-inim", sci_path, "-tmplim", tmpl_path, "-outim", raw,
-        "-tu", "1e9", "-tl", "-1e9", "-iu", "1e9", "-il", "-1e9", "-n", "i", "-c", "t",
-        "-ig", repr(g), "-ir", repr(s_noise * g), "-tg", repr(g), "-tr", repr(t_noise * g),
-        "-v", "0", *shlex.split(ARGS.hp_extra),
-    ]  # fmt: skip
+        HOTPANTS,
+        "-inim",
+        sci_path,
+        "-tmplim",
+        tmpl_path,
+        "-outim",
+        raw,
+        "-tu",
+        "1e9",
+        "-tl",
+        "-1e9",
+        "-iu",
+        "1e9",
+        "-il",
+        "-1e9",
+        "-n",
+        "i",
+        "-c",
+        "t",
+        "-ig",
+        repr(g),
+        "-ir",
+        repr(s_noise * g),
+        "-tg",
+        repr(g),
+        "-tr",
+        repr(t_noise * g),
+        "-v",
+        "0",
+        *shlex.split(ARGS.hp_extra),
+    ]
     info["cmd"] = " ".join(shlex.quote(c) for c in cmd)
     log = open(os.path.join(workdir, "hotpants.log"), "w")
     with timer:

@@ -66,11 +66,15 @@ def over_profile(
         peak = max(m for _, m in jobs) + snakemake_mb
         slowest = max(s for s, _ in jobs)
         if "mem_mb" in resources and peak > _first_attempt(resources["mem_mb"]):
-            problems.append(f"{rule}: {peak:.0f} MB measured (step + Snakemake) > mem_mb "
-                            f"{resources['mem_mb']} in {profile}")  # fmt: skip
+            problems.append(
+                f"{rule}: {peak:.0f} MB measured (step + Snakemake) > mem_mb "
+                f"{resources['mem_mb']} in {profile}"
+            )
         if "runtime" in resources and slowest > 60 * _first_attempt(resources["runtime"]):
-            problems.append(f"{rule}: {slowest:.0f} s measured > runtime "
-                            f"{resources['runtime']} min in {profile}")  # fmt: skip
+            problems.append(
+                f"{rule}: {slowest:.0f} s measured > runtime "
+                f"{resources['runtime']} min in {profile}"
+            )
     return problems
 
 
@@ -91,9 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         "--startup-s", type=float, default=30.0, help="Snakemake start-up inside each job (s)"
     )
     parser.add_argument(
-        "--check", type=Path, metavar="PROFILE",
+        "--check",
+        type=Path,
+        metavar="PROFILE",
         help="exit 1, listing them, if any rule's jobs exceed this profile's resources",
-    )  # fmt: skip
+    )
     args = parser.parse_args(argv)
     figures = collect(args.output_dir / "logs")
     if not figures:
@@ -103,15 +109,19 @@ def main(argv: list[str] | None = None) -> int:
         problems = over_profile(figures, args.check, snakemake_mb=args.snakemake_mb)
         print("\n".join(problems) or f"every rule fits {args.check}")
         return 1 if problems else 0
-    print(f"{'rule':<24}{'jobs':>6}{'median s':>10}{'max s':>9}{'max MB':>9}"
-          f"{'mem_mb':>9}{'runtime':>9}")  # fmt: skip
+    print(
+        f"{'rule':<24}{'jobs':>6}{'median s':>10}{'max s':>9}{'max MB':>9}"
+        f"{'mem_mb':>9}{'runtime':>9}"
+    )
     for rule, jobs in sorted(figures.items()):
         seconds = [s for s, _ in jobs]
         peak = max(m for _, m in jobs)
         mem_mb = 500 * math.ceil((peak + args.snakemake_mb) * args.memory_factor / 500)
         runtime = max(5, math.ceil((max(seconds) * args.time_factor + args.startup_s) / 60))
-        print(f"{rule:<24}{len(jobs):>6}{statistics.median(seconds):>10.1f}{max(seconds):>9.1f}"
-              f"{peak:>9.0f}{mem_mb:>9}{runtime:>9}")  # fmt: skip
+        print(
+            f"{rule:<24}{len(jobs):>6}{statistics.median(seconds):>10.1f}{max(seconds):>9.1f}"
+            f"{peak:>9.0f}{mem_mb:>9}{runtime:>9}"
+        )
     return 0
 
 

@@ -100,9 +100,17 @@ OBSTYPES = ("science", "bias", "dark", "flat")
 _OBSTYPE_ALIASES = {"object": "science"}
 AMPLIFIER_KEYWORDS = ("DATASEC", "BIASSEC", "DETSEC", "GAIN", "RDNOISE", "SATURATE")
 WCS_KEYWORDS = (
-    "CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2",
-    "CD1_1", "CD1_2", "CD2_1", "CD2_2",
-)  # fmt: skip
+    "CTYPE1",
+    "CTYPE2",
+    "CRVAL1",
+    "CRVAL2",
+    "CRPIX1",
+    "CRPIX2",
+    "CD1_1",
+    "CD1_2",
+    "CD2_1",
+    "CD2_2",
+)
 
 
 class BadInputFile(ValueError):
@@ -392,8 +400,9 @@ def find_inconsistent_files(registry: pd.DataFrame) -> tuple[list[str], list[str
                 index=False
             )
         ]
-        _odd_ones_out(rows, pd.Series(layout, index=rows.index), f"detector {detector}",
-                      problems, bad)  # fmt: skip
+        _odd_ones_out(
+            rows, pd.Series(layout, index=rows.index), f"detector {detector}", problems, bad
+        )
     science = registry[registry["obstype"] == "science"]
     for visit, rows in science.groupby("visit"):
         bands = "band " + rows["band"].astype(str)

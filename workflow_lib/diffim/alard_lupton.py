@@ -301,9 +301,17 @@ def _extract_stamp(index, x, y, images, half, h) -> _Stamp | None:
     tv = None if tvar is None else np.where(tm, 0.0, tvar[sl].astype(np.float64))
     py, px = np.nonzero(good)
     return _Stamp(
-        index, xc, yc, s[good], v[good], good, np.where(tm, 0.0, cut), tv,
-        (px + xc - half).astype(np.float64), (py + yc - half).astype(np.float64),
-    )  # fmt: skip
+        index,
+        xc,
+        yc,
+        s[good],
+        v[good],
+        good,
+        np.where(tm, 0.0, cut),
+        tv,
+        (px + xc - half).astype(np.float64),
+        (py + yc - half).astype(np.float64),
+    )
 
 
 # --------------------------------------------------------------------------
@@ -354,8 +362,12 @@ class _Layout:
 
 def _layout(n_basis: int, spatial_order: int, bg_order: int, constant_sum: bool) -> _Layout:
     n_terms = len(monomial_exponents(spatial_order))
-    pairs = [(k, t) for k in range(n_basis) for t in range(n_terms)
-             if not (constant_sum and k == 0 and t > 0)]  # fmt: skip
+    pairs = [
+        (k, t)
+        for k in range(n_basis)
+        for t in range(n_terms)
+        if not (constant_sum and k == 0 and t > 0)
+    ]
     ks, ts = (np.array(a, dtype=int) for a in zip(*pairs, strict=True))
     return _Layout(ks, ts, n_basis, spatial_order, bg_order)
 
@@ -475,10 +487,17 @@ def _solution(params, layout, basis, frame, **info) -> AlardLuptonSolution:
     coeffs[layout.kernel_k, layout.kernel_t] = params[:nk]
     xc, yc, xs, ys = frame
     return AlardLuptonSolution(
-        basis=basis, coefficients=coeffs, spatial_order=layout.spatial_order,
-        background_coefficients=params[nk:].copy(), background_order=layout.background_order,
-        x_center=xc, y_center=yc, x_scale=xs, y_scale=ys, **info,
-    )  # fmt: skip
+        basis=basis,
+        coefficients=coeffs,
+        spatial_order=layout.spatial_order,
+        background_coefficients=params[nk:].copy(),
+        background_order=layout.background_order,
+        x_center=xc,
+        y_center=yc,
+        x_scale=xs,
+        y_scale=ys,
+        **info,
+    )
 
 
 def _gather_stamps(
@@ -538,10 +557,12 @@ def _fit_with_rejection(
         rejected.extend(stamps[i].index for i in active[bad])
         active = active[~bad]
     info = {
-        "degrees": degrees, "n_stamps": int(active.size), "stamp_chi2": chi2,
+        "degrees": degrees,
+        "n_stamps": int(active.size),
+        "stamp_chi2": chi2,
         "used": np.array([stamps[i].index for i in active], dtype=int),
         "rejected": np.array(sorted(rejected), dtype=int),
-    }  # fmt: skip
+    }
     return params, layout, basis, info
 
 
@@ -592,11 +613,18 @@ def fit_kernel(
     frame = ((nx - 1) / 2.0, (ny - 1) / 2.0, max((nx - 1) / 2.0, 1.0), max((ny - 1) / 2.0, 1.0))
     params, layout, basis, info = _fit_with_rejection(stamps, sigmas, size, frame, config)
     return _solution(
-        params, layout, basis, frame, method="alard-lupton", sigmas=sigmas,
-        constant_kernel_sum=config.constant_kernel_sum, skipped=skipped,
+        params,
+        layout,
+        basis,
+        frame,
+        method="alard-lupton",
+        sigmas=sigmas,
+        constant_kernel_sum=config.constant_kernel_sum,
+        skipped=skipped,
         template_fwhm=GAUSSIAN_FWHM_PER_SIGMA * template_sigma,
-        science_fwhm=GAUSSIAN_FWHM_PER_SIGMA * science_sigma, **info,
-    )  # fmt: skip
+        science_fwhm=GAUSSIAN_FWHM_PER_SIGMA * science_sigma,
+        **info,
+    )
 
 
 # --------------------------------------------------------------------------
@@ -623,13 +651,19 @@ def psf_kernel_solution(
     )
     ny, nx = shape
     return AlardLuptonSolution(
-        basis=kernel[None], coefficients=np.array([[float(flux_scale)]]), spatial_order=0,
-        background_coefficients=np.zeros(1), background_order=0,
-        x_center=(nx - 1) / 2.0, y_center=(ny - 1) / 2.0,
-        x_scale=max((nx - 1) / 2.0, 1.0), y_scale=max((ny - 1) / 2.0, 1.0),
-        method="psf-models", template_fwhm=fwhm_of_image(np.asarray(template_psf_kernel)),
+        basis=kernel[None],
+        coefficients=np.array([[float(flux_scale)]]),
+        spatial_order=0,
+        background_coefficients=np.zeros(1),
+        background_order=0,
+        x_center=(nx - 1) / 2.0,
+        y_center=(ny - 1) / 2.0,
+        x_scale=max((nx - 1) / 2.0, 1.0),
+        y_scale=max((ny - 1) / 2.0, 1.0),
+        method="psf-models",
+        template_fwhm=fwhm_of_image(np.asarray(template_psf_kernel)),
         science_fwhm=fwhm_of_image(np.asarray(science_psf_kernel)),
-    )  # fmt: skip
+    )
 
 
 def subtract(

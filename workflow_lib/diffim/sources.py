@@ -411,18 +411,31 @@ def detect_dia_sources(
     if reference_stars is not None and len(reference_stars):
         flux_map = psf_flux_map(difference, bad, kernel)
         ratio, n_stars = residual_ratio(
-            flux_map, bad, reference_stars["x"], reference_stars["y"], reference_stars["flux"],
-            radius, min_stars=config.residual_min_stars,
-        )  # fmt: skip
+            flux_map,
+            bad,
+            reference_stars["x"],
+            reference_stars["y"],
+            reference_stars["flux"],
+            radius,
+            min_stars=config.residual_min_stars,
+        )
     if static_sources is not None:
         flag(
             static_residuals(
-                x, y, fit["psf_flux"], fit["psf_flux_err"], static_sources["x"],
-                static_sources["y"], static_sources["flux"], ratio, radius,
-                config.threshold_sigma, config.residual_margin,
+                x,
+                y,
+                fit["psf_flux"],
+                fit["psf_flux_err"],
+                static_sources["x"],
+                static_sources["y"],
+                static_sources["flux"],
+                ratio,
+                radius,
+                config.threshold_sigma,
+                config.residual_margin,
             ),
             DiaSourceFlag.STATIC_RESIDUAL,
-        )  # fmt: skip
+        )
     bad_subtraction = bool(np.isfinite(ratio) and ratio > config.max_residual_ratio)
     flag(np.full(len(found), bad_subtraction), DiaSourceFlag.BAD_SUBTRACTION)
     flag(found["sign"].to_numpy() < 0, DiaSourceFlag.NEGATIVE)

@@ -49,26 +49,50 @@ def write_coadd_psf(coadd_psf: CoaddPsf, path: str | os.PathLike[str]) -> None:
     inputs = coadd_psf.input_table()
     apcorr = inputs["apCorr"].to_numpy(dtype=np.float64)
     for psf, weight, origin, block_origin, counts, ratio, visit, detector in zip(
-        coadd_psf.psfs, coadd_psf.weights, coadd_psf.origins, coadd_psf.block_origin,
-        coadd_psf.coverage, apcorr, inputs["visit"], inputs["detector"], strict=True,
-    ):  # fmt: skip
+        coadd_psf.psfs,
+        coadd_psf.weights,
+        coadd_psf.origins,
+        coadd_psf.block_origin,
+        coadd_psf.coverage,
+        apcorr,
+        inputs["visit"],
+        inputs["detector"],
+        strict=True,
+    ):
         row = {
-            "weight": float(weight), "x0": int(origin[0]), "y0": int(origin[1]),
-            "block_x0": int(block_origin[0]), "block_y0": int(block_origin[1]),
+            "weight": float(weight),
+            "x0": int(origin[0]),
+            "y0": int(origin[1]),
+            "block_x0": int(block_origin[0]),
+            "block_y0": int(block_origin[1]),
             "block_nx": int(counts.shape[1]) if counts.ndim == 2 else 0,
             "block_ny": int(counts.shape[0]) if counts.ndim == 2 else 0,
-            "cov_offset": cov_offset, "psf_order": -1, "psf_xc": 0.0, "psf_yc": 0.0,
-            "psf_xs": 1.0, "psf_ys": 1.0, "basis_offset": basis_offset, "n_terms": 0,
-            "apCorr": float(ratio), "visit": int(visit), "detector": int(detector),
-        }  # fmt: skip
+            "cov_offset": cov_offset,
+            "psf_order": -1,
+            "psf_xc": 0.0,
+            "psf_yc": 0.0,
+            "psf_xs": 1.0,
+            "psf_ys": 1.0,
+            "basis_offset": basis_offset,
+            "n_terms": 0,
+            "apCorr": float(ratio),
+            "visit": int(visit),
+            "detector": int(detector),
+        }
         coverage.append(np.asarray(counts, dtype=COVERAGE_DTYPE).ravel())
         cov_offset += counts.size
         if psf is not None:
             pad = (size - psf.size) // 2
             basis = np.pad(psf.basis, ((0, 0), (pad, pad), (pad, pad))) if pad else psf.basis
             planes.append(basis)
-            row.update(psf_order=psf.order, psf_xc=psf.x_center, psf_yc=psf.y_center,
-                       psf_xs=psf.x_scale, psf_ys=psf.y_scale, n_terms=basis.shape[0])  # fmt: skip
+            row.update(
+                psf_order=psf.order,
+                psf_xc=psf.x_center,
+                psf_yc=psf.y_center,
+                psf_xs=psf.x_scale,
+                psf_ys=psf.y_scale,
+                n_terms=basis.shape[0],
+            )
             basis_offset += basis.shape[0]
         rows.append(row)
     primary = fits.Header()
@@ -82,14 +106,18 @@ def write_coadd_psf(coadd_psf: CoaddPsf, path: str | os.PathLike[str]) -> None:
     primary["PSFFMED"] = (coadd_psf.median_rms_residual, "median rms residual / peak")
     primary["PSFPURE"] = (coadd_psf.pure_cell_fraction, "fit cells of uniform coverage")
     basis = np.concatenate(planes) if planes else np.zeros((0, size, size))
-    hdus = fits.HDUList([
-        fits.PrimaryHDU(header=primary),
-        fits.BinTableHDU(Table(rows=rows) if rows else Table(), name="INPUTS"),
-        fits.ImageHDU(basis.astype(np.float64), name="PSFBASIS"),
-        fits.ImageHDU(np.concatenate(coverage) if coverage else np.zeros(0, COVERAGE_DTYPE),
-                      name="COVERAGE"),
-        fits.ImageHDU(coadd_psf.model.basis, header=_psf_header(coadd_psf.model), name="MODEL"),
-    ])  # fmt: skip
+    hdus = fits.HDUList(
+        [
+            fits.PrimaryHDU(header=primary),
+            fits.BinTableHDU(Table(rows=rows) if rows else Table(), name="INPUTS"),
+            fits.ImageHDU(basis.astype(np.float64), name="PSFBASIS"),
+            fits.ImageHDU(
+                np.concatenate(coverage) if coverage else np.zeros(0, COVERAGE_DTYPE),
+                name="COVERAGE",
+            ),
+            fits.ImageHDU(coadd_psf.model.basis, header=_psf_header(coadd_psf.model), name="MODEL"),
+        ]
+    )
     with atomic_output(path) as tmp:
         hdus.writeto(tmp, checksum=True)
 
@@ -112,11 +140,16 @@ def read_coadd_psf(path: str | os.PathLike[str]) -> CoaddPsf:
             psfs.append(None)
             continue
         b0 = int(row["basis_offset"])
-        psfs.append(PsfModel(
-            basis=basis[b0 : b0 + int(row["n_terms"])], order=int(row["psf_order"]),
-            x_center=float(row["psf_xc"]), y_center=float(row["psf_yc"]),
-            x_scale=float(row["psf_xs"]), y_scale=float(row["psf_ys"]),
-        ))  # fmt: skip
+        psfs.append(
+            PsfModel(
+                basis=basis[b0 : b0 + int(row["n_terms"])],
+                order=int(row["psf_order"]),
+                x_center=float(row["psf_xc"]),
+                y_center=float(row["psf_yc"]),
+                x_scale=float(row["psf_xs"]),
+                y_scale=float(row["psf_ys"]),
+            )
+        )
     n_inputs = len(table)
     apcorr = None
     if "apCorr" in table.colnames and n_inputs:
@@ -131,12 +164,16 @@ def read_coadd_psf(path: str | os.PathLike[str]) -> CoaddPsf:
         weights=np.asarray(table["weight"], dtype=np.float64) if n_inputs else np.zeros(0),
         origins=np.column_stack([table["x0"], table["y0"]]).astype(np.int64).reshape(-1, 2),
         block=int(primary["BLOCK"]),
-        block_origin=np.column_stack([table["block_x0"], table["block_y0"]]).astype(np.int64)
+        block_origin=np.column_stack([table["block_x0"], table["block_y0"]])
+        .astype(np.int64)
         .reshape(-1, 2),
         coverage=tuple(np.asarray(m, dtype=COVERAGE_DTYPE) for m in maps),
         shape=(int(primary["COADDNY"]), int(primary["COADDNX"])),
-        model=model, order=int(primary["PSFORDER"]),
-        max_rms_residual=float(primary["PSFFRES"]), median_rms_residual=float(primary["PSFFMED"]),
-        pure_cell_fraction=float(primary["PSFPURE"]), aperture_corrections=apcorr,
+        model=model,
+        order=int(primary["PSFORDER"]),
+        max_rms_residual=float(primary["PSFFRES"]),
+        median_rms_residual=float(primary["PSFFMED"]),
+        pure_cell_fraction=float(primary["PSFPURE"]),
+        aperture_corrections=apcorr,
         input_ids=input_ids,
-    )  # fmt: skip
+    )

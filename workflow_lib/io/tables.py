@@ -172,10 +172,11 @@ def _unified_schema(
 def _conformed(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """``table`` with ``schema``'s columns, order and types (absent columns null)."""
     columns = [
-        table.column(f.name).cast(f.type) if f.name in table.column_names
+        table.column(f.name).cast(f.type)
+        if f.name in table.column_names
         else pa.nulls(table.num_rows, f.type)
         for f in schema
-    ]  # fmt: skip
+    ]
     return pa.Table.from_arrays(columns, schema=schema)
 
 

@@ -84,8 +84,9 @@ def coadd_psf_model_stamps(
     stamps = shift_stamps(kernels, -(x - ix), -(y - iy))
     empty = ~(np.abs(kernels).sum(axis=(1, 2)) > 0)
     if empty.any():
-        stamps[empty] = model_stamps(fallback, x[empty] + offset[0], y[empty] + offset[1], half,
-                                     offset=offset)[0]  # fmt: skip
+        stamps[empty] = model_stamps(
+            fallback, x[empty] + offset[0], y[empty] + offset[1], half, offset=offset
+        )[0]
     return stamps, ix, iy
 
 
@@ -112,8 +113,16 @@ class Entities:
         self.detected: list[np.ndarray] = []
         self.n_bands = n_bands
 
-    def add(self, kind: int, label: int, peak: int, parent: int, n_child: int, flags: int,
-            detected: npt.ArrayLike) -> int:  # fmt: skip
+    def add(
+        self,
+        kind: int,
+        label: int,
+        peak: int,
+        parent: int,
+        n_child: int,
+        flags: int,
+        detected: npt.ArrayLike,
+    ) -> int:
         self.kind.append(kind)
         self.label.append(label)
         self.peak.append(peak)
@@ -171,13 +180,22 @@ def build_entities(
     max_deblend_pixels: int,
 ) -> Entities:
     """Isolated objects, and for footprints with several peaks a parent and its children."""
-    detected = np.column_stack(
-        [merged[f"{b}_detected"].to_numpy(dtype=bool) if f"{b}_detected" in merged
-         else np.zeros(len(merged), dtype=bool) for b in bands]
-    ) if bands else np.zeros((len(merged), 0), dtype=bool)  # fmt: skip
+    detected = (
+        np.column_stack(
+            [
+                merged[f"{b}_detected"].to_numpy(dtype=bool)
+                if f"{b}_detected" in merged
+                else np.zeros(len(merged), dtype=bool)
+                for b in bands
+            ]
+        )
+        if bands
+        else np.zeros((len(merged), 0), dtype=bool)
+    )
     snr_cols = [f"{b}_snr" for b in bands if f"{b}_snr" in merged]
-    strength = (merged[snr_cols].to_numpy(dtype=np.float64) if snr_cols
-                else np.zeros((len(merged), 1)))  # fmt: skip
+    strength = (
+        merged[snr_cols].to_numpy(dtype=np.float64) if snr_cols else np.zeros((len(merged), 1))
+    )
     strength = np.nan_to_num(strength, nan=-np.inf).max(axis=1)
     entities = Entities(len(bands))
     order = np.argsort(peak_label, kind="stable")
@@ -195,14 +213,35 @@ def build_entities(
         sl = slices[label - 1]
         area = 0 if sl is None else (sl[0].stop - sl[0].start) * (sl[1].stop - sl[1].start)
         if group.size > max_children or area * group.size > max_deblend_pixels:
-            entities.add(KIND_ISOLATED, label, int(group[0]), -1, 0,
-                         int(ObjectFlag.DEBLEND_SKIPPED), any_detected)  # fmt: skip
+            entities.add(
+                KIND_ISOLATED,
+                label,
+                int(group[0]),
+                -1,
+                0,
+                int(ObjectFlag.DEBLEND_SKIPPED),
+                any_detected,
+            )
             continue
-        parent = entities.add(KIND_PARENT, label, int(group[0]), -1, int(group.size),
-                              int(ObjectFlag.DEBLEND_PARENT), any_detected)  # fmt: skip
+        parent = entities.add(
+            KIND_PARENT,
+            label,
+            int(group[0]),
+            -1,
+            int(group.size),
+            int(ObjectFlag.DEBLEND_PARENT),
+            any_detected,
+        )
         for peak in group:
-            entities.add(KIND_CHILD, label, int(peak), parent, 0,
-                         int(ObjectFlag.DEBLEND_CHILD), detected[peak])  # fmt: skip
+            entities.add(
+                KIND_CHILD,
+                label,
+                int(peak),
+                parent,
+                0,
+                int(ObjectFlag.DEBLEND_CHILD),
+                detected[peak],
+            )
     return entities
 
 
@@ -213,15 +252,19 @@ def monotonic_plan(h: int, w: int, cx: int, cy: int) -> list[tuple[np.ndarray, n
     yy, xx = np.mgrid[0:h, 0:w]
     dx, dy = xx - cx, yy - cy
     ring = np.maximum(np.abs(dx), np.abs(dy)).ravel()
-    inner_x = np.clip(xx - (2 * np.abs(dx) >= np.maximum(np.abs(dx), np.abs(dy))) * np.sign(dx),
-                      0, w - 1)  # fmt: skip
-    inner_y = np.clip(yy - (2 * np.abs(dy) >= np.maximum(np.abs(dx), np.abs(dy))) * np.sign(dy),
-                      0, h - 1)  # fmt: skip
+    inner_x = np.clip(
+        xx - (2 * np.abs(dx) >= np.maximum(np.abs(dx), np.abs(dy))) * np.sign(dx), 0, w - 1
+    )
+    inner_y = np.clip(
+        yy - (2 * np.abs(dy) >= np.maximum(np.abs(dx), np.abs(dy))) * np.sign(dy), 0, h - 1
+    )
     inner = (inner_y * w + inner_x).ravel()
     order = np.argsort(ring, kind="stable")
     bounds = np.searchsorted(ring[order], np.arange(1, int(ring.max()) + 2))
-    return [(order[bounds[r - 1] : bounds[r]], inner[order[bounds[r - 1] : bounds[r]]])
-            for r in range(1, int(ring.max()) + 1)]  # fmt: skip
+    return [
+        (order[bounds[r - 1] : bounds[r]], inner[order[bounds[r - 1] : bounds[r]]])
+        for r in range(1, int(ring.max()) + 1)
+    ]
 
 
 def monotonic_template(
@@ -266,8 +309,10 @@ def refine_peaks(image: np.ndarray, x: np.ndarray, y: np.ndarray) -> tuple[np.nd
     jx = np.clip(ix + best % 3 - 1, 1, nx - 2)
     jy = np.clip(iy + best // 3 - 1, 1, ny - 2)
     out = []
-    for j, lo, hi in ((jx, image[jy, jx - 1], image[jy, jx + 1]),
-                      (jy, image[jy - 1, jx], image[jy + 1, jx])):  # fmt: skip
+    for j, lo, hi in (
+        (jx, image[jy, jx - 1], image[jy, jx + 1]),
+        (jy, image[jy - 1, jx], image[jy + 1, jx]),
+    ):
         mid = image[jy, jx]
         curvature = lo - 2.0 * mid + hi
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -398,8 +443,14 @@ class BandImages:
             for k, child in enumerate(children):
                 self.shares[int(child)] = (sx.start, sy.start, fractions[k].astype(np.float32))
 
-    def stamps(self, ents: dict[str, np.ndarray], which: np.ndarray, ix: np.ndarray,
-               iy: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:  # fmt: skip
+    def stamps(
+        self,
+        ents: dict[str, np.ndarray],
+        which: np.ndarray,
+        ix: np.ndarray,
+        iy: np.ndarray,
+        half: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Data, variance and good-pixel stamps of entities ``which`` centred on (ix, iy)."""
         raw = cut_stamps(self.data, ix, iy, half).astype(np.float64)
         base = cut_stamps(self.base, ix, iy, half).astype(np.float64)
@@ -462,11 +513,20 @@ def measure_band(
     half = int(max(hf + max_shift, np.ceil(max(aperture_radii, default=0.0)) + max_shift + 1))
     sigma = max(fwhm * FWHM_TO_SIGMA, 0.5)
     out: dict[str, np.ndarray] = {
-        "x": x[which].astype(np.float64).copy(), "y": y[which].astype(np.float64).copy(),
+        "x": x[which].astype(np.float64).copy(),
+        "y": y[which].astype(np.float64).copy(),
         "centroid_flag": np.zeros(n, dtype=bool),
-    }  # fmt: skip
-    for key in ("psf_flux", "psf_flux_err", "masked_fraction", "shape_xx", "shape_yy",
-                "shape_xy", "ext_ratio", "ext_ratio_err"):  # fmt: skip
+    }
+    for key in (
+        "psf_flux",
+        "psf_flux_err",
+        "masked_fraction",
+        "shape_xx",
+        "shape_yy",
+        "shape_xy",
+        "ext_ratio",
+        "ext_ratio_err",
+    ):
         out[key] = np.full(n, np.nan)
     for key in ("psf_flag", "edge", "center_bad", "center_sat", "shape_flag", "masked"):
         out[key] = np.zeros(n, dtype=bool)
@@ -484,8 +544,13 @@ def measure_band(
         mosaic, ox, oy = _mosaic(data)
         bad_mosaic = _mosaic(~good)[0]
         if centroid and len(ids):
-            xw, yw, _ = sep.winpos(native_float(mosaic, np.float64), xl + ox, yl + oy,
-                                   np.full(len(ids), sigma), mask=bad_mosaic)  # fmt: skip
+            xw, yw, _ = sep.winpos(
+                native_float(mosaic, np.float64),
+                xl + ox,
+                yl + oy,
+                np.full(len(ids), sigma),
+                mask=bad_mosaic,
+            )
             xw, yw = xw - ox, yw - oy
             ok = np.isfinite(xw) & np.isfinite(yw) & (np.hypot(xw - xl, yw - yl) < max_shift)
             xl, yl = np.where(ok, xw, xl), np.where(ok, yw, yl)
@@ -494,8 +559,9 @@ def measure_band(
             out["x"][sl], out["y"][sl] = xs, ys
         # PSF flux at (xs, ys): the model stamp sits at most max_shift pixels off the stamp centre.
         if images.coadd_psf is not None:
-            models, jx, jy = coadd_psf_model_stamps(images.coadd_psf, psf, xs, ys, hf,
-                                                    offset=images.offset)  # fmt: skip
+            models, jx, jy = coadd_psf_model_stamps(
+                images.coadd_psf, psf, xs, ys, hf, offset=images.offset
+            )
         else:
             models, jx, jy = model_stamps(psf, xs, ys, hf, offset=images.offset)
         offx = np.clip(jx - ix, hf - half, half - hf)
@@ -547,9 +613,14 @@ def measure_band(
             if not len(ids):
                 continue
             flux_r, err_r, flag_r = sep.sum_circle(
-                native_float(mosaic, np.float64), xl + ox, yl + oy, float(r),
-                err=native_float(err_mosaic, np.float64), mask=bad_mosaic, subpix=5,
-            )  # fmt: skip
+                native_float(mosaic, np.float64),
+                xl + ox,
+                yl + oy,
+                float(r),
+                err=native_float(err_mosaic, np.float64),
+                mask=bad_mosaic,
+                subpix=5,
+            )
             inside = (xl - r >= -0.5) & (xl + r <= 2 * half + 0.5)
             inside &= (yl - r >= -0.5) & (yl + r <= 2 * half + 0.5)
             truncated = (

@@ -341,10 +341,18 @@ def forced_photometry(
         else np.zeros(len(sel), dtype=bool)
     )
     fit = fixed_psf_fluxes(
-        calexp.image, calexp.variance, calexp.mask, calexp.psf, x, y,
-        fit_radius_fwhm=fit_radius_fwhm, joint=joint, alone=parents,
-        max_masked_fraction=max_masked_fraction, bad_bits=bad_bits,
-    )  # fmt: skip
+        calexp.image,
+        calexp.variance,
+        calexp.mask,
+        calexp.psf,
+        x,
+        y,
+        fit_radius_fwhm=fit_radius_fwhm,
+        joint=joint,
+        alone=parents,
+        max_masked_fraction=max_masked_fraction,
+        bad_bits=bad_bits,
+    )
     flux = fit["psf_flux"].to_numpy()
     err = fit["psf_flux_err"].to_numpy()
     flags = np.zeros(len(sel), dtype=np.int64)
@@ -357,16 +365,27 @@ def forced_photometry(
     ratio = np.ones(len(sel))
     if isinstance(aperture_correction, str):
         if aperture_correction != "fit":
-            raise ValueError(f"aperture_correction must be 'fit', a number, or None: "
-                             f"{aperture_correction!r}")  # fmt: skip
+            raise ValueError(
+                f"aperture_correction must be 'fit', a number, or None: {aperture_correction!r}"
+            )
         scale = pixel_scale_arcsec(calexp.wcs)
         bad = (calexp.mask & bad_bits) != 0
         apcorr, used = fit_image_aperture_correction(
-            calexp.image, calexp.variance, bad, x, y, flux, err, flags == 0,
+            calexp.image,
+            calexp.variance,
+            bad,
+            x,
+            y,
+            flux,
+            err,
+            flags == 0,
             radius=calib_aperture_radius_arcsec / scale,
-            point_like=_point_like(sel), parents=parents,
-            min_snr=min_apcorr_snr, min_stars=min_apcorr_stars, shape=(ny, nx),
-        )  # fmt: skip
+            point_like=_point_like(sel),
+            parents=parents,
+            min_snr=min_apcorr_snr,
+            min_stars=min_apcorr_stars,
+            shape=(ny, nx),
+        )
         if apcorr is None:
             flags |= int(ForcedSourceFlag.APCORR_FAILED)
         else:
@@ -442,8 +461,12 @@ def fit_image_aperture_correction(
     if n > 1 and cand.any():
         # Isolated: no other object inside the aperture (plus a margin of 3 pixels).
         tree = cKDTree(np.column_stack([x, y]))
-        counts = np.array([len(c) for c in tree.query_ball_point(np.column_stack(
-            [x[cand], y[cand]]), radius + 3.0)])  # fmt: skip
+        counts = np.array(
+            [
+                len(c)
+                for c in tree.query_ball_point(np.column_stack([x[cand], y[cand]]), radius + 3.0)
+            ]
+        )
         cand[np.flatnonzero(cand)[counts > 1]] = False
     if cand.sum() < min_stars:
         return None, used
@@ -459,9 +482,17 @@ def fit_image_aperture_correction(
         return None, used
     try:
         apcorr = fit_aperture_correction(
-            x[ci], y[ci], psf_flux[ci], psf_flux_err[ci], ap, ap_err,
-            x_center=(nx - 1) / 2.0, y_center=(ny - 1) / 2.0, x_scale=nx / 2.0, y_scale=ny / 2.0,
-        )  # fmt: skip
+            x[ci],
+            y[ci],
+            psf_flux[ci],
+            psf_flux_err[ci],
+            ap,
+            ap_err,
+            x_center=(nx - 1) / 2.0,
+            y_center=(ny - 1) / 2.0,
+            x_scale=nx / 2.0,
+            y_scale=ny / 2.0,
+        )
     except ValueError:
         return None, used
     used[ci[apcorr.used]] = True

@@ -189,9 +189,17 @@ def correlation_factor(correlation: np.ndarray | None, weights: np.ndarray) -> f
     w = np.asarray(weights, dtype=np.float64)
     lag = correlation.shape[0] // 2
     padded = np.pad(w, lag)
-    auto = np.array([[np.sum(w * padded[lag + dy : lag + dy + w.shape[0],
-                                         lag + dx : lag + dx + w.shape[1]])
-                      for dx in range(-lag, lag + 1)] for dy in range(-lag, lag + 1)])  # fmt: skip
+    auto = np.array(
+        [
+            [
+                np.sum(
+                    w * padded[lag + dy : lag + dy + w.shape[0], lag + dx : lag + dx + w.shape[1]]
+                )
+                for dx in range(-lag, lag + 1)
+            ]
+            for dy in range(-lag, lag + 1)
+        ]
+    )
     ratio = float((correlation * auto).sum() / auto[lag, lag])
     return float(np.sqrt(max(ratio, 0.0)))
 
@@ -272,8 +280,13 @@ def coadd_psf_depth(
     keep = ~bad[iy, ix]
     nan = float("nan")
     if not keep.any():
-        return {"depth_median": nan, "depth_p10": nan, "depth_p90": nan,
-                "noise_factor": float(noise_factor), "data_fraction": 0.0}  # fmt: skip
+        return {
+            "depth_median": nan,
+            "depth_p10": nan,
+            "depth_p90": nan,
+            "noise_factor": float(noise_factor),
+            "data_fraction": 0.0,
+        }
     x, y = ix[keep].astype(np.float64), iy[keep].astype(np.float64)
     models, jx, jy = model_stamps(psf, x, y, half, offset=offset)
     var = np.where(bad, 0.0, native_float(coadd.variance, np.float64))
@@ -368,8 +381,13 @@ def detect_coadd_sources(
         small[0] = False
         labels[small[labels]] = 0
     footprints = labels > 0
-    px, py = _find_peaks(filtered, noise, labels, min_sigma=min_prominence_sigma,
-                         max_per_footprint=max_peaks_per_footprint)  # fmt: skip
+    px, py = _find_peaks(
+        filtered,
+        noise,
+        labels,
+        min_sigma=min_prominence_sigma,
+        max_per_footprint=max_peaks_per_footprint,
+    )
     x, y = _subpixel_peaks(filtered, px, py)
     x, y = _hole_centres(holes, px, py, x, y)
     if peak_smoothing_fwhm is not None:
@@ -380,8 +398,13 @@ def detect_coadd_sources(
         sharp_noise = np.sqrt(np.maximum(fft_convolve(var, sharp_kernel**2), 0.0))
         if correct_noise_correlation:
             sharp_noise *= correlation_factor(correlation, sharp_kernel)
-        sx, sy = _find_peaks(sharp, sharp_noise, labels, min_sigma=sharp_prominence_sigma,
-                             max_per_footprint=max_peaks_per_footprint)  # fmt: skip
+        sx, sy = _find_peaks(
+            sharp,
+            sharp_noise,
+            labels,
+            min_sigma=sharp_prominence_sigma,
+            max_per_footprint=max_peaks_per_footprint,
+        )
         if sx.size and px.size:
             from scipy.spatial import cKDTree
 
@@ -489,8 +512,9 @@ def _find_peaks(
     """Integer pixels of the prominent local maxima of ``image`` inside the footprints."""
     peak_map = (labels > 0) & (image >= ndimage.maximum_filter(image, size=3))
     py, px = np.nonzero(peak_map)
-    keep = _prominent_peaks(image, noise, labels, px, py, min_sigma=min_sigma,
-                            max_per_footprint=max_per_footprint)  # fmt: skip
+    keep = _prominent_peaks(
+        image, noise, labels, px, py, min_sigma=min_sigma, max_per_footprint=max_per_footprint
+    )
     return px[keep], py[keep]
 
 
@@ -635,8 +659,14 @@ def merge_detections(
     return out
 
 
-def _extendedness(ratio: np.ndarray, ratio_err: np.ndarray, snr: np.ndarray, valid: np.ndarray,
-                  *, floor: float = 0.02) -> np.ndarray:  # fmt: skip
+def _extendedness(
+    ratio: np.ndarray,
+    ratio_err: np.ndarray,
+    snr: np.ndarray,
+    valid: np.ndarray,
+    *,
+    floor: float = 0.02,
+) -> np.ndarray:
     """1 where the light inside ~2 FWHM exceeds the PSF model's by more than 3 sigma (and
     ``floor``), 0 otherwise, NaN where unknown; ratios are normalised to the stellar locus."""
     locus_sel = valid & np.isfinite(ratio) & (snr > 50) & (np.abs(ratio - 1) < 0.05)
@@ -647,9 +677,12 @@ def _extendedness(ratio: np.ndarray, ratio_err: np.ndarray, snr: np.ndarray, val
 
 
 def _choose_ref_band(
-    priority: Sequence[str], snr: Mapping[str, np.ndarray], clean: Mapping[str, np.ndarray],
-    n: int, min_snr: float,
-) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    priority: Sequence[str],
+    snr: Mapping[str, np.ndarray],
+    clean: Mapping[str, np.ndarray],
+    n: int,
+    min_snr: float,
+) -> tuple[np.ndarray, np.ndarray]:
     """Index into ``priority`` of each object's reference band, and a fallback flag."""
     ref = np.full(n, -1, dtype=np.int64)
     for k, band in enumerate(priority):
@@ -761,13 +794,21 @@ def measure_objects(
     scale = pixel_scale_arcsec(wcs)
     px = merged["x"].to_numpy(dtype=np.float64)
     py = merged["y"].to_numpy(dtype=np.float64)
-    fwhms = {b: psf_of(coadds[b]).fwhm_at(psf_of(coadds[b]).x_center, psf_of(coadds[b]).y_center)
-             for b in present}  # fmt: skip
+    fwhms = {
+        b: psf_of(coadds[b]).fwhm_at(psf_of(coadds[b]).x_center, psf_of(coadds[b]).y_center)
+        for b in present
+    }
     fwhm = max(fwhms.values())
     labels, peak_label = footprint_labels(coadds, px, py, fwhm)
     slices = ndimage.find_objects(labels)
-    ents = build_entities(merged, peak_label, slices, present, max_children=max_children,
-                           max_deblend_pixels=max_deblend_pixels).arrays()  # fmt: skip
+    ents = build_entities(
+        merged,
+        peak_label,
+        slices,
+        present,
+        max_children=max_children,
+        max_deblend_pixels=max_deblend_pixels,
+    ).arrays()
     n = len(ents["kind"])
     x0, y0 = px[ents["peak"]], py[ents["peak"]]
     r_ap = ap_flux_radius_arcsec / scale
@@ -785,8 +826,16 @@ def measure_objects(
     snr1: dict[str, np.ndarray] = {}
     clean1: dict[str, np.ndarray] = {}
     for bi, band in enumerate(present):
-        images = BandImages(coadds[band], labels, ents, px, py, seed=[*id_seed, bi],
-                            fwhm=fwhms[band], coadd_psf=exact.get(band))  # fmt: skip
+        images = BandImages(
+            coadds[band],
+            labels,
+            ents,
+            px,
+            py,
+            seed=[*id_seed, bi],
+            fwhm=fwhms[band],
+            coadd_psf=exact.get(band),
+        )
         shares[band] = images.shares
         factors[band] = {"psf": 1.0, "ap": 1.0}
         if correct_noise_correlation:
@@ -816,28 +865,48 @@ def measure_objects(
         take = (ref_index == k) & ~cflag
         x_ref[take], y_ref[take] = cx[take], cy[take]
     ref_band = np.asarray(priority, dtype=object)[ref_index]
-    duplicates = _converged_children(ents, x_ref, y_ref, snr1, ref_index, priority,
-                                     min_separation=min_child_separation_fwhm * fwhm)  # fmt: skip
+    duplicates = _converged_children(
+        ents,
+        x_ref,
+        y_ref,
+        snr1,
+        ref_index,
+        priority,
+        min_separation=min_child_separation_fwhm * fwhm,
+    )
     if duplicates.size:
         # Two peaks of one parent whose children centroid onto the same place are one
         # source split in two (each would get part of its flux, and forced photometry
         # could not separate them): deblend again without the fainter peak.
-        log.info("%d deblended children converged onto a sibling; deblending again",
-                 duplicates.size)  # fmt: skip
+        log.info(
+            "%d deblended children converged onto a sibling; deblending again", duplicates.size
+        )
         keep = np.ones(len(merged), dtype=bool)
         keep[ents["peak"][duplicates]] = False
         return measure_objects(
-            coadds, merged[keep].reset_index(drop=True), tract=tract, patch=patch,
-            skymap=skymap, ref_band_priority=ref_band_priority, id_base=id_base, bands=bands,
-            coadd_psfs=coadd_psfs, min_child_separation_fwhm=min_child_separation_fwhm,
+            coadds,
+            merged[keep].reset_index(drop=True),
+            tract=tract,
+            patch=patch,
+            skymap=skymap,
+            ref_band_priority=ref_band_priority,
+            id_base=id_base,
+            bands=bands,
+            coadd_psfs=coadd_psfs,
+            min_child_separation_fwhm=min_child_separation_fwhm,
             ap_flux_radius_arcsec=ap_flux_radius_arcsec,
-            calib_aperture_radius_arcsec=calib_aperture_radius_arcsec, min_ref_snr=min_ref_snr,
-            fit_radius_fwhm=fit_radius_fwhm, max_masked_fraction=max_masked_fraction,
-            max_children=max_children, max_deblend_pixels=max_deblend_pixels,
+            calib_aperture_radius_arcsec=calib_aperture_radius_arcsec,
+            min_ref_snr=min_ref_snr,
+            fit_radius_fwhm=fit_radius_fwhm,
+            max_masked_fraction=max_masked_fraction,
+            max_children=max_children,
+            max_deblend_pixels=max_deblend_pixels,
             correct_noise_correlation=correct_noise_correlation,
-            aperture_correction=aperture_correction, min_apcorr_snr=min_apcorr_snr,
-            min_apcorr_stars=min_apcorr_stars, seed=seed,
-        )  # fmt: skip
+            aperture_correction=aperture_correction,
+            min_apcorr_snr=min_apcorr_snr,
+            min_apcorr_stars=min_apcorr_stars,
+            seed=seed,
+        )
 
     # Pass 2, forced: every band at the reference position.
     columns: dict[str, np.ndarray] = {}
@@ -855,22 +924,34 @@ def measure_objects(
                 columns[f"{band}_{col}"] = np.ones(n, dtype=bool)
             columns[f"{band}_detected"] = np.zeros(n, dtype=bool)
             band_flags[band] = flags | int(
-                ObjectFlag.NO_COADD | ObjectFlag.NOT_DETECTED | ObjectFlag.PSF_FLUX_FAILED
-                | ObjectFlag.AP_FLUX_FAILED | ObjectFlag.EXTENDEDNESS_FAILED
-            )  # fmt: skip
+                ObjectFlag.NO_COADD
+                | ObjectFlag.NOT_DETECTED
+                | ObjectFlag.PSF_FLUX_FAILED
+                | ObjectFlag.AP_FLUX_FAILED
+                | ObjectFlag.EXTENDEDNESS_FAILED
+            )
             continue
         images = BandImages(
-            coadds[band], labels, ents, px, py, seed=[*id_seed, present.index(band)],
-            fwhm=fwhms[band], shares=shares.pop(band), coadd_psf=exact.get(band),
-        )  # fmt: skip
-        res = measure_band(images, ents, x_ref, y_ref, centroid=False,
-                            aperture_radii=(r_ap,), **common)  # fmt: skip
+            coadds[band],
+            labels,
+            ents,
+            px,
+            py,
+            seed=[*id_seed, present.index(band)],
+            fwhm=fwhms[band],
+            shares=shares.pop(band),
+            coadd_psf=exact.get(band),
+        )
+        res = measure_band(
+            images, ents, x_ref, y_ref, centroid=False, aperture_radii=(r_ap,), **common
+        )
         f_psf, f_ap = factors[band]["psf"], factors[band]["ap"]
         flux, err = res["psf_flux"], res["psf_flux_err"] * f_psf
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = flux / err
-        ext = _extendedness(res["ext_ratio"], res["ext_ratio_err"] * f_psf, snr,
-                            ~res["psf_flag"] & (flux > 0))  # fmt: skip
+        ext = _extendedness(
+            res["ext_ratio"], res["ext_ratio_err"] * f_psf, snr, ~res["psf_flag"] & (flux > 0)
+        )
         propagated = exact.get(band)
         if propagated is not None and propagated.aperture_corrections is None:
             propagated = None
@@ -891,23 +972,42 @@ def measure_objects(
         elif aperture_correction:
             apcorr_source[band] = "coadd"
             cand = np.flatnonzero(
-                (ents["kind"] == KIND_ISOLATED) & (ents["flags"] == 0) & (ext == 0)
-                & (snr > min_apcorr_snr) & ~res["psf_flag"] & ~res["edge"] & ~res["center_bad"]
+                (ents["kind"] == KIND_ISOLATED)
+                & (ents["flags"] == 0)
+                & (ext == 0)
+                & (snr > min_apcorr_snr)
+                & ~res["psf_flag"]
+                & ~res["edge"]
+                & ~res["center_bad"]
                 & ~res["center_sat"]
-            )  # fmt: skip
+            )
             corrected = False
             if cand.size >= min_apcorr_stars:
-                cal = measure_band(images, ents, x_ref, y_ref, centroid=False,
-                                    aperture_radii=(r_cal,), which=cand, **common)  # fmt: skip
+                cal = measure_band(
+                    images,
+                    ents,
+                    x_ref,
+                    y_ref,
+                    centroid=False,
+                    aperture_radii=(r_cal,),
+                    which=cand,
+                    **common,
+                )
                 ok = ~cal[f"ap_{r_cal}_flag"]
                 if ok.sum() >= min_apcorr_stars:
                     try:
                         apcorr = fit_aperture_correction(
-                            x_ref[cand][ok], y_ref[cand][ok], flux[cand][ok], err[cand][ok],
-                            cal[f"ap_{r_cal}"][ok], cal[f"ap_{r_cal}_err"][ok] * f_ap,
-                            x_center=(nx - 1) / 2.0, y_center=(ny - 1) / 2.0,
-                            x_scale=nx / 2.0, y_scale=ny / 2.0,
-                        )  # fmt: skip
+                            x_ref[cand][ok],
+                            y_ref[cand][ok],
+                            flux[cand][ok],
+                            err[cand][ok],
+                            cal[f"ap_{r_cal}"][ok],
+                            cal[f"ap_{r_cal}_err"][ok] * f_ap,
+                            x_center=(nx - 1) / 2.0,
+                            y_center=(ny - 1) / 2.0,
+                            x_scale=nx / 2.0,
+                            y_scale=ny / 2.0,
+                        )
                         flux, err = apcorr.apply(x_ref, y_ref, flux, err)
                         centre_ratio = apcorr.ratio_at(
                             np.array([(nx - 1) / 2.0]), np.array([(ny - 1) / 2.0])
@@ -923,13 +1023,17 @@ def measure_objects(
         ap_flag = res[f"ap_{r_ap}_flag"]
         cflag = centroids[band][2]
         for bit, where in (
-            (ObjectFlag.NOT_DETECTED, ~detected), (ObjectFlag.PSF_FLUX_FAILED, res["psf_flag"]),
-            (ObjectFlag.AP_FLUX_FAILED, ap_flag), (ObjectFlag.CENTROID_FAILED, cflag),
-            (ObjectFlag.EDGE, res["edge"]), (ObjectFlag.NO_DATA_CENTER, res["center_bad"]),
-            (ObjectFlag.MASKED, res["masked"]), (ObjectFlag.SATURATED_CENTER, res["center_sat"]),
+            (ObjectFlag.NOT_DETECTED, ~detected),
+            (ObjectFlag.PSF_FLUX_FAILED, res["psf_flag"]),
+            (ObjectFlag.AP_FLUX_FAILED, ap_flag),
+            (ObjectFlag.CENTROID_FAILED, cflag),
+            (ObjectFlag.EDGE, res["edge"]),
+            (ObjectFlag.NO_DATA_CENTER, res["center_bad"]),
+            (ObjectFlag.MASKED, res["masked"]),
+            (ObjectFlag.SATURATED_CENTER, res["center_sat"]),
             (ObjectFlag.SHAPE_FAILED, res["shape_flag"]),
             (ObjectFlag.EXTENDEDNESS_FAILED, ~np.isfinite(ext)),
-        ):  # fmt: skip
+        ):
             flags |= np.where(where, int(bit), 0)
         band_flags[band] = flags
         columns[f"{band}_psfFlux"] = flux
@@ -947,16 +1051,50 @@ def measure_objects(
         del images
 
     return _object_table(
-        ents, columns, band_flags, shapes, ref_ext, ref_band, fallback, x_ref, y_ref,
-        all_bands=all_bands, wcs=wcs, origin=first.origin, tract=tract,
-        patch=patch, skymap=skymap, id_base=id_base,
-        attrs={"noise_correlation_factor": factors, "aperture_correction": apcorr_at_centre,
-               "aperture_correction_source": apcorr_source},
-    )  # fmt: skip
+        ents,
+        columns,
+        band_flags,
+        shapes,
+        ref_ext,
+        ref_band,
+        fallback,
+        x_ref,
+        y_ref,
+        all_bands=all_bands,
+        wcs=wcs,
+        origin=first.origin,
+        tract=tract,
+        patch=patch,
+        skymap=skymap,
+        id_base=id_base,
+        attrs={
+            "noise_correlation_factor": factors,
+            "aperture_correction": apcorr_at_centre,
+            "aperture_correction_source": apcorr_source,
+        },
+    )
 
 
-def _object_table(ents, columns, band_flags, shapes, ref_ext, ref_band, fallback, x_ref, y_ref,
-                  *, all_bands, wcs, origin, tract, patch, skymap, id_base, attrs):  # fmt: skip
+def _object_table(
+    ents,
+    columns,
+    band_flags,
+    shapes,
+    ref_ext,
+    ref_band,
+    fallback,
+    x_ref,
+    y_ref,
+    *,
+    all_bands,
+    wcs,
+    origin,
+    tract,
+    patch,
+    skymap,
+    id_base,
+    attrs,
+):
     """Assemble the Object table (CONTRACT columns first)."""
     n = len(ents["kind"])
     object_id = int(id_base) + 1 + np.arange(n, dtype=np.int64)

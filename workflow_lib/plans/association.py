@@ -40,9 +40,13 @@ class AssociationPlan(PlanState):
         """DIASources of every CCD (any band) that may overlap the patch, and the sky map."""
         tract, patch = int(wildcards["tract"]), int(wildcards["patch"])
         ccds = sorted(
-            {ccd for (t, p, _), found in self._patch_ccds.items() if (t, p) == (tract, patch)
-             for ccd in found}
-        )  # fmt: skip
+            {
+                ccd
+                for (t, p, _), found in self._patch_ccds.items()
+                if (t, p) == (tract, patch)
+                for ccd in found
+            }
+        )
         return {
             "dia_source_paths": self.per_ccd_paths("diaSrc", ccds),
             "skymap_path": str(self.paths.path("skyMap")),

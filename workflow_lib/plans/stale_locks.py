@@ -48,8 +48,10 @@ def clear_stale_locks_and_register(snakemake_dir: str | os.PathLike[str]) -> lis
         pids = ", ".join(f"pid {r['pid']}" for r in dead)
         log.warning(
             "removed %d lock(s) of an earlier run in this directory that was killed (%s on %s)",
-            len(removed), pids, host,
-        )  # fmt: skip
+            len(removed),
+            pids,
+            host,
+        )
     _register(runs, host)
     return removed
 
@@ -59,8 +61,12 @@ def _read_records(runs: Path) -> list[dict]:
     for path in sorted(runs.glob("*.json")) if runs.is_dir() else []:
         try:
             record = json.loads(path.read_text())
-            record = {"host": str(record["host"]), "pid": int(record["pid"]),
-                      "started": float(record["started"]), "path": path}  # fmt: skip
+            record = {
+                "host": str(record["host"]),
+                "pid": int(record["pid"]),
+                "started": float(record["started"]),
+                "path": path,
+            }
         except (OSError, ValueError, KeyError, TypeError):
             continue  # a record cut by the kill itself says nothing
         records.append(record)

@@ -49,9 +49,12 @@ def fit_efficiency(snr: np.ndarray, found: np.ndarray) -> dict[str, float]:
         return nan
     try:
         (plateau, snr_50, width), _ = curve_fit(
-            _logistic, snr[ok], found[ok], p0=(0.95, 5.0, 0.5),
+            _logistic,
+            snr[ok],
+            found[ok],
+            p0=(0.95, 5.0, 0.5),
             bounds=((0.0, 0.0, 0.01), (1.0, 100.0, 20.0)),
-        )  # fmt: skip
+        )
     except (RuntimeError, ValueError):
         return nan
     return {"plateau": float(plateau), "snr_50": float(snr_50), "width": float(width)}

@@ -534,9 +534,14 @@ def coadd_depth_gain(
     """
     nan = float("nan")
     out: dict[str, Any] = {
-        "band": band, "n": 0, "ratio": nan, "gain_mag": nan, "expected_gain_mag": nan,
-        "median_n_inputs": nan, "passed": False,
-    }  # fmt: skip
+        "band": band,
+        "n": 0,
+        "ratio": nan,
+        "gain_mag": nan,
+        "expected_gain_mag": nan,
+        "median_n_inputs": nan,
+        "passed": False,
+    }
     if len(objects) == 0 or len(forced) == 0 or f"{band}_psfFluxErr" not in objects:
         return out
     primary = _primary(objects)
@@ -554,8 +559,9 @@ def coadd_depth_gain(
     if len(rows) == 0:
         return out
     inv = 1.0 / rows["psfFluxErr"].to_numpy() ** 2
-    per = pd.DataFrame({"objectId": rows["objectId"].to_numpy(), "inv": inv,
-                        "err": rows["psfFluxErr"].to_numpy()}).groupby("objectId")  # fmt: skip
+    per = pd.DataFrame(
+        {"objectId": rows["objectId"].to_numpy(), "inv": inv, "err": rows["psfFluxErr"].to_numpy()}
+    ).groupby("objectId")
     combined = 1.0 / np.sqrt(per["inv"].sum())
     n_inputs = per["inv"].size()
     single = per["err"].median()

@@ -213,9 +213,12 @@ def _pull_histograms(ax: Any, groups: Mapping[str, Mapping[str, Any]]) -> None:
         density = counts / max(total, 1) / np.diff(edges)
         sigma = group.get("robust_sigma", group.get("sigma"))
         ax.stairs(
-            density, edges, color=colour, lw=1.5,
+            density,
+            edges,
+            color=colour,
+            lw=1.5,
             label=f"{label}: n={group['n']}, σ={sigma:.2f}" if sigma is not None else label,
-        )  # fmt: skip
+        )
     grid = np.linspace(-5, 5, 201)
     ax.plot(grid, np.exp(-0.5 * grid**2) / np.sqrt(2 * np.pi), "g--", lw=1, label="N(0, 1)")
     ax.set_ylabel("density")
@@ -281,9 +284,13 @@ def truth_figure(metrics: Mapping[str, Any], matched_stars: pd.DataFrame | None)
     purity_bins = pd.DataFrame(static.get("purity", {}).get("bins", []))
     if len(purity_bins):
         ax_c.plot(
-            purity_bins["mag"], purity_bins["purity"], "ks-", ms=3, lw=0.8,
+            purity_bins["mag"],
+            purity_bins["purity"],
+            "ks-",
+            ms=3,
+            lw=0.8,
             label="purity (Objects, S/N>10;\nmeasured ref-band mag)",
-        )  # fmt: skip
+        )
         ax_c.axhline(0.99, color="k", ls=":", lw=0.8)
     ax_c.set_xlabel("magnitude (AB)")
     ax_c.set_ylabel("completeness (stars) / purity")

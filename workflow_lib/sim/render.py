@@ -145,9 +145,11 @@ def _draw_objects(
     margin = float(max(40, star_half))  # pixels: objects this far off the edge still count
     sel = (
         (flux > MIN_FLUX)
-        & (x > -margin) & (x < p.det_nx + margin)
-        & (y > -margin) & (y < p.det_ny + margin)
-    )  # fmt: skip
+        & (x > -margin)
+        & (x < p.det_nx + margin)
+        & (y > -margin)
+        & (y < p.det_ny + margin)
+    )
     smooth = galsim.ImageF(p.det_nx, p.det_ny)  # bounds 1..nx: galsim pixel = numpy + 1
     photons = galsim.ImageF(p.det_nx, p.det_ny)
     kind = scene["kind"].to_numpy()
@@ -232,9 +234,14 @@ def render_exposure_detector(
     resp = None
     if band:
         resp = response_map(
-            p, plan.seed, detector, band, x0=float(org["x0"]), y0=float(org["y0"]),
+            p,
+            plan.seed,
+            detector,
+            band,
+            x0=float(org["x0"]),
+            y0=float(org["y0"]),
             fp_radius=plan.fp_radius,
-        )  # fmt: skip
+        )
 
     electrons = np.zeros(shape, dtype=np.float64)
     n_obj = 0

@@ -94,8 +94,19 @@ def make_scene(plan: SurveyPlan) -> pd.DataFrame:
     variables = _make_variables(plan, rng)
     transients = _make_transients(plan, rng, gals)
     scene = pd.concat([stars, gals, transients, variables], ignore_index=True)
-    for col in ("sersic_n", "hlr_arcsec", "e1", "e2", "t0_mjd", "bazin_t0_mjd", "rise_days",
-                "fall_days", "period_days", "amplitude_mag", "phase"):  # fmt: skip
+    for col in (
+        "sersic_n",
+        "hlr_arcsec",
+        "e1",
+        "e2",
+        "t0_mjd",
+        "bazin_t0_mjd",
+        "rise_days",
+        "fall_days",
+        "period_days",
+        "amplitude_mag",
+        "phase",
+    ):
         if col not in scene:
             scene[col] = np.nan
         scene[col] = scene[col].astype(np.float64)
@@ -210,13 +221,24 @@ def _make_transients(
             dec = host["dec"] + off * np.sin(ang)
             ra = host["ra"] + off * np.cos(ang) / np.cos(np.deg2rad(dec))
         row = {
-            "id": TRANSIENT_ID0 + k, "kind": "transient", "ra": ra, "dec": dec,
-            "host_id": host_id, "t0_mjd": t_exp, "bazin_t0_mjd": t_exp + 3.0 * rise,
-            "rise_days": rise, "fall_days": fall,
-        }  # fmt: skip
-        offsets = {"u": rng.uniform(0.0, 1.0), "g": rng.uniform(-0.3, 0.3), "r": 0.0,
-                   "i": rng.uniform(-0.2, 0.4), "z": rng.uniform(-0.1, 0.6),
-                   "y": rng.uniform(0.0, 0.8)}  # fmt: skip
+            "id": TRANSIENT_ID0 + k,
+            "kind": "transient",
+            "ra": ra,
+            "dec": dec,
+            "host_id": host_id,
+            "t0_mjd": t_exp,
+            "bazin_t0_mjd": t_exp + 3.0 * rise,
+            "rise_days": rise,
+            "fall_days": fall,
+        }
+        offsets = {
+            "u": rng.uniform(0.0, 1.0),
+            "g": rng.uniform(-0.3, 0.3),
+            "r": 0.0,
+            "i": rng.uniform(-0.2, 0.4),
+            "z": rng.uniform(-0.1, 0.6),
+            "y": rng.uniform(0.0, 0.8),
+        }
         for b in BAND_ORDER:
             row[f"{b}_mag"] = r_peak + offsets[b]
         rows.append(row)

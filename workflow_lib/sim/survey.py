@@ -41,12 +41,29 @@ BIAS_BASE = 900_000
 DARK_BASE = 900_100
 FLAT_BASE = 900_200
 REGISTRY_COLUMNS = (
-    "exposure", "visit", "detector", "obstype", "band", "mjd",
-    "exptime", "darktime", "ra", "dec", *CORNER_RA_COLUMNS, *CORNER_DEC_COLUMNS,
-)  # fmt: skip
+    "exposure",
+    "visit",
+    "detector",
+    "obstype",
+    "band",
+    "mjd",
+    "exptime",
+    "darktime",
+    "ra",
+    "dec",
+    *CORNER_RA_COLUMNS,
+    *CORNER_DEC_COLUMNS,
+)
 HEADER_WCS_KEYS = (
-    "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2", "CD1_1", "CD1_2", "CD2_1", "CD2_2",
-)  # fmt: skip
+    "CRVAL1",
+    "CRVAL2",
+    "CRPIX1",
+    "CRPIX2",
+    "CD1_1",
+    "CD1_2",
+    "CD2_1",
+    "CD2_2",
+)
 READOUT_S = 1.0  # darktime - exptime
 
 
@@ -158,8 +175,11 @@ class SurveyPlan:
             raise KeyError(f"exposure {exposure} is not in the {self.preset.name!r} survey plan")
         info = match.iloc[0].to_dict()
         info.update(
-            visit=-1, ra=self.preset.ra0, dec=self.preset.dec0, rotation_deg=0.0,
-        )  # fmt: skip
+            visit=-1,
+            ra=self.preset.ra0,
+            dec=self.preset.dec0,
+            rotation_deg=0.0,
+        )
         return info
 
     # --------------------------------------------------------------------- WCS
@@ -281,10 +301,12 @@ class SurveyPlan:
         for d in self.detectors:
             x, y = self.true_wcs(exposure, d).sky_to_pixel(ra, dec)
             ok = (
-                (x >= -0.5 + margin) & (x < p.det_nx - 0.5 - margin)
-                & (y >= -0.5 + margin) & (y < p.det_ny - 0.5 - margin)
+                (x >= -0.5 + margin)
+                & (x < p.det_nx - 0.5 - margin)
+                & (y >= -0.5 + margin)
+                & (y < p.det_ny - 0.5 - margin)
                 & (det < 0)
-            )  # fmt: skip
+            )
             det[ok], xs[ok], ys[ok] = d, x[ok], y[ok]
         return det, xs, ys
 

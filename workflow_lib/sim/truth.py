@@ -53,9 +53,14 @@ def median_response(plan: SurveyPlan, detector: int, band: str) -> float:
     """
     org = plan.origins.iloc[plan.detectors.index(detector)]
     resp = response_map(
-        plan.preset, plan.seed, detector, band, x0=float(org["x0"]), y0=float(org["y0"]),
+        plan.preset,
+        plan.seed,
+        detector,
+        band,
+        x0=float(org["x0"]),
+        y0=float(org["y0"]),
         fp_radius=plan.fp_radius,
-    )  # fmt: skip
+    )
     return float(np.median(resp))
 
 

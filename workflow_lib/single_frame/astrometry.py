@@ -468,10 +468,13 @@ def match_sources(
     cand = np.flatnonzero(near)
     rx, ry = _world_to_pixel(approx_wcs, ref_ra[cand], ref_dec[cand])
     inside = (
-        np.isfinite(rx) & np.isfinite(ry)
-        & (rx > lo[0] - margin) & (rx < hi[0] + margin)
-        & (ry > lo[1] - margin) & (ry < hi[1] + margin)
-    )  # fmt: skip
+        np.isfinite(rx)
+        & np.isfinite(ry)
+        & (rx > lo[0] - margin)
+        & (rx < hi[0] + margin)
+        & (ry > lo[1] - margin)
+        & (ry < hi[1] + margin)
+    )
     ref_idx = cand[inside]
     rxy = np.column_stack([rx[inside], ry[inside]])
     if len(ref_idx) < max(3, min_matches):
@@ -525,8 +528,11 @@ def match_sources(
         need_p = max(min_matches, 3 + _poisson_isf(0.5e-3 / 30, expected * p) + 1)
         log.debug(
             "photometric test: zero points %s, %d consistent, chance %.3f per pair, need %d",
-            np.round(zp, 2), n_ok, p, need_p,
-        )  # fmt: skip
+            np.round(zp, 2),
+            n_ok,
+            p,
+            need_p,
+        )
         # Half the false-match budget of the count-only test (1e-3 over ~30 candidates).
         return (len(zp) if n_ok >= max(4, len(zp) - 1) else 0), need_p
 
@@ -545,10 +551,19 @@ def match_sources(
         fs, vs, _ = _triangle_features(sxy[ss], tri_s, min_side=min_side, min_ratio=0.1)
         fr, vr, _ = _triangle_features(rxy[rr], tri_r, min_side=min_side, min_ratio=0.1)
         cands = _vote(
-            zs_all[ss], zr_all[rr], vs, vr, fs, fr, centre,
-            tol_feature=0.01, max_shift_px=max_shift_px, max_rotation_rad=max_rot,
-            max_scale_change=max_scale_change, tol_shift_px=tol_shift,
-        )  # fmt: skip
+            zs_all[ss],
+            zr_all[rr],
+            vs,
+            vr,
+            fs,
+            fr,
+            centre,
+            tol_feature=0.01,
+            max_shift_px=max_shift_px,
+            max_rotation_rad=max_rot,
+            max_scale_change=max_scale_change,
+            tol_shift_px=tol_shift,
+        )
         for sim, votes in cands:
             pred = sim.apply(zs_all[verify_src])
             i, _, _ = _match_nearest(
@@ -567,15 +582,20 @@ def match_sources(
                     phot = (sim, votes, n_ok, need_p)
         log.debug(
             "pattern (%s, %d): %d candidate(s), best %s match(es), need %d",
-            kind, n, len(cands), best[2] if best else 0, need,
-        )  # fmt: skip
+            kind,
+            n,
+            len(cands),
+            best[2] if best else 0,
+            need,
+        )
         if best is not None and best[2] >= need:
             break
     if (best is None or best[2] < need) and phot is not None:
         log.debug(
             "pattern: %d photometrically consistent match(es) accepted (need %d)",
-            phot[2], phot[3],
-        )  # fmt: skip
+            phot[2],
+            phot[3],
+        )
         best = (phot[0], phot[1], phot[2])
         need = phot[3]
     if best is None or best[2] < need:
@@ -636,9 +656,14 @@ def match_sources(
     log.info(
         "matched %d of %d sources to %d reference stars: header WCS off by %.2f arcsec, "
         "%.3f deg, scale %.4f; match rms %.3f arcsec",
-        result.n_matches, len(good_src), len(ref_idx), result.offset_arcsec,
-        result.rotation_deg, result.scale, result.residual_arcsec,
-    )  # fmt: skip
+        result.n_matches,
+        len(good_src),
+        len(ref_idx),
+        result.offset_arcsec,
+        result.rotation_deg,
+        result.scale,
+        result.residual_arcsec,
+    )
     return result
 
 
@@ -902,8 +927,12 @@ class _Problem:
         r = _qr(d[used] * sw[used, None])
         if r is None:
             return None
-        rhs = solve_triangular(r, (d[used] * sw[used, None]).conj().T @ (self.w[used] * sw[used]),
-                               trans="C", check_finite=False)  # fmt: skip
+        rhs = solve_triangular(
+            r,
+            (d[used] * sw[used, None]).conj().T @ (self.w[used] * sw[used]),
+            trans="C",
+            check_finite=False,
+        )
         coef = solve_triangular(r, rhs, check_finite=False)
         r2 = np.abs(d @ coef - self.w) ** 2 * 3600.0**2
         h = _leverage_at(r, d) / var
@@ -960,9 +989,16 @@ def _external_t2(
 
 
 def _clean(
-    prob: _Problem, top: int, used: np.ndarray, eligible: np.ndarray, s2: float, *,
-    clip_sigma: float, max_iter: int, min_outlier_arcsec: float = 0.0,
-) -> tuple[np.ndarray, float]:  # fmt: skip
+    prob: _Problem,
+    top: int,
+    used: np.ndarray,
+    eligible: np.ndarray,
+    s2: float,
+    *,
+    clip_sigma: float,
+    max_iter: int,
+    min_outlier_arcsec: float = 0.0,
+) -> tuple[np.ndarray, float]:
     """Iterative rejection; returns the used stars and the fitted scatter s^2.
 
     The scale of the residuals is the quoted error of each star plus a scatter
@@ -1000,9 +1036,13 @@ def _clean(
                     new[worst] = False
                     log.debug(
                         "rejecting star %d of %d: %.1f sigma, %.1f mas off the others' fit "
-                        "(order %d)", worst, int(used.sum()), np.sqrt(t2_ext[worst]),
-                        np.sqrt(loo2[worst]) * 1e3, order,
-                    )  # fmt: skip
+                        "(order %d)",
+                        worst,
+                        int(used.sum()),
+                        np.sqrt(t2_ext[worst]),
+                        np.sqrt(loo2[worst]) * 1e3,
+                        order,
+                    )
         else:
             new = eligible & (t2 <= clip2)
             if new.sum() < min_keep:
@@ -1063,9 +1103,13 @@ def _boresight_pixel(a: np.ndarray) -> complex:
 
 
 def _fit_radial(
-    prob: _Problem, wb: np.ndarray, used: np.ndarray, s2: float,
-    bore: tuple[float, float], n_iter: int = 8,
-) -> _RadialFit | None:  # fmt: skip
+    prob: _Problem,
+    wb: np.ndarray,
+    used: np.ndarray,
+    s2: float,
+    bore: tuple[float, float],
+    n_iter: int = 8,
+) -> _RadialFit | None:
     """Gauss-Newton fit of the radial model to the ``used`` stars (``wb``: their
     boresight-plane positions, arcsec), scored like the polynomial models: closed-form
     leave-one-out residuals (2 x 2 leverage blocks of the linearised fit) less their
@@ -1088,8 +1132,9 @@ def _fit_radial(
     for _ in range(n_iter):
         model, jac = _radial_jacobian(un, vn, a, k, c)
         res = w - model
-        step, *_ = np.linalg.lstsq(jac * sw[:, None], np.concatenate([res.real, res.imag]) * sw,
-                                   rcond=None)  # fmt: skip
+        step, *_ = np.linalg.lstsq(
+            jac * sw[:, None], np.concatenate([res.real, res.imag]) * sw, rcond=None
+        )
         a = a + step[0:6:2] + 1j * step[1:6:2]
         k += float(step[6])
         try:
@@ -1118,8 +1163,9 @@ def _fit_radial(
     z = solve_triangular(r, gjac.T, trans="T", check_finite=False)
     grid = float(np.mean(np.sum(z**2, axis=0).reshape(2, -1).sum(axis=0)))  # var_x + var_y
     wn = (1.0 / var) / np.sum(1.0 / var)
-    fit = _RadialFit(a=a, k=k, c=c, bore=bore, loo=loo, score=0.0, r2=np.array([]),
-                     omh=np.array([]))  # fmt: skip
+    fit = _RadialFit(
+        a=a, k=k, c=c, bore=bore, loo=loo, score=0.0, r2=np.array([]), omh=np.array([])
+    )
     fit.score = float(np.sum(wn * loo) + grid)
     fit.r2 = np.abs(fit.plane(prob.un, prob.vn) - wb) ** 2
     omh = np.ones(len(prob.un))
@@ -1141,9 +1187,12 @@ def _radial_polynomial(
 
 
 def _choose_order(
-    prob: _Problem, used: np.ndarray, s2: float, max_order: int,
+    prob: _Problem,
+    used: np.ndarray,
+    s2: float,
+    max_order: int,
     radial: _RadialFit | None = None,
-) -> tuple[int, int, dict[int, float]]:  # fmt: skip
+) -> tuple[int, int, dict[int, float]]:
     """Cross-validated model: (chosen order, highest allowed order, scores in arcsec^2).
 
     Models up to ``max_order`` are candidates when there are enough stars
@@ -1370,8 +1419,10 @@ def fit_wcs(
     # Initial tangent point: the mean direction of the stars.
     r, d = np.deg2rad(ra[fi]), np.deg2rad(dec[fi])
     vec = np.array([np.cos(d) * np.cos(r), np.cos(d) * np.sin(r), np.sin(d)]).mean(axis=1)
-    crval = (float(np.rad2deg(np.arctan2(vec[1], vec[0])) % 360.0),
-             float(np.rad2deg(np.arcsin(vec[2] / np.linalg.norm(vec)))))  # fmt: skip
+    crval = (
+        float(np.rad2deg(np.arctan2(vec[1], vec[0])) % 360.0),
+        float(np.rad2deg(np.arcsin(vec[2] / np.linalg.norm(vec)))),
+    )
 
     def plane(crval: tuple[float, float]) -> np.ndarray:
         xi, eta = tan_project(ra[fi], dec[fi], *crval)
@@ -1404,9 +1455,15 @@ def fit_wcs(
     # without them extrapolates there.
     used = eligible.copy()
     used, s2 = _clean(
-        prob, top, used, eligible, s2, clip_sigma=clip_sigma, max_iter=max_iter,
+        prob,
+        top,
+        used,
+        eligible,
+        s2,
+        clip_sigma=clip_sigma,
+        max_iter=max_iter,
         min_outlier_arcsec=min_outlier_arcsec,
-    )  # fmt: skip
+    )
     radial = wb = None
     if boresight is not None and all(np.isfinite(boresight)):
         bore = (float(boresight[0]) % 360.0, float(boresight[1]))
@@ -1416,8 +1473,11 @@ def fit_wcs(
     order, max_order, scores = _choose_order(prob, used, s2, req, radial)
     log.debug(
         "WCS fit: %d stars, clipped at order %d -> %d used; scores (arcsec^2) %s",
-        len(fi), top, int(used.sum()), scores,
-    )  # fmt: skip
+        len(fi),
+        top,
+        int(used.sum()),
+        scores,
+    )
     is_radial = order == _RADIAL
     if is_radial:
         assert radial is not None and wb is not None
@@ -1502,16 +1562,28 @@ def fit_wcs(
     log.info(
         "WCS fit: %d of %d stars used, %s (order %d, up to %d allowed), coverage %.2f, "
         "rms %.1f mas, inverse error %.3f mas",
-        int(used.sum()), len(fi), "radial" if is_radial else _model_name(order), max(order, 1),
-        max_order, coverage,
-        rms * 1000.0, inv_err,
-    )  # fmt: skip
+        int(used.sum()),
+        len(fi),
+        "radial" if is_radial else _model_name(order),
+        max(order, 1),
+        max_order,
+        coverage,
+        rms * 1000.0,
+        inv_err,
+    )
     return WcsFitResult(
-        wcs=wcs, rms_arcsec=rms, n_used=int(used.sum()), used=used_all, residuals=resid,
-        sip_order=max(order, 1), inverse_max_err_mas=inv_err, max_order=max_order,
-        model="radial" if is_radial else _model_name(order), coverage=coverage,
+        wcs=wcs,
+        rms_arcsec=rms,
+        n_used=int(used.sum()),
+        used=used_all,
+        residuals=resid,
+        sip_order=max(order, 1),
+        inverse_max_err_mas=inv_err,
+        max_order=max_order,
+        model="radial" if is_radial else _model_name(order),
+        coverage=coverage,
         scatter_arcsec=float(np.sqrt(s2)),
-    )  # fmt: skip
+    )
 
 
 def solve_astrometry(
@@ -1552,10 +1624,18 @@ def solve_astrometry(
     the optical axis, deg) enables the radial distortion model of :func:`fit_wcs`.
     """
     match = match_sources(
-        x, y, flux, ref_ra, ref_dec, ref_mag, approx_wcs,
-        max_offset_arcsec=max_offset_arcsec, max_rotation_deg=max_rotation_deg,
-        max_scale_change=max_scale_change, match_radius_arcsec=match_radius_arcsec,
-    )  # fmt: skip
+        x,
+        y,
+        flux,
+        ref_ra,
+        ref_dec,
+        ref_mag,
+        approx_wcs,
+        max_offset_arcsec=max_offset_arcsec,
+        max_rotation_deg=max_rotation_deg,
+        max_scale_change=max_scale_change,
+        match_radius_arcsec=match_radius_arcsec,
+    )
     crpix = ((image_shape[1] + 1) / 2.0, (image_shape[0] + 1) / 2.0)
     x = np.asarray(x, float)
     y = np.asarray(y, float)
@@ -1569,15 +1649,23 @@ def solve_astrometry(
 
     def fit(si: np.ndarray, ri: np.ndarray) -> WcsFitResult:
         return fit_wcs(
-            x[si], y[si], np.asarray(ref_ra, float)[ri], np.asarray(ref_dec, float)[ri],
-            crpix=crpix, weights=None if wts is None else wts[si], sip_order=sip_order,
-            image_shape=image_shape, parity=parity, boresight=boresight,
-        )  # fmt: skip
+            x[si],
+            y[si],
+            np.asarray(ref_ra, float)[ri],
+            np.asarray(ref_dec, float)[ri],
+            crpix=crpix,
+            weights=None if wts is None else wts[si],
+            sip_order=sip_order,
+            image_shape=image_shape,
+            parity=parity,
+            boresight=boresight,
+        )
 
     si0, ri0, sep0 = fittable(
-        np.asarray(match.source_index), np.asarray(match.reference_index),
+        np.asarray(match.source_index),
+        np.asarray(match.reference_index),
         np.asarray(match.separation_arcsec),
-    )  # fmt: skip
+    )
     if len(si0) < 3:
         raise AstrometryError(f"only {len(si0)} matched sources have reliable centroids")
     first = fit(si0, ri0)
@@ -1591,8 +1679,14 @@ def solve_astrometry(
         return first_match, first
     second = fit(si, ri)
     rematch = MatchResult(
-        source_index=si, reference_index=ri, separation_arcsec=sep, affine=match.affine,
-        residual_arcsec=float(np.sqrt(np.mean(sep**2))), offset_arcsec=match.offset_arcsec,
-        rotation_deg=match.rotation_deg, scale=match.scale, n_pattern_votes=match.n_pattern_votes,
-    )  # fmt: skip
+        source_index=si,
+        reference_index=ri,
+        separation_arcsec=sep,
+        affine=match.affine,
+        residual_arcsec=float(np.sqrt(np.mean(sep**2))),
+        offset_arcsec=match.offset_arcsec,
+        rotation_deg=match.rotation_deg,
+        scale=match.scale,
+        n_pattern_votes=match.n_pattern_votes,
+    )
     return rematch, second

@@ -34,14 +34,38 @@ log = logging.getLogger(__name__)
 # Planes whose pixels carry no usable signal for background and detection.
 UNUSABLE_PLANES = ("BAD", "SAT", "CR", "NO_DATA", "EDGE")
 HEADER_WCS_KEYS = (
-    "CTYPE1", "CTYPE2", "CRVAL1", "CRVAL2", "CRPIX1", "CRPIX2",
-    "CD1_1", "CD1_2", "CD2_1", "CD2_2", "CUNIT1", "CUNIT2", "RADESYS", "EQUINOX",
-)  # fmt: skip
+    "CTYPE1",
+    "CTYPE2",
+    "CRVAL1",
+    "CRVAL2",
+    "CRPIX1",
+    "CRPIX2",
+    "CD1_1",
+    "CD1_2",
+    "CD2_1",
+    "CD2_2",
+    "CUNIT1",
+    "CUNIT2",
+    "RADESYS",
+    "EQUINOX",
+)
 
 SOURCE_COLUMNS = (
-    "sourceId", "visit", "detector", "band", "ra", "dec", "x", "y",
-    "psfFlux", "psfFluxErr", "apFlux", "apFluxErr", "extendedness", "flags",
-)  # fmt: skip
+    "sourceId",
+    "visit",
+    "detector",
+    "band",
+    "ra",
+    "dec",
+    "x",
+    "y",
+    "psfFlux",
+    "psfFluxErr",
+    "apFlux",
+    "apFluxErr",
+    "extendedness",
+    "flags",
+)
 
 
 class SingleFrameFailure(RuntimeError):
@@ -104,8 +128,12 @@ def empty_sources() -> pd.DataFrame:
 
 
 _SOURCE_DTYPES = {
-    "sourceId": "i8", "visit": "i8", "detector": "i8", "band": "object", "flags": "i8",
-}  # fmt: skip
+    "sourceId": "i8",
+    "visit": "i8",
+    "detector": "i8",
+    "band": "object",
+    "flags": "i8",
+}
 
 
 def ccd_visit_row(
@@ -217,10 +245,12 @@ def _process(
     with clock.phase("background+detection"):
         # Saturated cores stay in for detection (masking them splits bright stars).
         background, detections = detect_with_background(
-            exposure.image, variance, bad_or_no_data,
+            exposure.image,
+            variance,
+            bad_or_no_data,
             threshold_sigma=config.detection_threshold,
             fwhm=_TYPICAL_SEEING_ARCSEC / approx_scale,
-        )  # fmt: skip
+        )
         image = np.subtract(exposure.image, background.image, dtype=np.float32)
     catalog = detections.table
     exposure.set_mask("DETECTED", detections.footprints)
@@ -235,10 +265,15 @@ def _process(
 
         try:
             psf_fit, psf_rows = determine_psf(
-                catalog, image, variance, unusable, detections.segmentation,
+                catalog,
+                image,
+                variance,
+                unusable,
+                detections.segmentation,
                 known_stars=refcat_stars,
-                kernel_size=config.psf_kernel_size, order=config.psf_order,
-            )  # fmt: skip
+                kernel_size=config.psf_kernel_size,
+                order=config.psf_order,
+            )
         except PsfFitError as err:
             raise SingleFrameFailure(CcdVisitFlag.PSF_FAILED, f"PSF model: {err}") from None
     psf_model = psf_fit.psf
@@ -262,23 +297,42 @@ def _process(
     }
     with clock.phase("measurement"):
         sources = measure_sources(
-            image, variance, unusable, psf=psf_model, x=x0, y=y0,
-            aperture_radii=[ap_radius, calib_radius], flag_planes=flag_planes,
-            segmentation=detections.segmentation, source_ids=catalog["id"].to_numpy(),
-        )  # fmt: skip
+            image,
+            variance,
+            unusable,
+            psf=psf_model,
+            x=x0,
+            y=y0,
+            aperture_radii=[ap_radius, calib_radius],
+            flag_planes=flag_planes,
+            segmentation=detections.segmentation,
+            source_ids=catalog["id"].to_numpy(),
+        )
         source_flags = _source_flags(sources, catalog, ap_stem)
         x, y = sources["x"].to_numpy(), sources["y"].to_numpy()
         reliable = (source_flags & UNRELIABLE_SOURCE) == 0
         contamination = neighbour_flux_fraction(
-            image, detections.segmentation, catalog["id"].to_numpy(), x, y, calib_radius,
+            image,
+            detections.segmentation,
+            catalog["id"].to_numpy(),
+            x,
+            y,
+            calib_radius,
             sources[f"{calib_stem}_flux"].to_numpy(),
-        )  # fmt: skip
+        )
         apcorr = fit_aperture_correction(
-            x, y, sources["psf_flux"].to_numpy(), sources["psf_flux_err"].to_numpy(),
-            sources[f"{calib_stem}_flux"].to_numpy(), sources[f"{calib_stem}_flux_err"].to_numpy(),
+            x,
+            y,
+            sources["psf_flux"].to_numpy(),
+            sources["psf_flux_err"].to_numpy(),
+            sources[f"{calib_stem}_flux"].to_numpy(),
+            sources[f"{calib_stem}_flux_err"].to_numpy(),
             used=_clean_aperture_stars(psf_used & reliable, contamination),
-            x_center=(nx - 1) / 2.0, y_center=(ny - 1) / 2.0, x_scale=nx / 2.0, y_scale=ny / 2.0,
-        )  # fmt: skip
+            x_center=(nx - 1) / 2.0,
+            y_center=(ny - 1) / 2.0,
+            x_scale=nx / 2.0,
+            y_scale=ny / 2.0,
+        )
         flux_e, _ = apcorr.apply(
             x, y, sources["psf_flux"].to_numpy(), sources["psf_flux_err"].to_numpy()
         )
@@ -305,14 +359,21 @@ def _process(
     with clock.phase("astrometry"):
         try:
             match, wcs_fit = astrometry.solve_astrometry(
-                x[positioned], y[positioned], catalog["flux"].to_numpy()[positioned],
-                stars["ra"].to_numpy(), stars["dec"].to_numpy(), stars[mag_column].to_numpy(),
-                header_wcs, image_shape=(ny, nx), sip_order=config.sip_order,
+                x[positioned],
+                y[positioned],
+                catalog["flux"].to_numpy()[positioned],
+                stars["ra"].to_numpy(),
+                stars["dec"].to_numpy(),
+                stars[mag_column].to_numpy(),
+                header_wcs,
+                image_shape=(ny, nx),
+                sip_order=config.sip_order,
                 max_offset_arcsec=config.astrometry_max_offset_arcsec,
                 max_rotation_deg=config.astrometry_max_rotation_deg,
-                weights=weights[positioned], fit_mask=good[positioned],
+                weights=weights[positioned],
+                fit_mask=good[positioned],
                 boresight=_boresight(exposure.metadata),
-            )  # fmt: skip
+            )
         except astrometry.AstrometryError as err:
             raise SingleFrameFailure(CcdVisitFlag.ASTROMETRY_FAILED, f"astrometry: {err}") from None
     wcs = wcs_fit.wcs
@@ -335,10 +396,11 @@ def _process(
     with clock.phase("photocal"):
         try:
             zp_fit = photocal.fit_zero_point(
-                flux_e[src_index[pair_ok]] / exptime, flux_e_err[src_index[pair_ok]] / exptime,
+                flux_e[src_index[pair_ok]] / exptime,
+                flux_e_err[src_index[pair_ok]] / exptime,
                 stars[f"{band}_mag"].to_numpy()[ref_index[pair_ok]],
                 stars[f"{band}_mag_err"].to_numpy()[ref_index[pair_ok]],
-            )  # fmt: skip
+            )
         except photocal.PhotoCalError as err:
             raise SingleFrameFailure(CcdVisitFlag.PHOTOCAL_FAILED, f"photometry: {err}") from None
     phot_used = np.zeros(len(sources), dtype=bool)
@@ -393,15 +455,27 @@ def _process(
     center_ra, center_dec = wcs.all_pix2world([cx], [cy], 0)
     scale = pixel_scale_arcsec(wcs)
     row = ccd_visit_row(
-        visit=visit, detector=detector, band=band, mjd=mjd, exptime=exptime, flags=flags,
+        visit=visit,
+        detector=detector,
+        band=band,
+        mjd=mjd,
+        exptime=exptime,
+        flags=flags,
         seeing=psf_model.fwhm_at(cx, cy) * scale,
-        zeroPoint=zp_fit.zero_point, zeroPointErr=zero_point_err,
-        skyBg=_smooth_map_median(background.image), skyNoise=float(background.global_rms),
-        astromRms=wcs_fit.rms_arcsec, nAstromStars=int(wcs_fit.n_used),
-        nPhotStars=int(zp_fit.n_used), nPsfStars=int(psf_used.sum()), nSources=len(table),
-        ra=float(center_ra[0]), dec=float(center_dec[0]), psfOrder=int(psf_fit.order),
+        zeroPoint=zp_fit.zero_point,
+        zeroPointErr=zero_point_err,
+        skyBg=_smooth_map_median(background.image),
+        skyNoise=float(background.global_rms),
+        astromRms=wcs_fit.rms_arcsec,
+        nAstromStars=int(wcs_fit.n_used),
+        nPhotStars=int(zp_fit.n_used),
+        nPsfStars=int(psf_used.sum()),
+        nSources=len(table),
+        ra=float(center_ra[0]),
+        dec=float(center_dec[0]),
+        psfOrder=int(psf_fit.order),
         apCorr=float(apcorr.ratio_at(np.array([cx]), np.array([cy]))[0][0]),
-    )  # fmt: skip
+    )
     qa = {
         "n_detections": len(catalog),
         "n_psf_candidates": int(psf_rows.size),
@@ -451,12 +525,16 @@ def _reference_stars_among(
     mag_column = _reference_mag_column(stars, band)
     try:
         match = astrometry.match_sources(
-            catalog["x_win"].to_numpy()[positioned], catalog["y_win"].to_numpy()[positioned],
-            catalog["flux"].to_numpy()[positioned], stars["ra"].to_numpy(),
-            stars["dec"].to_numpy(), stars[mag_column].to_numpy(), header_wcs,
+            catalog["x_win"].to_numpy()[positioned],
+            catalog["y_win"].to_numpy()[positioned],
+            catalog["flux"].to_numpy()[positioned],
+            stars["ra"].to_numpy(),
+            stars["dec"].to_numpy(),
+            stars[mag_column].to_numpy(),
+            header_wcs,
             max_offset_arcsec=config.astrometry_max_offset_arcsec,
             max_rotation_deg=config.astrometry_max_rotation_deg,
-        )  # fmt: skip
+        )
     except astrometry.AstrometryError:
         return None
     known = np.zeros(len(catalog), dtype=bool)

@@ -205,10 +205,17 @@ def detect_cosmic_rays(
     cand &= good
     n_cand = int(cand.sum())
     kwargs = dict(
-        sigclip=sigclip, sigfrac=sigfrac, objlim=objlim, gain=1.0, readnoise=float(read_noise),
-        satlevel=np.float32(np.inf), niter=niter, sepmed=True, cleantype="meanmask",
+        sigclip=sigclip,
+        sigfrac=sigfrac,
+        objlim=objlim,
+        gain=1.0,
+        readnoise=float(read_noise),
+        satlevel=np.float32(np.inf),
+        niter=niter,
+        sepmed=True,
+        cleantype="meanmask",
         fsmode="median",
-    )  # fmt: skip
+    )
     if n_cand == 0:
         return CosmicRayResult(np.zeros(image.shape, dtype=bool), 0, 0, 0.0)
     nby, nbx = -(-ny // block), -(-nx // block)

@@ -197,9 +197,13 @@ def detect_with_background(
             # Earlier passes only mask sources for the sky: detect on a 2x2-binned
             # image (4x fewer pixels), no deblending or windowed centroids.
             bkg_mask = _binned_footprints(
-                subtracted, variance, ignore, threshold_sigma=threshold_sigma, fwhm=fwhm,
+                subtracted,
+                variance,
+                ignore,
+                threshold_sigma=threshold_sigma,
+                fwhm=fwhm,
                 dilate_radius=dilate_fwhm * fwhm,
-            )  # fmt: skip
+            )
             bkg_mask |= ignore
             continue
         det = detect_sources(
@@ -234,8 +238,15 @@ def _binned_footprints(
     ny, nx = image.shape
     r = int(np.ceil(dilate_radius)) if dilate_radius > 0 else 0
     if ny < 16 or nx < 16:
-        det = detect_sources(image, variance, ignore, threshold_sigma=threshold_sigma,
-                             fwhm=fwhm, windowed=False, deblend_cont=1.0)  # fmt: skip
+        det = detect_sources(
+            image,
+            variance,
+            ignore,
+            threshold_sigma=threshold_sigma,
+            fwhm=fwhm,
+            windowed=False,
+            deblend_cont=1.0,
+        )
         return dilate_mask(det.footprints, radius=r)
     by, bx = ny // 2 * 2, nx // 2 * 2
 
@@ -257,9 +268,14 @@ def _binned_footprints(
     bad |= ignore[1:by:2, 1:bx:2]
     data, var = binned_finite(image), binned_finite(variance)
     det = detect_sources(
-        data, var, bad, threshold_sigma=threshold_sigma, fwhm=max(fwhm / 2.0, 1.0),
-        windowed=False, deblend_cont=1.0,
-    )  # fmt: skip
+        data,
+        var,
+        bad,
+        threshold_sigma=threshold_sigma,
+        fwhm=max(fwhm / 2.0, 1.0),
+        windowed=False,
+        deblend_cont=1.0,
+    )
     footprints = det.footprints
     exact = r % 2 == 0 and (by, bx) == (ny, nx)
     if exact:

@@ -132,9 +132,22 @@ def _amplifier_geometry(amps: Sequence[tuple[np.ndarray, Mapping[str, Any]]]) ->
 RawAmplifiers = Sequence[tuple[np.ndarray, Mapping[str, Any]]]
 RawExposure = tuple[Mapping[str, Any], RawAmplifiers]
 
-_STRUCTURAL_KEYS = {"SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND", "PCOUNT",
-                    "GCOUNT", "CHECKSUM", "DATASUM", "BSCALE", "BZERO", "XTENSION",
-                    "BUNIT"}  # fmt: skip
+_STRUCTURAL_KEYS = {
+    "SIMPLE",
+    "BITPIX",
+    "NAXIS",
+    "NAXIS1",
+    "NAXIS2",
+    "EXTEND",
+    "PCOUNT",
+    "GCOUNT",
+    "CHECKSUM",
+    "DATASUM",
+    "BSCALE",
+    "BZERO",
+    "XTENSION",
+    "BUNIT",
+}
 
 
 class UnprocessableExposure(ValueError):
@@ -406,11 +419,18 @@ def _robust_std(x: np.ndarray) -> float:
 # ISR of one science exposure
 # --------------------------------------------------------------------------
 _STEP_CARDS = {
-    "overscan": "ISR_OVSC", "assemble": "ISR_ASSM", "gain": "ISR_GAIN",
-    "saturation": "ISR_SAT", "bias": "ISR_BIAS", "dark": "ISR_DARK", "flat": "ISR_FLAT",
-    "defects": "ISR_DEFS", "cosmic_rays": "ISR_CR", "interpolation": "ISR_INTP",
+    "overscan": "ISR_OVSC",
+    "assemble": "ISR_ASSM",
+    "gain": "ISR_GAIN",
+    "saturation": "ISR_SAT",
+    "bias": "ISR_BIAS",
+    "dark": "ISR_DARK",
+    "flat": "ISR_FLAT",
+    "defects": "ISR_DEFS",
+    "cosmic_rays": "ISR_CR",
+    "interpolation": "ISR_INTP",
     "variance": "ISR_VAR",
-}  # fmt: skip
+}
 
 
 @dataclass
@@ -523,10 +543,15 @@ def _finish(
             filled = np.where(unusable, np.float32(0.0), image)
             finite_variance = np.where(nonfinite, np.float32(1.0), variance)
         cr = detect_cosmic_rays(
-            filled, finite_variance, mask=unusable,
-            read_noise=read_noise, sigclip=cr_config.sigclip, sigfrac=cr_config.sigfrac,
-            objlim=cr_config.objlim, niter=cr_config.niter,
-        )  # fmt: skip
+            filled,
+            finite_variance,
+            mask=unusable,
+            read_noise=read_noise,
+            sigclip=cr_config.sigclip,
+            sigfrac=cr_config.sigfrac,
+            objlim=cr_config.objlim,
+            niter=cr_config.niter,
+        )
         mask[cr.mask] |= planes.bitmask("CR")
         n_cr = int(cr.mask.sum())
         steps["cosmic_rays"] = (
@@ -561,8 +586,12 @@ def _finish(
         fits_card = 10 + max(len(value), 8) + 2 + 3 + len(comment) <= 80
         key = _STEP_CARDS.get(step, "ISR_" + step[:4].upper())
         metadata[key] = (value, comment) if fits_card else value
-    for key, value in (("ISR_NSAT", "n_saturated"), ("ISR_NBAD", "n_bad"),
-                       ("ISR_NCR", "n_cr_pixels"), ("ISR_NINT", "n_interpolated")):  # fmt: skip
+    for key, value in (
+        ("ISR_NSAT", "n_saturated"),
+        ("ISR_NBAD", "n_bad"),
+        ("ISR_NCR", "n_cr_pixels"),
+        ("ISR_NINT", "n_interpolated"),
+    ):
         if value in stats:
             metadata[key] = (int(stats[value]), f"ISR {value}")
     metadata["RDNOISE"] = (float(round(read_noise, 4)), "median read noise, e-")
@@ -616,8 +645,9 @@ def run_isr(
     n_sat_amps = sum(np.isfinite(a.saturate) for a in frame.amps)
     steps["saturation"] = (
         f"done: SATURATE of {n_sat_amps}/{len(frame.amps)} amplifiers"
-        if n_sat_amps else "skipped: no SATURATE keyword"
-    )  # fmt: skip
+        if n_sat_amps
+        else "skipped: no SATURATE keyword"
+    )
     rn_map = frame.read_noise_map()
     read_noise = float(np.median([a.read_noise for a in frame.amps]))
     clock.lap("assemble")
@@ -680,13 +710,22 @@ def run_isr(
 
     no_data = ~frame.covered
     result = _finish(
-        image, variance, saturated=frame.saturated, bad=bad,
-        suspect=suspect if suspect.any() else None, no_data=no_data if no_data.any() else None,
-        read_noise=read_noise, cosmic_rays=cosmic_rays, cr_config=cr_config,
-        saturation_grow=saturation_grow, metadata=_metadata(primary_header),
-        wcs=_header_wcs(primary_header), steps=steps,
-        stats={"read_noise": read_noise, "darktime": darktime}, clock=clock,
-    )  # fmt: skip
+        image,
+        variance,
+        saturated=frame.saturated,
+        bad=bad,
+        suspect=suspect if suspect.any() else None,
+        no_data=no_data if no_data.any() else None,
+        read_noise=read_noise,
+        cosmic_rays=cosmic_rays,
+        cr_config=cr_config,
+        saturation_grow=saturation_grow,
+        metadata=_metadata(primary_header),
+        wcs=_header_wcs(primary_header),
+        steps=steps,
+        stats={"read_noise": read_noise, "darktime": darktime},
+        clock=clock,
+    )
     for amp in frame.amps:
         result.exposure.metadata[f"HIERARCH ISR {amp.name} RDNOISE"] = round(amp.read_noise, 4)
     log.info("ISR: %s", "; ".join(f"{k} {v}" for k, v in steps.items()))
@@ -750,8 +789,12 @@ def eimage_exposure(
     well). Cosmic rays are found and interpolated as for raws.
     """
     clock = PhaseClock()
-    steps: dict[str, str] = {"overscan": "skipped: eimage", "bias": "skipped: eimage",
-                             "dark": "skipped: eimage", "flat": "skipped: eimage"}  # fmt: skip
+    steps: dict[str, str] = {
+        "overscan": "skipped: eimage",
+        "bias": "skipped: eimage",
+        "dark": "skipped: eimage",
+        "flat": "skipped: eimage",
+    }
     image = np.array(data, dtype=np.float32, copy=True)
     if image.ndim != 2:
         raise ValueError(f"an eimage must be 2-d, got shape {image.shape}")
@@ -786,10 +829,19 @@ def eimage_exposure(
     steps["defects"] = "skipped: eimage"
     clock.lap("calibrate")
     return _finish(
-        image, variance, saturated=saturated, bad=~np.isfinite(image), suspect=None,
-        no_data=None, read_noise=float(read_noise), cosmic_rays=cosmic_rays,
-        cr_config=cr_config, saturation_grow=saturation_grow,
-        metadata=_metadata(primary_header), wcs=_header_wcs(primary_header), steps=steps,
+        image,
+        variance,
+        saturated=saturated,
+        bad=~np.isfinite(image),
+        suspect=None,
+        no_data=None,
+        read_noise=float(read_noise),
+        cosmic_rays=cosmic_rays,
+        cr_config=cr_config,
+        saturation_grow=saturation_grow,
+        metadata=_metadata(primary_header),
+        wcs=_header_wcs(primary_header),
+        steps=steps,
         stats={"read_noise": float(read_noise), "variance_excess": max(excess, 0.0)},
         clock=clock,
-    )  # fmt: skip
+    )

@@ -110,10 +110,13 @@ def _frames_of(items: Sequence[RawExposure | AssembledFrame], what: str) -> list
         raise ValueError(f"{what} frames differ in shape: {sorted(shapes)}")
     if len(frames) < 3:
         log.warning(
-            "%s from %d frame(s): %s", what, len(frames),
-            "no outlier rejection" if len(frames) == 1 else "only the higher of a discrepant pair "
-            "is rejected",
-        )  # fmt: skip
+            "%s from %d frame(s): %s",
+            what,
+            len(frames),
+            "no outlier rejection"
+            if len(frames) == 1
+            else "only the higher of a discrepant pair is rejected",
+        )
     return frames
 
 
@@ -311,8 +314,11 @@ def find_defects(
         col_excess = _block_median(np.where(ok, excess, np.nan).T, 1, block).T
         col_sig = 1.2533 * _block_median(np.where(ok, sig, np.nan).T, 1, block).T / np.sqrt(block)
         hot_col = (col_excess > hot_nsigma * col_sig) & (col_excess > column_min_rate)
-        counts.update(hot_pixels=int(hot.sum()), hot_column_pixels=int((hot_col & ~hot).sum()),
-                      dark_unestimated=int(dark.mask.sum()))  # fmt: skip
+        counts.update(
+            hot_pixels=int(hot.sum()),
+            hot_column_pixels=int((hot_col & ~hot).sum()),
+            dark_unestimated=int(dark.mask.sum()),
+        )
         bad |= hot | hot_col | dark.mask
     for flat in flats:
         ok = ~flat.mask & (flat.image > 0)

@@ -228,8 +228,13 @@ def fit_zero_point(
     scatter = 1.4826 * float(np.median(np.abs(d - np.median(d))))
     log.info(
         "zero point %.4f +- %.4f mag from %d of %d stars (scatter %.4f, intrinsic %.4f mag)",
-        centre, err, n_used, n_ok, scatter, s_int,
-    )  # fmt: skip
+        centre,
+        err,
+        n_used,
+        n_ok,
+        scatter,
+        s_int,
+    )
     return ZeroPointResult(
         zero_point=centre,
         zero_point_err=err,

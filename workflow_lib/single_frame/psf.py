@@ -380,8 +380,12 @@ def fit_psf_model(
     fwhm = psf.fwhm_at(psf.x_center, psf.y_center)
     log.debug(
         "PSF: %d/%d stars, order %d, median chi2 %.2f, FWHM %.2f px",
-        int(use.sum()), n_in, fit_order, float(np.median(chi2[use])), fwhm,
-    )  # fmt: skip
+        int(use.sum()),
+        n_in,
+        fit_order,
+        float(np.median(chi2[use])),
+        fwhm,
+    )
     return PsfFitResult(
         psf=psf,
         used=used_all,
@@ -505,9 +509,13 @@ def fit_moffat_psf(
     kernel = moffat_kernel(kernel_size, fwhm, beta, e1, e2)
     psf = PsfModel.constant(kernel)
     psf = PsfModel(
-        basis=psf.basis, order=0, x_center=(nx - 1) / 2.0, y_center=(ny - 1) / 2.0,
-        x_scale=nx / 2.0, y_scale=ny / 2.0,
-    )  # fmt: skip
+        basis=psf.basis,
+        order=0,
+        x_center=(nx - 1) / 2.0,
+        y_center=(ny - 1) / 2.0,
+        x_scale=nx / 2.0,
+        y_scale=ny / 2.0,
+    )
     chi2 = np.full(x.size, np.nan)
     resid = (model(fit.x) - data) ** 2 * weight
     chi2[idx] = resid.sum(axis=(1, 2)) / np.maximum(good.sum(axis=(1, 2)), 1)
@@ -517,8 +525,12 @@ def fit_moffat_psf(
     used[idx] = True
     log.info(
         "parametric PSF (Moffat) from %d source(s): FWHM %.2f px, beta %.2f, e (%.3f, %.3f)",
-        n, fwhm, beta, e1, e2,
-    )  # fmt: skip
+        n,
+        fwhm,
+        beta,
+        e1,
+        e2,
+    )
     return PsfFitResult(
         psf=psf,
         used=used,
@@ -690,8 +702,13 @@ def select_psf_stars(
     selected[ranked] = True
     log.debug(
         "PSF stars: %d of %d detections (%d usable, S/N > %.0f, locus %.2f px, tol %.2f)",
-        ranked.size, n, int(usable.sum()), snr_cut, locus, size_tolerance,
-    )  # fmt: skip
+        ranked.size,
+        n,
+        int(usable.sum()),
+        snr_cut,
+        locus,
+        size_tolerance,
+    )
     return PsfStarSelection(selected, ranked, score, float(locus), fwhm)
 
 
@@ -819,9 +836,14 @@ def determine_psf(
 
     def select(known: np.ndarray | None) -> PsfStarSelection:
         return select_psf_stars(
-            detections, image, variance, mask, segmentation=segmentation,
-            known_stars=known, kernel_size=kernel_size,
-        )  # fmt: skip
+            detections,
+            image,
+            variance,
+            mask,
+            segmentation=segmentation,
+            known_stars=known,
+            kernel_size=kernel_size,
+        )
 
     if callable(known_stars):
         selection = select(None)
@@ -838,9 +860,16 @@ def determine_psf(
     if rows.size >= MIN_PSF_STARS:
         try:
             fit = fit_psf_model(
-                image, variance, mask, x[rows], y[rows], kernel_size=kernel_size, order=order,
-                segmentation=segmentation, source_ids=ids[rows],
-            )  # fmt: skip
+                image,
+                variance,
+                mask,
+                x[rows],
+                y[rows],
+                kernel_size=kernel_size,
+                order=order,
+                segmentation=segmentation,
+                source_ids=ids[rows],
+            )
             return fit, rows
         except PsfFitError as err:
             log.info("pixelised PSF not possible (%s); fitting a parametric one", err)
@@ -849,10 +878,17 @@ def determine_psf(
         # A reference match not yet made (still the callable) marks no star.
         known = None if callable(known_stars) else known_stars
         compact = select_psf_stars(
-            detections, image, variance, mask, segmentation=segmentation,
-            known_stars=known, kernel_size=kernel_size, min_snr=10.0,
-            min_snr_floor=10.0, size_tolerance=0.3,
-        )  # fmt: skip
+            detections,
+            image,
+            variance,
+            mask,
+            segmentation=segmentation,
+            known_stars=known,
+            kernel_size=kernel_size,
+            min_snr=10.0,
+            min_snr_floor=10.0,
+            size_tolerance=0.3,
+        )
         rows = compact.ranked
         fwhm_guess = compact.fwhm if np.isfinite(compact.locus) else selection.fwhm
     else:
@@ -861,7 +897,14 @@ def determine_psf(
     if rows.size == 0:
         raise PsfFitError("no usable point-like source for a PSF model")
     fit = fit_moffat_psf(
-        image, variance, mask, x[rows], y[rows], kernel_size=kernel_size,
-        fwhm_guess=float(fwhm_guess), segmentation=segmentation, source_ids=ids[rows],
-    )  # fmt: skip
+        image,
+        variance,
+        mask,
+        x[rows],
+        y[rows],
+        kernel_size=kernel_size,
+        fwhm_guess=float(fwhm_guess),
+        segmentation=segmentation,
+        source_ids=ids[rows],
+    )
     return fit, rows

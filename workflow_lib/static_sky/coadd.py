@@ -79,9 +79,14 @@ DEFAULT_BAD_MASK_PLANES: tuple[str, ...] = ("NO_DATA", "BAD", "SAT", "SUSPECT", 
 # Planes of used inputs that are not ORed into the coadd mask: detection planes
 # belong to the coadd's own detection; the others are set here by the assembly.
 NOT_PROPAGATED_PLANES: tuple[str, ...] = (
-    "DETECTED", "DETECTED_NEGATIVE", "NOT_DEBLENDED",
-    "CLIPPED", "REJECTED", "SENSOR_EDGE", "INEXACT_PSF",
-)  # fmt: skip
+    "DETECTED",
+    "DETECTED_NEGATIVE",
+    "NOT_DEBLENDED",
+    "CLIPPED",
+    "REJECTED",
+    "SENSOR_EDGE",
+    "INEXACT_PSF",
+)
 # A bad plane is set in the coadd where the inputs it excluded carry at least
 # this fraction of the pixel's covering weight (LSST's maskPropagationThresholds).
 DEFAULT_MASK_PROPAGATION: dict[str, float] = {"SAT": 0.1}
@@ -177,11 +182,14 @@ def select_template_ccd_visits(
     chosen = chosen.assign(_rank=chosen["_unit"].map(order))
     chosen = chosen.sort_values(["_rank", "seeing", "detector"], kind="mergesort")
     log.info(
-        "template selection: %d of %d %s (%s)", len(ranked), len(per_unit),
+        "template selection: %d of %d %s (%s)",
+        len(ranked),
+        len(per_unit),
         "calexps" if per_detector else "visits",
         f"FWHM {ranked['seeing'].min():.3f}-{ranked['seeing'].max():.3f} arcsec"
-        if len(ranked) else "none",
-    )  # fmt: skip
+        if len(ranked)
+        else "none",
+    )
     return chosen.drop(columns=["_unit", "_rank"])
 
 
@@ -203,9 +211,14 @@ def select_template_visits(
     these visits.
     """
     chosen = select_template_ccd_visits(
-        ccd_visits, band=band, mjd_min=mjd_min, mjd_max=mjd_max,
-        max_psf_fwhm=max_psf_fwhm, max_images=max_images, **kwargs,
-    )  # fmt: skip
+        ccd_visits,
+        band=band,
+        mjd_min=mjd_min,
+        mjd_max=mjd_max,
+        max_psf_fwhm=max_psf_fwhm,
+        max_images=max_images,
+        **kwargs,
+    )
     return sorted({int(v) for v in chosen["visit"]})
 
 
@@ -361,11 +374,15 @@ def assemble_coadd(
     n_layers = pack_layers(direct)
     n_rej_layers = pack_layers(rejection) if rejecting and not template_mode else 0
     params = RejectionParams(
-        clip_sigma=clip_sigma, detect_sigma=detect_sigma, model_error=model_error,
-        max_num_epochs=max_num_epochs, max_fraction_epochs_low=max_fraction_epochs_low,
-        max_fraction_epochs_high=max_fraction_epochs_high, smoothing=smoothing,
+        clip_sigma=clip_sigma,
+        detect_sigma=detect_sigma,
+        model_error=model_error,
+        max_num_epochs=max_num_epochs,
+        max_fraction_epochs_low=max_fraction_epochs_low,
+        max_fraction_epochs_high=max_fraction_epochs_high,
+        smoothing=smoothing,
         grow_radius=grow_radius,
-    )  # fmt: skip
+    )
     # Rows beyond a strip that its artifact masks depend on: smoothing + growth.
     halo = smoothing.size // 2 + grow_radius + 1 if rejecting else 0
     if strip_rows is None:
@@ -401,9 +418,14 @@ def assemble_coadd(
             del rstack
         stack = read_stack(direct, y0, y1, nx, planes, with_mask=True)
         _combine_strip(
-            stack, verdicts, set(partner.values()), y0, out,
-            or_bits=or_bits, propagation=propagation,
-        )  # fmt: skip
+            stack,
+            verdicts,
+            set(partner.values()),
+            y0,
+            out,
+            or_bits=or_bits,
+            propagation=propagation,
+        )
         del stack
 
     bit = out.bit
@@ -418,34 +440,59 @@ def assemble_coadd(
     weights = np.array([p.weight for p in direct])
     apcorr = [header_value(p.source.metadata, ["APCORR"]) for p in direct]
     coadd_psf = build_coadd_psf(
-        [p.source.psf for p in direct], weights, [(p.x0, p.y0) for p in direct],
-        out.coverage, out.block_origin, block=out.block, shape=(ny, nx),
-        cell_size=psf_cell_size, order=psf_order,
+        [p.source.psf for p in direct],
+        weights,
+        [(p.x0, p.y0) for p in direct],
+        out.coverage,
+        out.block_origin,
+        block=out.block,
+        shape=(ny, nx),
+        cell_size=psf_cell_size,
+        order=psf_order,
         aperture_corrections=[float("nan") if a is None else float(a) for a in apcorr],
         input_ids=[(int(p.source.visit), int(p.source.detector)) for p in direct],
-    )  # fmt: skip
+    )
     table = _input_table(direct, rejection, partner, out.stats)
     header = _coadd_header(
-        metadata, table, reject_reason=reject_reason, template_mode=template_mode,
-        params=params, n_possible=n_possible, no_data=no_data, strip_rows=strip_rows,
-        model_fwhm=model_fwhm, coadd_psf=coadd_psf, do_interp=do_interp,
+        metadata,
+        table,
+        reject_reason=reject_reason,
+        template_mode=template_mode,
+        params=params,
+        n_possible=n_possible,
+        no_data=no_data,
+        strip_rows=strip_rows,
+        model_fwhm=model_fwhm,
+        coadd_psf=coadd_psf,
+        do_interp=do_interp,
         psf_cell_size=psf_cell_size,
-    )  # fmt: skip
+    )
     exposure = Exposure(
-        image=out.image, variance=out.variance, mask=out.mask, wcs=wcs,
+        image=out.image,
+        variance=out.variance,
+        mask=out.mask,
+        wcs=wcs,
         psf=coadd_psf.model if coadd_psf is not None else None,
-        photo_calib=PhotoCalib(njy_per_unit=1.0), metadata=header, mask_planes=planes,
+        photo_calib=PhotoCalib(njy_per_unit=1.0),
+        metadata=header,
+        mask_planes=planes,
         origin=(int(origin[0]), int(origin[1])),
-    )  # fmt: skip
+    )
     log.info(
         "coadd %dx%d from %d inputs (%d visits): rejection %s, %.1f%% of pixels with data",
-        nx, ny, len(direct), table["visit"].nunique(), reject_reason or "compare-warp",
+        nx,
+        ny,
+        len(direct),
+        table["visit"].nunique(),
+        reject_reason or "compare-warp",
         100.0 * (1.0 - no_data.mean()),
-    )  # fmt: skip
+    )
     return CoaddResult(
-        exposure=exposure, inputs=table, n_image=out.n_image,
+        exposure=exposure,
+        inputs=table,
+        n_image=out.n_image,
         coadd_psf=coadd_psf,
-    )  # fmt: skip
+    )
 
 
 @dataclass
@@ -481,10 +528,12 @@ class _Output:
             variance=np.full(shape, np.nan, np.float32),
             mask=np.zeros(shape, MASK_DTYPE),
             n_image=np.zeros(shape, np.int32),
-            stats=np.zeros((len(inputs), 5), np.int64), block=block,
-            coverage=coverage, block_origin=origin,
+            stats=np.zeros((len(inputs), 5), np.int64),
+            block=block,
+            coverage=coverage,
+            block_origin=origin,
             bit={name: np.int32(1 << b) for name, b in planes.bits.items()},
-        )  # fmt: skip
+        )
 
     def add_coverage(self, index: int, used: np.ndarray, y_start: int, x_start: int) -> None:
         counts = block_sums(used, y_start, x_start, self.block)
@@ -557,8 +606,10 @@ def _combine_strip(
         msk = stack.mask[layer, :, sp]
         used = valid.copy()
         clipped = np.zeros_like(valid)
-        local = [(i, rs, cs, slice(cs.start - sp.start, cs.stop - sp.start))
-                 for i, rs, cs in regions.get(layer, [])]  # fmt: skip
+        local = [
+            (i, rs, cs, slice(cs.start - sp.start, cs.stop - sp.start))
+            for i, rs, cs in regions.get(layer, [])
+        ]
         for index, rs, cs, lc in local:
             if index in checked_inputs:
                 checked, rejected = _verdict_on(verdicts.get(index), rs, cs)
@@ -583,9 +634,12 @@ def _combine_strip(
             n_valid = int(valid[rs, lc].sum())
             n_clipped = int(clipped[rs, lc].sum())
             out.stats[index] += (
-                int(covered[rs, lc].sum()), n_valid, int(u.sum()), n_clipped,
+                int(covered[rs, lc].sum()),
+                n_valid,
+                int(u.sum()),
+                n_clipped,
                 n_valid - int(u.sum()) - n_clipped,
-            )  # fmt: skip
+            )
             if u.any():
                 out.add_coverage(index, u, y0 + rs.start, cs.start)
     has = den > 0
@@ -616,22 +670,30 @@ def _input_table(direct, rejection, partner, stats) -> pd.DataFrame:
         mjd = header_value(meta, MJD_KEYS)
         covered, valid, used, clipped, unchecked = (int(v) for v in stats[p.index])
         sy, sx = p.source.shape
-        rows.append({
-            "visit": int(p.source.visit),
-            "detector": int(p.source.detector),
-            "band": str(band).strip() if band is not None else "",
-            "mjd": float(mjd) if mjd is not None else float("nan"),
-            "weight": float(p.weight),
-            "mean_variance": float(p.mean_variance),
-            "x0": p.x0, "y0": p.y0, "nx": int(sx), "ny": int(sy),
-            "psf_fwhm": _psf_fwhm(p.source.psf, p.source.shape),
-            "n_covered": covered, "n_valid": valid, "n_used": used, "n_clipped": clipped,
-            "n_unchecked": unchecked,
-            "clipped_fraction": clipped / valid if valid else 0.0,
-            "has_rejection_input": p.index in correlation,
-            "noise_correlation": float(correlation.get(p.index, np.nan)),
-            "used": used > 0,
-        })  # fmt: skip
+        rows.append(
+            {
+                "visit": int(p.source.visit),
+                "detector": int(p.source.detector),
+                "band": str(band).strip() if band is not None else "",
+                "mjd": float(mjd) if mjd is not None else float("nan"),
+                "weight": float(p.weight),
+                "mean_variance": float(p.mean_variance),
+                "x0": p.x0,
+                "y0": p.y0,
+                "nx": int(sx),
+                "ny": int(sy),
+                "psf_fwhm": _psf_fwhm(p.source.psf, p.source.shape),
+                "n_covered": covered,
+                "n_valid": valid,
+                "n_used": used,
+                "n_clipped": clipped,
+                "n_unchecked": unchecked,
+                "clipped_fraction": clipped / valid if valid else 0.0,
+                "has_rejection_input": p.index in correlation,
+                "noise_correlation": float(correlation.get(p.index, np.nan)),
+                "used": used > 0,
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -689,8 +751,9 @@ def _coadd_header(
         pure = round(coadd_psf.pure_cell_fraction, 4)
         header["PSFPURE"] = (pure, "fraction of PSF fit cells of uniform coverage")
         ny, nx = coadd_psf.shape
-        centre = coadd_psf.aperture_correction_at(np.array([(nx - 1) / 2.0]),
-                                                  np.array([(ny - 1) / 2.0]))[0]  # fmt: skip
+        centre = coadd_psf.aperture_correction_at(
+            np.array([(nx - 1) / 2.0]), np.array([(ny - 1) / 2.0])
+        )[0]
         if np.isfinite(centre):
             header["APCORR"] = (round(float(centre), 6), "inputs' aperture correction at centre")
     return header

@@ -348,12 +348,18 @@ def build_coadd_psf(
     fitted = terms @ model.basis.reshape(len(model.basis), -1)
     rel = np.sqrt(((flat - fitted) ** 2).mean(axis=1)) / flat.max(axis=1)
     return CoaddPsf(
-        psfs=tuple(psfs), weights=np.asarray(weights, dtype=np.float64),
-        origins=np.asarray(origins, dtype=np.int64).reshape(-1, 2), block=int(block),
+        psfs=tuple(psfs),
+        weights=np.asarray(weights, dtype=np.float64),
+        origins=np.asarray(origins, dtype=np.int64).reshape(-1, 2),
+        block=int(block),
         block_origin=np.asarray(block_origin, dtype=np.int64).reshape(-1, 2),
         coverage=tuple(np.asarray(c, dtype=COVERAGE_DTYPE) for c in coverage),
-        shape=(int(ny), int(nx)), model=model, order=fit_order,
-        max_rms_residual=float(rel.max()), median_rms_residual=float(np.median(rel)),
+        shape=(int(ny), int(nx)),
+        model=model,
+        order=fit_order,
+        max_rms_residual=float(rel.max()),
+        median_rms_residual=float(np.median(rel)),
         pure_cell_fraction=float(np.mean(purity[good] > 0.99)),
-        aperture_corrections=apcorr, input_ids=ids,
-    )  # fmt: skip
+        aperture_corrections=apcorr,
+        input_ids=ids,
+    )

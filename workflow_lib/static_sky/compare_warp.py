@@ -143,9 +143,12 @@ def padded_span(cs: slice, pad: int, nx: int) -> slice:
 
 
 def estimate_noise_correlation(
-    rejection: list[PreparedInput], shape: tuple[int, int], planes: MaskPlanes,
-    params: RejectionParams, sample_rows: int | None,
-) -> None:  # fmt: skip
+    rejection: list[PreparedInput],
+    shape: tuple[int, int],
+    planes: MaskPlanes,
+    params: RejectionParams,
+    sample_rows: int | None,
+) -> None:
     """Each rejection input's noise correlation: robust scatter of its smoothed difference S/N.
 
     PSF matching and resampling correlate the noise of a warp, so its

@@ -380,10 +380,16 @@ def psf_match_exposure(
     if exposure.psf is None:
         raise ValueError("cannot PSF-match an exposure without a PSF model")
     kernels = fit_matching_kernels(
-        exposure.psf, model, exposure.shape, grid_spacing=grid_spacing, kernel_size=kernel_size,
-        regularization=regularization, max_residual=max_residual, fwhm_tolerance=fwhm_tolerance,
+        exposure.psf,
+        model,
+        exposure.shape,
+        grid_spacing=grid_spacing,
+        kernel_size=kernel_size,
+        regularization=regularization,
+        max_residual=max_residual,
+        fwhm_tolerance=fwhm_tolerance,
         max_gain=max_gain,
-    )  # fmt: skip
+    )
     return convolve_exposure(exposure, kernels, model)
 
 
@@ -418,8 +424,10 @@ def convolve_exposure(exposure: Exposure, kernels: MatchingKernels, psf: PsfMode
     if interpolated is not None and interpolated.any():
         spread = np.where(interpolated, mask & np.int32(~repaired), mask)
         out_mask = _dilate_bits(spread & np.int32(~no_data), r)
-        out_mask |= _dilate_bits(np.where(interpolated, mask & np.int32(repaired), 0)
-                                 .astype(MASK_DTYPE), kernels.core_radius)  # fmt: skip
+        out_mask |= _dilate_bits(
+            np.where(interpolated, mask & np.int32(repaired), 0).astype(MASK_DTYPE),
+            kernels.core_radius,
+        )
     else:
         out_mask = _dilate_bits(mask & np.int32(~no_data), r)
     if (mask & no_data).any():
@@ -445,9 +453,13 @@ def convolve_exposure(exposure: Exposure, kernels: MatchingKernels, psf: PsfMode
     metadata["PSFMEDGE"] = (int(r_edge), "[px] NO_DATA growth and border (99% of sum |K|)")
     log.debug(
         "PSF matching: %d nodes, FWHM %.2f-%.2f -> %.2f px, residual <= %.3g, radius %d",
-        kernels.residuals.size, kernels.psf_fwhm.min(), kernels.psf_fwhm.max(),
-        kernels.model_fwhm.max(), kernels.residuals.max(), r,
-    )  # fmt: skip
+        kernels.residuals.size,
+        kernels.psf_fwhm.min(),
+        kernels.psf_fwhm.max(),
+        kernels.model_fwhm.max(),
+        kernels.residuals.max(),
+        r,
+    )
     return Exposure(
         image=out_img,
         variance=out_var,

@@ -341,11 +341,16 @@ class _Rings:
         half_ra = math.pi / self.counts[ring]
         t = np.linspace(-1.0, 1.0, 33)
         edge_dec = np.concatenate(
-            [np.full(33, dec_c - size / 2), np.full(33, dec_c + size / 2),
-             dec_c + t * size / 2, dec_c + t * size / 2]
-        )  # fmt: skip
-        edge_ra = np.concatenate([t * half_ra, t * half_ra, np.full(33, -half_ra),
-                                  np.full(33, half_ra)])  # fmt: skip
+            [
+                np.full(33, dec_c - size / 2),
+                np.full(33, dec_c + size / 2),
+                dec_c + t * size / 2,
+                dec_c + t * size / 2,
+            ]
+        )
+        edge_ra = np.concatenate(
+            [t * half_ra, t * half_ra, np.full(33, -half_ra), np.full(33, half_ra)]
+        )
         points = _unit_vectors(np.rad2deg(edge_ra), np.rad2deg(edge_dec))
         if overlap_rad > 0:
             points = _offset_points(points, overlap_rad, 16).reshape(-1, 3)
@@ -958,9 +963,15 @@ def _rings_sky_map(
     cap = (ring_of_tract < 0) | (ring_of_tract >= num_rings)
     box_of_tract = np.where(cap, 0, ring_of_tract + 1)
     frames = _frames_from_boxes(
-        np.arange(rings.n_tracts), ra, dec, boxes, box_of_tract,
-        pixel_scale_arcsec / 3600.0, patch_inner_size, projection,
-    )  # fmt: skip
+        np.arange(rings.n_tracts),
+        ra,
+        dec,
+        boxes,
+        box_of_tract,
+        pixel_scale_arcsec / 3600.0,
+        patch_inner_size,
+        projection,
+    )
     params = {
         "num_rings": num_rings,
         "tract_overlap_deg": tract_overlap_deg,
@@ -1062,9 +1073,15 @@ def _discrete_from_circle(
     half_px = float(_radial(np.array(rho), projection)) / scale
     box = _tract_box(half_px, patch_inner_size)
     frames = _frames_from_boxes(
-        np.array([tract_id]), np.array([ra_deg % 360.0]), np.array([dec_deg]), [box],
-        np.array([0]), pixel_scale_arcsec / 3600.0, patch_inner_size, projection,
-    )  # fmt: skip
+        np.array([tract_id]),
+        np.array([ra_deg % 360.0]),
+        np.array([dec_deg]),
+        [box],
+        np.array([0]),
+        pixel_scale_arcsec / 3600.0,
+        patch_inner_size,
+        projection,
+    )
     params = {
         "tract_id": tract_id,
         "ra_deg": ra_deg,

@@ -287,9 +287,16 @@ def build_pixel_mapping(
             ty, tx, c = _interp_coefficients(yn, xn, values, k)
             coefs.append(c)
         mapping = PixelMapping(
-            bbox=bbox, xnodes=xn, ynodes=yn, k=k, tx=tx, ty=ty,
-            coefficients=np.stack(coefs), max_error=0.0, grid_step=step,
-        )  # fmt: skip
+            bbox=bbox,
+            xnodes=xn,
+            ynodes=yn,
+            k=k,
+            tx=tx,
+            ty=ty,
+            coefficients=np.stack(coefs),
+            max_error=0.0,
+            grid_step=step,
+        )
         # Check at the cell centres (and half-way along the cell edges).
         cx = np.concatenate([xn, 0.5 * (xn[1:] + xn[:-1])])
         cy = np.concatenate([yn, 0.5 * (yn[1:] + yn[:-1])])
@@ -487,9 +494,10 @@ def warp_psf(
     cx, cy = exact_source_pixels(source_wcs, target_wcs, ex, ey)
     lo_x, hi_x = np.clip([cx.min(), cx.max()], 0, snx - 1)
     lo_y, hi_y = np.clip([cy.min(), cy.max()], 0, sny - 1)
-    gsx, gsy = (g.ravel() for g in np.meshgrid(
-        np.linspace(lo_x, hi_x, n_side), np.linspace(lo_y, hi_y, n_side)
-    ))  # fmt: skip
+    gsx, gsy = (
+        g.ravel()
+        for g in np.meshgrid(np.linspace(lo_x, hi_x, n_side), np.linspace(lo_y, hi_y, n_side))
+    )
     ra, dec = source_wcs.all_pix2world(gsx, gsy, 0)
     tx, ty = target_wcs.all_world2pix(ra, dec, 0, tolerance=1e-8, maxiter=100, quiet=True)
     src_x, src_y, jac = _exact_with_jacobian(source_wcs, target_wcs, tx, ty)
@@ -649,9 +657,14 @@ def warp_exposure(
             aligned = (qx == 0) | (qx == _N_PHASES) | (qy == 0) | (qy == _N_PHASES)
             if aligned.any():
                 m[aligned] = _aligned_mask_bits(
-                    severe_flat, mask_flat, snx, base[aligned], floor_index[aligned],
-                    qx[aligned], qy[aligned],
-                )  # fmt: skip
+                    severe_flat,
+                    mask_flat,
+                    snx,
+                    base[aligned],
+                    floor_index[aligned],
+                    qx[aligned],
+                    qy[aligned],
+                )
             shape = (rows.stop - rows.start, cols.stop - cols.start)
             img = img * jac
             var = var * (jac * jac)
@@ -678,9 +691,15 @@ def warp_exposure(
     psf = None
     if exposure.psf is not None:
         psf = warp_psf(
-            exposure.psf, exposure.wcs, target_wcs, (x0, y0), (ny, nx), exposure.shape,
-            kernel=kernel, order=psf_order,
-        )  # fmt: skip
+            exposure.psf,
+            exposure.wcs,
+            target_wcs,
+            (x0, y0),
+            (ny, nx),
+            exposure.shape,
+            kernel=kernel,
+            order=psf_order,
+        )
     vcor = noise_factor_sum / noise_factor_n if noise_factor_n else float("nan")
     metadata = _warp_metadata(
         exposure,
@@ -704,8 +723,11 @@ def warp_exposure(
         )
     log.debug(
         "warp: crop %s, grid %.0f px (max error %.2g px), kernel %s",
-        (x0, y0, nx, ny), mapping.grid_step, mapping.max_error, kernel,
-    )  # fmt: skip
+        (x0, y0, nx, ny),
+        mapping.grid_step,
+        mapping.max_error,
+        kernel,
+    )
     return Exposure(
         image=out_image[ys, xs],
         variance=out_var[ys, xs],

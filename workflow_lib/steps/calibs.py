@@ -32,10 +32,15 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 _BUNIT = {"bias": "electron", "dark": "electron/s", "flat": ""}
 _QA_KEYS = {
-    "n_frames": "NFRAMES", "clipped_fraction": "CLIPFRAC", "mean": "MEANLEV",
-    "robust_std": "RSTD", "median_rate": "MEDRATE", "darktime_total": "DARKTOT",
-    "mean_level_e": "FLATLEV", "median_noise": "MEDNOISE",
-}  # fmt: skip
+    "n_frames": "NFRAMES",
+    "clipped_fraction": "CLIPFRAC",
+    "mean": "MEANLEV",
+    "robust_std": "RSTD",
+    "median_rate": "MEDRATE",
+    "darktime_total": "DARKTOT",
+    "mean_level_e": "FLATLEV",
+    "median_noise": "MEDNOISE",
+}
 
 
 def _provenance(step: str, inputs: Sequence[PathLike], **extra: object) -> dict[str, Any]:
@@ -86,9 +91,7 @@ def read_master(path: PathLike) -> MasterCalib:
     """Read a master written by :func:`write_master` (or any file of that layout)."""
     exposure = read_exposure(path)
     meta = exposure.metadata
-    stats = {
-        name: float(meta[card]) for name, card in _QA_KEYS.items() if card in meta
-    }  # fmt: skip
+    stats = {name: float(meta[card]) for name, card in _QA_KEYS.items() if card in meta}
     return MasterCalib(
         kind=str(meta.get("CALIBTYP", "")).strip(),
         image=exposure.image,
@@ -110,9 +113,12 @@ def _read_optional(path: PathLike | None, kind: str) -> MasterCalib | None:
 def _log_qa(kind: str, master: MasterCalib, output_path: PathLike) -> None:
     log.info(
         "master %s%s -> %s: %s; %d pixels without a value",
-        kind, f" ({master.band})" if master.band else "", os.fspath(output_path),
-        ", ".join(f"{k} {v:.4g}" for k, v in master.stats.items()), int(master.mask.sum()),
-    )  # fmt: skip
+        kind,
+        f" ({master.band})" if master.band else "",
+        os.fspath(output_path),
+        ", ".join(f"{k} {v:.4g}" for k, v in master.stats.items()),
+        int(master.mask.sum()),
+    )
 
 
 def make_master_bias(*, raw_paths: Sequence[PathLike], output_path: PathLike) -> None:
@@ -160,9 +166,12 @@ def make_master_flat(
 
 
 def write_defects(
-    defects: np.ndarray, path: PathLike, *, provenance: Mapping[str, Any] | None = None,
+    defects: np.ndarray,
+    path: PathLike,
+    *,
+    provenance: Mapping[str, Any] | None = None,
     counts: Mapping[str, int] | None = None,
-) -> None:  # fmt: skip
+) -> None:
     """Write a defect map: IMAGE 1 on bad pixels, 0 elsewhere; MASK with BAD set there."""
     bad = np.asarray(defects, dtype=bool)
     planes = MaskPlanes()
@@ -172,9 +181,12 @@ def write_defects(
     for key, value in (counts or {}).items():
         header[f"HIERARCH DEFECTS {key.upper()}"] = int(value)
     exposure = Exposure(
-        image=bad.astype(np.float32), variance=np.zeros(bad.shape, np.float32),
-        mask=np.where(bad, planes.bitmask("BAD"), 0), metadata=header, mask_planes=planes,
-    )  # fmt: skip
+        image=bad.astype(np.float32),
+        variance=np.zeros(bad.shape, np.float32),
+        mask=np.where(bad, planes.bitmask("BAD"), 0),
+        metadata=header,
+        mask_planes=planes,
+    )
     write_exposure(exposure, path, bunit="", provenance=provenance)
 
 
@@ -206,11 +218,14 @@ def make_defects(
     result = find_defects(dark=dark, flats=flats)
     inputs = [*([dark_path] if dark is not None and dark_path is not None else []), *flat_paths]
     write_defects(
-        result.mask, output_path, provenance=_provenance("make_defects", inputs),
+        result.mask,
+        output_path,
+        provenance=_provenance("make_defects", inputs),
         counts=result.counts,
-    )  # fmt: skip
+    )
     log.info(
         "defects -> %s: %s (%.4f%% of the detector)",
-        os.fspath(output_path), ", ".join(f"{k} {v}" for k, v in result.counts.items()),
+        os.fspath(output_path),
+        ", ".join(f"{k} {v}" for k, v in result.counts.items()),
         100.0 * result.mask.mean(),
-    )  # fmt: skip
+    )

@@ -155,8 +155,11 @@ def make_warps(
         shutil.rmtree(tmp_dir, ignore_errors=True)
     log.info(
         "visit %d detector %d: %d warps on %d listed patches",
-        visit, detector, len(manifest["warps"]), len(patches),
-    )  # fmt: skip
+        visit,
+        detector,
+        len(manifest["warps"]),
+        len(patches),
+    )
     return manifest
 
 
@@ -246,8 +249,10 @@ def assemble_deep_coadd(
         log.warning(
             "%d of %d inputs have no PSF-matched warp to find artifacts with (PSF wider than "
             "the rejection model): they are coadded without artifact rejection: %s",
-            len(unprotected), len(keys), unprotected,
-        )  # fmt: skip
+            len(unprotected),
+            len(keys),
+            unprotected,
+        )
     result = assemble_coadd(
         [FitsWarpInput(direct[k]) for k in keys],
         shape=shape,
@@ -314,8 +319,9 @@ def assemble_template_coadd(
     if template_cfg.psf_matched:
         rejection = None  # the PSF-matched inputs themselves
     else:
-        rejection = [FitsWarpInput(warps["rejectionWarp"][k]) for k in keys
-                     if k in warps["rejectionWarp"]]  # fmt: skip
+        rejection = [
+            FitsWarpInput(warps["rejectionWarp"][k]) for k in keys if k in warps["rejectionWarp"]
+        ]
     result = assemble_coadd(
         [FitsWarpInput(candidates[k]) for k in keys],
         shape=shape,
@@ -328,8 +334,12 @@ def assemble_template_coadd(
     _write_coadd(result, coadd_path, coadd_psf_path, ids, provenance)
     log.info(
         "template coadd tract %d patch %d band %s (%s warps): visits %s",
-        tract, patch, band, template_cfg.warp_type, list(visits),
-    )  # fmt: skip
+        tract,
+        patch,
+        band,
+        template_cfg.warp_type,
+        list(visits),
+    )
 
 
 def _failure_header(ids: dict[str, Any]) -> Any:

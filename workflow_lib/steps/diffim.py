@@ -594,7 +594,11 @@ def inject_ccd(
     ).astype(DIA_INJECTION_COLUMNS)
     log.info(
         "visit %d detector %d: %d sources injected, %d found, %d clean",
-        visit, detector, n, int(table["detected"].sum()), int(table["clean"].sum()),
-    )  # fmt: skip
+        visit,
+        detector,
+        n,
+        int(table["detected"].sum()),
+        int(table["clean"].sum()),
+    )
     write_table(table, injection_path, provenance=provenance)
     return table

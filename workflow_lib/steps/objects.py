@@ -22,18 +22,28 @@ log = logging.getLogger(__name__)
 
 # CONTRACT columns of the tables, for the empty ones (a patch or CCD with nothing in it).
 FORCED_COLUMNS = {
-    "objectId": "int64", "visit": "int64", "detector": "int64", "band": "object",
-    "midpointMjdTai": "float64", "psfFlux": "float64", "psfFluxErr": "float64",
-}  # fmt: skip
+    "objectId": "int64",
+    "visit": "int64",
+    "detector": "int64",
+    "band": "object",
+    "midpointMjdTai": "float64",
+    "psfFlux": "float64",
+    "psfFluxErr": "float64",
+}
 
 
 def empty_object_table(bands: list[str]) -> pd.DataFrame:
     """An Object table with the CONTRACT columns and no rows."""
     columns = {
-        "objectId": "int64", "tract": "int64", "patch": "int64", "ra": "float64",
-        "dec": "float64", "detect_isPrimary": "bool", "refBand": "object",
+        "objectId": "int64",
+        "tract": "int64",
+        "patch": "int64",
+        "ra": "float64",
+        "dec": "float64",
+        "detect_isPrimary": "bool",
+        "refBand": "object",
         "refExtendedness": "float64",
-    }  # fmt: skip
+    }
     for band in bands:
         for stem in ("psfFlux", "psfFluxErr", "apFlux", "apFluxErr"):
             columns[f"{band}_{stem}"] = "float64"
@@ -127,8 +137,11 @@ def measure_patch_objects(
     )
     log.info(
         "tract %d patch %d: %d Objects (%d primary)",
-        tract, patch, len(table), int(table["detect_isPrimary"].sum()) if len(table) else 0,
-    )  # fmt: skip
+        tract,
+        patch,
+        len(table),
+        int(table["detect_isPrimary"].sum()) if len(table) else 0,
+    )
     write_table(table, object_path, provenance=provenance)
     return table
 
@@ -173,7 +186,11 @@ def forced_phot_ccd(
     table["tract"] = np.int64(tract)
     log.info(
         "visit %d detector %d tract %d: %d forced measurements of %d primary Objects",
-        visit, detector, tract, len(table), len(objects),
-    )  # fmt: skip
+        visit,
+        detector,
+        tract,
+        len(table),
+        len(objects),
+    )
     write_table(table, forced_path, provenance=provenance)
     return table

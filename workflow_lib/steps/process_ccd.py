@@ -141,8 +141,16 @@ def process_ccd(
         reason = f"ISR: {err}"
         log.warning("visit %d detector %d: %s", visit, detector, reason)
         flags = int(CcdVisitFlag.FAILED | CcdVisitFlag.BAD_IMAGE)
-        _write(None, empty_sources(), ccd_visit_row(flags=flags, fail_reason=reason, **ids),
-               calexp_path, src_path, ccdvisit_path, primary, provenance)  # fmt: skip
+        _write(
+            None,
+            empty_sources(),
+            ccd_visit_row(flags=flags, fail_reason=reason, **ids),
+            calexp_path,
+            src_path,
+            ccdvisit_path,
+            primary,
+            provenance,
+        )
         return
 
     log.info("QA isr_timings_s = %s", {k: round(v, 3) for k, v in isr_result.timings.items()})
@@ -166,8 +174,10 @@ def process_ccd(
     ) / 3600.0
     refcat = load_refcat_region(
         shard_dir=str(Path(refcat_manifest_path).parent),
-        ra=float(center.ra.deg), dec=float(center.dec.deg), radius_deg=radius_deg,
-    )  # fmt: skip
+        ra=float(center.ra.deg),
+        dec=float(center.dec.deg),
+        radius_deg=radius_deg,
+    )
     clock.lap("refcat")
     result = process_single_frame(exposure, refcat, config=calib_config, isr_flags=isr_flags, **ids)
     del exposure, isr_result  # the calexp holds what is kept of them (ISR_* cards included)
@@ -177,8 +187,16 @@ def process_ccd(
     if not result.failed:
         for key in ("seeing", "zeroPoint", "astromRms", "nAstromStars", "nPhotStars", "nSources"):
             log.info("%s = %s", key, result.ccd_visit[key])
-    _write(result.calexp, result.sources, result.ccd_visit, calexp_path, src_path, ccdvisit_path,
-           primary, provenance)  # fmt: skip
+    _write(
+        result.calexp,
+        result.sources,
+        result.ccd_visit,
+        calexp_path,
+        src_path,
+        ccdvisit_path,
+        primary,
+        provenance,
+    )
     clock.lap("write")
     log.info("QA step_timings_s = %s", clock.rounded()["wall"])
     log.info("QA step_cpu_timings_s = %s", clock.rounded()["cpu"])

@@ -126,8 +126,14 @@ def shard_refcat(
         tmp.write_text(json.dumps(record, indent=1))
     log.info(
         "refcat %s: %d rows (%d stars), bands %s, %d shard(s) at nside %d in %s",
-        refcat_path, len(refcat), record["n_stars"], ",".join(bands), len(counts), nside, out,
-    )  # fmt: skip
+        refcat_path,
+        len(refcat),
+        record["n_stars"],
+        ",".join(bands),
+        len(counts),
+        nside,
+        out,
+    )
 
 
 def read_manifest(shard_dir: PathLike) -> dict[str, Any]:
@@ -162,6 +168,11 @@ def load_refcat_region(*, shard_dir: str, ra: float, dec: float, radius_deg: flo
     refcat = cut_to_cone(pd.concat(parts, ignore_index=True), ra, dec, radius_deg)
     log.info(
         "refcat %s: %d object(s) within %.4f deg of (%.5f, %.5f) from %d shard(s)",
-        shard_dir, len(refcat), radius_deg, ra, dec, len(wanted),
-    )  # fmt: skip
+        shard_dir,
+        len(refcat),
+        radius_deg,
+        ra,
+        dec,
+        len(wanted),
+    )
     return refcat[standard_columns(bands)]

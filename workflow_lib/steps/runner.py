@@ -88,8 +88,12 @@ def run_snakemake_job(smk: Any) -> Any:
         wildcards=dict(smk.wildcards.items()),
     )
     log = logging.getLogger("workflow_lib.steps")
-    log.info("rule %s: step %s (%.2f s after the job's process started)", smk.rule, spec,
-             _seconds_since_process_start())  # fmt: skip
+    log.info(
+        "rule %s: step %s (%.2f s after the job's process started)",
+        smk.rule,
+        spec,
+        _seconds_since_process_start(),
+    )
     start = time.perf_counter()
     try:
         result = func(**kwargs)

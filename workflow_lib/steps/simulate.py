@@ -61,8 +61,12 @@ def simulate_scene(
     write_csv(refcat, refcat_path, header_prefix="#")
     log.info(
         "scene %s seed %d: %d objects (%s), %d refcat rows",
-        preset, seed, len(scene), scene["kind"].value_counts().to_dict(), len(refcat),
-    )  # fmt: skip
+        preset,
+        seed,
+        len(scene),
+        scene["kind"].value_counts().to_dict(),
+        len(refcat),
+    )
 
 
 def _header(cards: Mapping[str, object]) -> fits.Header:
@@ -118,5 +122,9 @@ def simulate_exposures(
                 write_raw_file(out, header, amps)
             log.info(
                 "wrote %s (%s exposure %d detector %d, %d objects)",
-                out, info["obstype"], exposure, detector, rendered.n_objects,
-            )  # fmt: skip
+                out,
+                info["obstype"],
+                exposure,
+                detector,
+                rendered.n_objects,
+            )
