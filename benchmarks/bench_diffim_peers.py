@@ -130,12 +130,15 @@ def judge(diff: np.ndarray, data: dict[str, np.ndarray], ours: np.ndarray | None
     blank = inner & ~near & np.isfinite(diff)
     level = float(np.median(diff[blank]))
     blank_rms = float(mad_std(diff[blank]))
-    inside = lambda xy: (  # noqa: E731
-        (xy[:, 0] > BORDER)
-        & (xy[:, 0] < nx - BORDER)
-        & (xy[:, 1] > BORDER)
-        & (xy[:, 1] < ny - BORDER)
-    )
+
+    def inside(xy: np.ndarray) -> np.ndarray:
+        return (
+            (xy[:, 0] > BORDER)
+            & (xy[:, 0] < nx - BORDER)
+            & (xy[:, 1] > BORDER)
+            & (xy[:, 1] < ny - BORDER)
+        )
+
     kept = stars[inside(stars)]
     bright = kept[kept[:, 2] >= np.percentile(kept[:, 2], 75)]
     star_rms = np.sqrt(

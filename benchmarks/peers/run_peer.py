@@ -345,6 +345,20 @@ def run_sfft(sci, shdr, tmpl, thdr, workdir, timer, info):
         paths[name] = os.path.abspath(p)
     nthr = ARGS.threads
     vl = 1 if ARGS.verbose else 0
+    # What both flavours are given alike: the template convolved (science - K * template in
+    # the science's units), a kernel polynomial of order 2, one photometric ratio.
+    common = dict(
+        FITS_DIFF=None,
+        ForceConv="REF",
+        GKerHW=None,
+        KerHWRatio=2.0,
+        KerPolyOrder=2,
+        ConstPhotRatio=True,
+        GAIN_KEY="GAIN",
+        BACKEND_4SUBTRACT="Numpy",
+        NUM_CPU_THREADS_4SUBTRACT=nthr,
+        VERBOSE_LEVEL=vl,
+    )
     with timer:
         if ARGS.sfft_flavor == "sparse":
             # the sparse flavour wants sky-subtracted inputs: sfft's own SExtractor sky
@@ -365,35 +379,17 @@ def run_sfft(sci, shdr, tmpl, thdr, workdir, timer, info):
             res = Easy_SparsePacket.ESP(
                 FITS_REF=ss["tmpl"],
                 FITS_SCI=ss["sci"],
-                FITS_DIFF=None,
-                ForceConv="REF",
-                GKerHW=None,
-                KerHWRatio=2.0,
-                KerPolyOrder=2,
                 BGPolyOrder=0,
-                ConstPhotRatio=True,
-                GAIN_KEY="GAIN",
                 SATUR_KEY="ESATUR",
-                BACKEND_4SUBTRACT="Numpy",
-                NUM_CPU_THREADS_4SUBTRACT=nthr,
-                VERBOSE_LEVEL=vl,
+                **common,
             )
         else:
             res = Easy_CrowdedPacket.ECP(
                 FITS_REF=paths["tmpl"],
                 FITS_SCI=paths["sci"],
-                FITS_DIFF=None,
-                ForceConv="REF",
-                GKerHW=None,
-                KerHWRatio=2.0,
-                KerPolyOrder=2,
                 BGPolyOrder=2,
-                ConstPhotRatio=True,
-                GAIN_KEY="GAIN",
                 SATUR_KEY="SATURATE",
-                BACKEND_4SUBTRACT="Numpy",
-                NUM_CPU_THREADS_4SUBTRACT=nthr,
-                VERBOSE_LEVEL=vl,
+                **common,
             )
     PixA_DIFF, prep, _solution, fscal, _fscal_sig = res
     diff = np.asarray(PixA_DIFF.T, dtype=np.float32)  # sfft arrays are (x, y): transpose back

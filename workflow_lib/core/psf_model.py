@@ -172,6 +172,20 @@ def polynomial_terms(u: np.ndarray, v: np.ndarray, order: int) -> np.ndarray:
     return np.stack([u**i * v**j for i, j in monomial_exponents(order)], axis=1)
 
 
+def polynomial_image(
+    coefficients: np.ndarray, order: int, u_row: np.ndarray, v_col: np.ndarray
+) -> np.ndarray:
+    """sum_k coefficients[k] u^i v^j over an image, from its normalised coordinates along a
+    row (``u_row``, nx) and a column (``v_col``, ny): one outer product per monomial, no
+    (npix, nterms) design over the whole image (2 s on a 4k CCD)."""
+    u = np.asarray(u_row, dtype=np.float64).ravel()
+    v = np.asarray(v_col, dtype=np.float64).ravel()
+    out = np.zeros((v.size, u.size))
+    for c, (i, j) in zip(coefficients, monomial_exponents(order), strict=True):
+        out += c * np.outer(v**j, u**i)
+    return out
+
+
 def fit_psf_model(
     x: np.ndarray,
     y: np.ndarray,

@@ -62,7 +62,12 @@ from astropy.stats import mad_std
 from numpy.lib.stride_tricks import sliding_window_view
 from scipy import linalg
 
-from workflow_lib.core.psf_model import fwhm_of_image, monomial_exponents, polynomial_terms
+from workflow_lib.core.psf_model import (
+    fwhm_of_image,
+    monomial_exponents,
+    polynomial_image,
+    polynomial_terms,
+)
 from workflow_lib.static_sky.psf_matching import (
     GAUSSIAN_FWHM_PER_SIGMA,
     MatchingKernels,
@@ -162,13 +167,8 @@ class AlardLuptonSolution:
     def background(self, shape: tuple[int, int]) -> np.ndarray:
         """The differential background B over an image of ``shape`` (ny, nx)."""
         ny, nx = shape
-        u, v = self._uv(np.arange(nx)[None, :], np.arange(ny)[:, None])
-        out = np.zeros((ny, nx))
-        for c, (i, j) in zip(
-            self.background_coefficients, monomial_exponents(self.background_order), strict=True
-        ):
-            out += c * (u**i * v**j)
-        return out
+        u, v = self._uv(np.arange(nx), np.arange(ny))
+        return polynomial_image(self.background_coefficients, self.background_order, u, v)
 
     def to_matching_kernels(
         self, shape: tuple[int, int], grid_spacing: float = 512.0
@@ -354,10 +354,6 @@ class _Layout:
     n_basis: int
     spatial_order: int
     background_order: int
-
-    @property
-    def n_params(self) -> int:
-        return self.kernel_k.size + len(monomial_exponents(self.background_order))
 
 
 def _layout(n_basis: int, spatial_order: int, bg_order: int, constant_sum: bool) -> _Layout:

@@ -39,6 +39,7 @@ from scipy.special import ndtr
 
 from workflow_lib.core.convolution import fft_convolve
 from workflow_lib.core.psf_model import PsfModel
+from workflow_lib.single_frame.background import subsample_stride
 from workflow_lib.static_sky.psf_matching import _centred
 
 
@@ -114,7 +115,7 @@ def variance_scale(
     """
     # A whole-image statistic: a 1-in-stride^2 subsample of about a million pixels holds
     # it to 0.15 % (the noise is white), at a fraction of a 4k CCD's clipping cost.
-    stride = max(1, int(np.sqrt(np.size(image) / 1.0e6)))
+    stride = subsample_stride(np.size(image))
     image = np.asarray(image, dtype=np.float64)[::stride, ::stride]
     variance = np.asarray(variance, dtype=np.float64)[::stride, ::stride]
     good = np.isfinite(image) & np.isfinite(variance) & (variance > 0)
@@ -141,12 +142,12 @@ def convolved_psf(psf: PsfModel, kernel: np.ndarray, size: int | None = None) ->
     evaluated at its centre, misreads PSF fluxes by the PSF's change across the CCD:
     2-5 % at the corners of the default survey's calexps.
     """
+    k = np.asarray(kernel, dtype=np.float64)
     size = psf.size if size is None else int(size)
-    full_size = psf.size + np.asarray(kernel).shape[0] - 1
+    full_size = psf.size + k.shape[0] - 1
     if size % 2 == 0 or size > full_size:
         raise ValueError(f"PSF size must be odd and at most {full_size}, got {size}")
     c, h = full_size // 2, size // 2
-    k = np.asarray(kernel, dtype=np.float64)
     basis = np.stack(
         [fft_convolve(b, k, mode="full")[c - h : c + h + 1, c - h : c + h + 1] for b in psf.basis]
     )

@@ -27,7 +27,7 @@ from workflow_lib.core.flags import DiaSourceFlag
 from workflow_lib.core.psf_model import PsfModel
 from workflow_lib.diffim.template import TEMPLATE_SATURATED_PLANE
 from workflow_lib.objects.forced import fixed_psf_fluxes
-from workflow_lib.single_frame.background import dilate_mask
+from workflow_lib.single_frame.background import dilate_mask, subsample_stride
 from workflow_lib.single_frame.detection import detect_sources
 
 # Mask planes that keep a pixel out of detection and the PSF fit.
@@ -325,7 +325,7 @@ def psf_noise_scale(
     if use.sum() < 100:
         return 1.0
     # About a million pixels are enough for the robust sigma (as in variance_scale).
-    stride = max(1, int(np.sqrt(use.size / 1.0e6)))
+    stride = subsample_stride(use.size)
     use, filtered, predicted = (a[::stride, ::stride] for a in (use, filtered, predicted))
     return float(max(mad_std(filtered[use] / predicted[use]), 1e-3))
 

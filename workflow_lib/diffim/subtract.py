@@ -32,7 +32,7 @@ from workflow_lib.core.flags import UNRELIABLE_SOURCE, SourceFlag
 from workflow_lib.core.psf_model import (
     PsfModel,
     fit_psf_model,
-    monomial_exponents,
+    polynomial_image,
     polynomial_terms,
 )
 from workflow_lib.diffim.alard_lupton import (
@@ -147,14 +147,9 @@ def fit_background(
         if np.array_equal(new, good):
             break
         good = new
-    # Evaluated term by term as outer products of a row and a column: no (npix, nterms)
-    # design over the whole image (2 s on a 4k CCD).
     u_row = (np.arange(nx) - (nx - 1) / 2) / (nx / 2)
     v_col = (np.arange(ny) - (ny - 1) / 2) / (ny / 2)
-    model = np.zeros((ny, nx))
-    for c, (i, j) in zip(coef, monomial_exponents(order), strict=True):
-        model += c * np.outer(v_col**j, u_row**i)
-    return model, coef
+    return polynomial_image(coef, order, u_row, v_col), coef
 
 
 def kernel_candidates(

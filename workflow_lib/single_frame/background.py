@@ -104,11 +104,17 @@ def estimate_background(
     )
 
 
+def subsample_stride(n_pixels: int, target: float = 1.0e6) -> int:
+    """The stride per axis of a regular subsample of about ``target`` pixels: whole-image
+    statistics (medians, clipped scales) are as good from a million pixels as from 16."""
+    return max(1, int(np.sqrt(n_pixels / target)))
+
+
 def _clipped_mean_offset(
     data: np.ndarray, back: np.ndarray, bad: np.ndarray, *, nsigma: float = 3.0
 ) -> float:
     """Sigma-clipped mean of ``data - back`` over good pixels (subsampled for speed)."""
-    stride = max(1, int(np.sqrt(data.size / 1.0e6)))
+    stride = subsample_stride(data.size)
     resid = (data[::stride, ::stride] - back[::stride, ::stride])[~bad[::stride, ::stride]]
     resid = resid[np.isfinite(resid)].astype(np.float64)
     if resid.size < 100:

@@ -21,6 +21,7 @@ from workflow_lib.single_frame.background import (
     dilate_mask,
     estimate_background,
     native_float,
+    subsample_stride,
 )
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ def _prepare(image, variance, mask):
         data = np.where(bad, np.float32(0.0), data)
         # The fill only keeps sep's noise finite on pixels it ignores anyway:
         # a median of a subsample is as good as the full one.
-        step = max(1, int(np.sqrt(var.size / 1.0e6)))
+        step = subsample_stride(var.size)
         good_var = var[::step, ::step][~bad[::step, ::step]]
         if good_var.size == 0:
             good_var = var[~bad]
