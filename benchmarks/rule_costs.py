@@ -3,7 +3,10 @@
 Every rule writes ``benchmarks/<subpath>.tsv`` beside its ``logs/<subpath>.log``
 (the same sub-path); the log's first runner line names the rule. Prints, per
 rule, the number of jobs, the sums of wall and CPU seconds, CPU seconds per job
-and the largest peak RSS, then the totals.
+and the largest peak RSS, then the totals. A job forked from the warm-start
+server (workflow_lib/steps/warm_start.py) adds its step's CPU time and peak
+memory from its log to the benchmark file's figures, which see only the job's
+waiting process; the server's own imports, once per run, are in no job.
 
     python -m benchmarks.rule_costs RESULTS_DIR
 """
@@ -19,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 RULE_LINE = re.compile(r"rule (\w+): step ")
+WARM_LINE = re.compile(r"forked from warm-start server")
+DONE_LINE = re.compile(r"done in [0-9.]+ s, CPU ([0-9.]+) s, peak memory ([0-9.]+) MB")
 
 
 @dataclass
@@ -30,15 +35,28 @@ class RuleCost:
     walls: list[float] = field(default_factory=list)
 
 
-def _rule_of(log: Path) -> str | None:
+@dataclass
+class JobLog:
+    rule: str | None = None
+    # A job forked from the warm-start server: its step's CPU and peak memory,
+    # which Snakemake's benchmark (of the job's waiting process) does not see.
+    worker_cpu_s: float = 0.0
+    worker_peak_mb: float = 0.0
+
+
+def _read_log(log: Path) -> JobLog:
+    job = JobLog()
     if not log.exists():
-        return None
+        return job
+    warm = False
     with log.open(errors="replace") as handle:
         for line in handle:
-            match = RULE_LINE.search(line)
-            if match:
-                return match.group(1)
-    return None
+            if job.rule is None and (match := RULE_LINE.search(line)):
+                job.rule = match.group(1)
+                warm = bool(WARM_LINE.search(line))
+            elif warm and (done := DONE_LINE.search(line)):
+                job.worker_cpu_s, job.worker_peak_mb = float(done.group(1)), float(done.group(2))
+    return job
 
 
 def _number(value: str | None) -> float:
@@ -54,7 +72,8 @@ def rule_costs(results: Path) -> dict[str, RuleCost]:
     bench_root = results / "benchmarks"
     for tsv in sorted(bench_root.rglob("*.tsv")):
         sub = tsv.relative_to(bench_root).with_suffix(".log")
-        rule = _rule_of(results / "logs" / sub) or f"?{sub.parent}"
+        job = _read_log(results / "logs" / sub)
+        rule = job.rule or f"?{sub.parent}"
         with tsv.open() as handle:
             rows = list(csv.DictReader(handle, delimiter="\t"))
         if not rows:
@@ -65,8 +84,8 @@ def rule_costs(results: Path) -> dict[str, RuleCost]:
         wall = _number(row.get("s"))
         cost.wall_s += wall
         cost.walls.append(wall)
-        cost.cpu_s += _number(row.get("cpu_time"))
-        cost.peak_mb = max(cost.peak_mb, _number(row.get("max_rss")))
+        cost.cpu_s += _number(row.get("cpu_time")) + job.worker_cpu_s
+        cost.peak_mb = max(cost.peak_mb, _number(row.get("max_rss")), job.worker_peak_mb)
     return dict(costs)
 
 

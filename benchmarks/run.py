@@ -15,6 +15,7 @@ import argparse
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -82,7 +83,10 @@ def bench_workflow(preset: str, repeats: int, work: Path) -> str:
     measurement = measure(
         f"workflow {preset} (2 cores)", command, repeats=repeats, before_each=_fresh(run_dir)
     )
-    return measurement.line() + "\n" + format_costs(rule_costs(run_dir / "results"))
+    # The harness's peak RSS is of Snakemake's process tree, which jobs forked from
+    # the warm-start server are not part of; the table's peak MB is per job.
+    note = "(peak RSS: Snakemake and cold jobs; warm jobs' peaks in the table)"
+    return f"{measurement.line()}\n{note}\n" + format_costs(rule_costs(run_dir / "results"))
 
 
 OVERHEAD_SNAKEFILE = """
@@ -120,44 +124,55 @@ def _import_code(step: str, package: str | None) -> str:
 
 
 def bench_job_overhead(repeats: int, work: Path) -> str:
-    """Fixed cost of one job: the empty step through Snakemake, plus each step's imports.
+    """Fixed cost of one job: the empty step through Snakemake, cold and warm, plus
+    each step's imports (what a cold job pays on top).
 
     The Snakemake part is the marginal wall time per job of a serial run
-    (``--cores 1``: 21 jobs minus 1 job, over 20); the import part is a fresh
-    interpreter importing the step module, minus one importing nothing.
+    (``--cores 1``: 21 jobs minus 1 job, over 20), once with every job in its own
+    process (``DC2_WARM_START=0``) and once forked from the warm-start server
+    (started beforehand, as the first jobs of a run start it); the import part is
+    a fresh interpreter importing the step module, minus one importing nothing.
     """
     run_dir, snakefile = work / "overhead", work / "overhead.smk"
     snakefile.write_text(OVERHEAD_SNAKEFILE % (REPO / "scripts" / "run_step.py"))
 
-    def serial(njobs: int) -> Measurement:
+    def serial(njobs: int, warm: bool) -> Measurement:
         command = [
-            SNAKEMAKE,
-            "--cores",
-            "1",
-            "-q",
-            "-d",
-            str(run_dir),
-            "-s",
-            str(snakefile),
-            "--config",
-            f"njobs={njobs}",
+            *("env", f"DC2_WARM_START={int(warm)}", SNAKEMAKE),
+            *("--cores", "1", "-q", "-d", str(run_dir), "-s", str(snakefile)),
+            *("--config", f"njobs={njobs}"),
         ]
-        return measure(
-            f"empty step x{njobs}", command, repeats=repeats, before_each=_fresh(run_dir)
-        )
+        name = f"empty step x{njobs} ({'warm' if warm else 'cold'})"
+        return measure(name, command, repeats=repeats, before_each=_fresh(run_dir))
 
-    one, many = serial(1), serial(21)
-    per_job = (many.median - one.median) / 20
-    lines = [one.line(), many.line(), f"{'snakemake + runner per job':<28} {per_job:8.2f} s"]
+    lines, per_job = [], {}
+    for warm in (False, True):
+        if warm:
+            _start_warm_server(lambda: serial(1, True))
+        one, many = serial(1, warm), serial(21, warm)
+        per_job[warm] = (many.median - one.median) / 20
+        label = f"snakemake + runner per job ({'warm' if warm else 'cold'})"
+        lines += [one.line(), many.line(), f"{label:<44} {per_job[warm]:8.2f} s"]
     bare = measure("python -c pass", [PYTHON, "-c", "pass"], repeats=max(repeats, 5))
     for step, package in STEP_IMPORTS.items():
         m = measure(step, [PYTHON, "-c", _import_code(step, package)], repeats=max(repeats, 5))
         imports = m.median - bare.median
         lines.append(
-            f"{'import ' + step:<28} {imports:8.2f} s   fixed cost of its job"
-            f" {per_job + imports:5.2f} s  (peak RSS {m.peak_rss_mb:.0f} MB)"
+            f"{'import ' + step:<28} {imports:8.2f} s   a cold job's fixed cost"
+            f" {per_job[False] + imports:5.2f} s  (peak RSS {m.peak_rss_mb:.0f} MB)"
         )
     return "\n".join(lines)
+
+
+def _start_warm_server(run_one_job: Callable[[], Measurement]) -> None:
+    """One warm-enabled job starts the server; wait until it listens."""
+    from workflow_lib.steps import warm_start
+
+    run_one_job()
+    path = warm_start.socket_path()
+    deadline = time.monotonic() + 120
+    while path is not None and not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 BENCHMARKS: dict[str, Callable[[int, Path], str]] = {

@@ -1,7 +1,8 @@
 """Per-rule time and memory of a finished run, from its job logs; SLURM resource suggestions.
 
-Every job log ends with the runner's line ``step S done in T s, peak memory M MB``
-(workflow_lib/steps/runner.py): the step's own wall time and peak RSS. A SLURM
+Every job log ends with the runner's line ``step S done in T s, CPU C s, peak memory
+M MB`` (workflow_lib/steps/runner.py; logs before 2026-12-06 lack the CPU): the
+step's own wall time and peak RSS. A SLURM
 job also holds the Snakemake process that runs the step, whose memory grows
 with the registry (``--snakemake-mb``, measure it with ``benchmarks/bench_dag.py``:
 the 'ours parse' peak RSS at your survey's size).
@@ -26,7 +27,9 @@ from collections import defaultdict
 from pathlib import Path
 
 RULE_LINE = re.compile(r"rule (\w+): step (\S+)")
-DONE_LINE = re.compile(r"step (\S+) done in ([0-9.]+) s, peak memory ([0-9.]+) MB")
+DONE_LINE = re.compile(
+    r"step (\S+) done in ([0-9.]+) s(?:, CPU [0-9.]+ s)?, peak memory ([0-9.]+) MB"
+)
 
 
 def collect(log_dir: Path) -> dict[str, list[tuple[float, float]]]:

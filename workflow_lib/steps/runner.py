@@ -16,6 +16,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -63,7 +64,7 @@ def configure_logging(log_path: str | None) -> None:
     logging.captureWarnings(True)
 
 
-def _seconds_since_process_start() -> float:
+def seconds_since_process_start() -> float:
     """Wall seconds since this process was created: the job's fixed start-up cost
     (interpreter, Snakemake's script preamble, the step's imports)."""
     import psutil  # a Snakemake dependency
@@ -71,39 +72,105 @@ def _seconds_since_process_start() -> float:
     return time.time() - psutil.Process().create_time()
 
 
-def run_snakemake_job(smk: Any) -> Any:
-    """Run the step of a Snakemake job (``smk`` is the ``snakemake`` object of a script)."""
+def _plain(value: Any) -> Any:
+    """Snakemake's named lists and IO strings as builtins (picklable without Snakemake)."""
+    if isinstance(value, str):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    return value
+
+
+@dataclass(frozen=True)
+class Job:
+    """What a step needs of its Snakemake job, in builtins only, so that a warm
+    worker (``warm_start``) can receive it without importing Snakemake."""
+
+    rule: str
+    step: str
+    threads: int
+    log_path: str | None
+    named_inputs: dict[str, Any]
+    named_outputs: dict[str, Any]
+    params: dict[str, Any]
+    wildcards: dict[str, str]
+
+    @classmethod
+    def from_snakemake(cls, smk: Any) -> Job:
+        """From the ``snakemake`` object of a script (``params: step=`` names the step)."""
+        params = _plain(dict(smk.params.items()))
+        return cls(
+            rule=str(smk.rule),
+            step=params.pop("step"),
+            threads=max(1, int(smk.threads)),
+            log_path=str(smk.log[0]) if len(smk.log) else None,
+            named_inputs=_plain(dict(smk.input.items())),
+            named_outputs=_plain(dict(smk.output.items())),
+            params=params,
+            wildcards=_plain(dict(smk.wildcards.items())),
+        )
+
+
+def run_job(job: Job, *, startup_s: float, forked_from: int | None = None) -> Any:
+    """Run the job's step, logging to the job's log; ``startup_s`` is what the job's
+    process spent before it, ``forked_from`` the warm-start server this process was
+    forked from, if any (both reported in the log)."""
     # OpenMP libraries (astroscrappy's among them) otherwise take every core of
     # the node, oversubscribing it when Snakemake runs jobs side by side.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, int(smk.threads))))
-    configure_logging(smk.log[0] if len(smk.log) else None)
-    params = dict(smk.params.items())
-    spec = params.pop("step")
-    func = resolve_step(spec)
+    os.environ.setdefault("OMP_NUM_THREADS", str(job.threads))
+    configure_logging(job.log_path)
+    func = resolve_step(job.step)
     kwargs = step_kwargs(
         func,
-        named_inputs=dict(smk.input.items()),
-        named_outputs=dict(smk.output.items()),
-        params=params,
-        wildcards=dict(smk.wildcards.items()),
+        named_inputs=job.named_inputs,
+        named_outputs=job.named_outputs,
+        params=job.params,
+        wildcards=job.wildcards,
     )
     log = logging.getLogger("workflow_lib.steps")
+    warm = f"; forked from warm-start server {forked_from}" if forked_from else ""
     log.info(
-        "rule %s: step %s (%.2f s after the job's process started)",
-        smk.rule,
-        spec,
-        _seconds_since_process_start(),
+        "rule %s: step %s (%.2f s after the job's process started%s)",
+        job.rule,
+        job.step,
+        startup_s,
+        warm,
     )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         result = func(**kwargs)
     except BaseException:
         # The job's log is where Snakemake points the user: the traceback goes there
         # too (and on to Snakemake's own output when the exception propagates).
-        log.exception("step %s failed after %.2f s", spec, time.perf_counter() - start)
+        log.exception("step %s failed after %.2f s", job.step, time.perf_counter() - start)
         raise
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
     log.info(
-        "step %s done in %.2f s, peak memory %.0f MB", spec, time.perf_counter() - start, peak_mb
+        "step %s done in %.2f s, CPU %.2f s, peak memory %.0f MB",
+        job.step,
+        time.perf_counter() - start,
+        time.process_time() - cpu_start,
+        peak_mb,
     )
     return result
+
+
+def run_snakemake_job(smk: Any, *, warm: bool = False) -> Any:
+    """Run the step of a Snakemake job (``smk`` is the ``snakemake`` object of a script).
+
+    With ``warm``, the step runs in a child forked from this machine's warm worker
+    (``warm_start``) when one is up, and this process only waits for it; otherwise
+    (or when none is up yet, starting one for the next jobs) it runs here.
+    """
+    job = Job.from_snakemake(smk)
+    if warm:
+        from workflow_lib.steps import warm_start
+
+        exit_code = warm_start.run_in_worker(job, startup_s=seconds_since_process_start())
+        if exit_code is not None:
+            if exit_code:
+                raise SystemExit(exit_code)
+            return None
+    return run_job(job, startup_s=seconds_since_process_start())
