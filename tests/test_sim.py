@@ -576,3 +576,46 @@ def test_distortion_is_a_few_pixels_at_the_field_edge():
     x2, y2 = wcs.sky_to_pixel(ra, dec)
     np.testing.assert_allclose(x2, xs, atol=1e-6)
     np.testing.assert_allclose(y2, ys, atol=1e-6)
+
+
+def test_faint_galaxies_photons_are_convolved_with_the_true_psf():
+    """PsfPhotons (the PSF applied to a faint galaxy's shot photons) draws from the
+    same profile as GalSim shooting through make_psf's Convolve, and as its FFT image:
+    radius quantiles, second moments and the pixelised image within their noise."""
+    import galsim
+
+    from workflow_lib.sim.optics import psf_parameters
+    from workflow_lib.sim.psf import PsfPhotons, make_psf
+
+    # An off-axis position (sheared atmosphere and optics), r band.
+    params = psf_parameters(
+        seeing=0.7,
+        wind_g1=0.02,
+        wind_g2=-0.03,
+        wavelength_nm=620.0,
+        fx=900.0,
+        fy=-700.0,
+        fp_radius=1500.0,
+    )
+    n = 1_000_000
+    reference = make_psf(params).shoot(n, galsim.BaseDeviate(3))
+    x, y = PsfPhotons(params).offsets(n, galsim.BaseDeviate(4))
+    once, twice = (PsfPhotons(params).offsets(1000, galsim.BaseDeviate(5)) for _ in range(2))
+    assert np.array_equal(once, twice)  # seeded
+    quantiles = [0.1, 0.25, 0.5, 0.75, 0.9]
+    ours = np.quantile(np.hypot(x, y), quantiles)
+    theirs = np.quantile(np.hypot(reference.x, reference.y), quantiles)
+    np.testing.assert_allclose(ours, theirs, rtol=0.005)
+    core = np.hypot(x, y) < 3.0
+    ref_core = np.hypot(reference.x, reference.y) < 3.0
+    for a, b in (
+        (x * x, reference.x**2),
+        (y * y, reference.y**2),
+        (x * y, reference.x * reference.y),
+    ):
+        assert abs(a[core].mean() - b[ref_core].mean()) < 0.01 * (x * x)[core].mean()
+    image = make_psf(params).drawImage(nx=48, ny=48, scale=0.2).array
+    counts, _, _ = np.histogram2d(y, x, bins=48, range=[[-4.8, 4.8], [-4.8, 4.8]])
+    noise = np.sqrt(np.maximum(image * n, 1.0))
+    assert np.abs(counts - image * n).max() < 5.0 * noise.max()
+    assert abs(counts.sum() / n - image.sum()) < 1e-3

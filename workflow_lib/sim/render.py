@@ -26,9 +26,9 @@ from workflow_lib.sim.instrument import (
     read_out,
     response_map,
 )
-from workflow_lib.sim.optics import psf_parameters
+from workflow_lib.sim.optics import PsfParameters, psf_parameters
 from workflow_lib.sim.presets import WAVELENGTH_NM, ZERO_POINTS
-from workflow_lib.sim.psf import GSPARAMS, make_psf
+from workflow_lib.sim.psf import GSPARAMS, PsfPhotons, make_psf
 from workflow_lib.sim.scene import object_mags
 from workflow_lib.sim.seeds import int_seed_for, rng_for
 from workflow_lib.sim.survey import SurveyPlan
@@ -52,6 +52,40 @@ class RenderedDetector:
     n_objects: int = 0
 
 
+def detector_psf_parameters(
+    plan: SurveyPlan,
+    visit: int,
+    detector: int,
+    x: float,
+    y: float,
+    *,
+    info: dict[str, Any] | None = None,
+    origin: tuple[float, float] | None = None,
+) -> PsfParameters:
+    """The true PSF's parameters at pixel (x, y) of a detector in a visit.
+
+    ``info`` (``plan.exposure_info(visit)``) and ``origin`` (the detector's
+    focal-plane origin, ``detector_origin``) may be passed to save their look-ups.
+    """
+    info = plan.exposure_info(visit) if info is None else info
+    x0, y0 = detector_origin(plan, detector) if origin is None else origin
+    return psf_parameters(
+        seeing=float(info["seeing"]),
+        wind_g1=float(info["wind_g1"]),
+        wind_g2=float(info["wind_g2"]),
+        wavelength_nm=WAVELENGTH_NM[info["band"]],
+        fx=x + x0,
+        fy=y + y0,
+        fp_radius=plan.fp_radius,
+    )
+
+
+def detector_origin(plan: SurveyPlan, detector: int) -> tuple[float, float]:
+    """Focal-plane position (pixels) of the detector's pixel (0, 0)."""
+    org = plan.origins.iloc[plan.detectors.index(detector)]
+    return float(org["x0"]), float(org["y0"])
+
+
 def detector_psf(
     plan: SurveyPlan,
     visit: int,
@@ -61,22 +95,8 @@ def detector_psf(
     *,
     info: dict[str, Any] | None = None,
 ) -> galsim.GSObject:
-    """The true PSF (sky coordinates, no pixel) at pixel (x, y) of a detector in a visit.
-
-    ``info`` (``plan.exposure_info(visit)``) may be passed to save its look-up.
-    """
-    info = plan.exposure_info(visit) if info is None else info
-    org = plan.origins.iloc[plan.detectors.index(detector)]
-    params = psf_parameters(
-        seeing=float(info["seeing"]),
-        wind_g1=float(info["wind_g1"]),
-        wind_g2=float(info["wind_g2"]),
-        wavelength_nm=WAVELENGTH_NM[info["band"]],
-        fx=x + float(org["x0"]),
-        fy=y + float(org["y0"]),
-        fp_radius=plan.fp_radius,
-    )
-    return make_psf(params)
+    """The true PSF (sky coordinates, no pixel) at pixel (x, y) of a detector in a visit."""
+    return make_psf(detector_psf_parameters(plan, visit, detector, x, y, info=info))
 
 
 def primary_header(
@@ -161,16 +181,26 @@ def _draw_objects(
     wing_px = 12.0 * (0.2 / p.pixel_scale)  # 2.4 arcsec per decade^1.5 of flux
     max_half = max(128, round(25.6 / p.pixel_scale))
     n_drawn = 0
+    origin = detector_origin(plan, detector)
     for i in np.flatnonzero(sel):
-        psf = detector_psf(plan, exposure, detector, float(x[i]), float(y[i]), info=info)
+        params = detector_psf_parameters(
+            plan, exposure, detector, float(x[i]), float(y[i]), info=info, origin=origin
+        )
         is_gal = kind[i] == "galaxy"
+        shot = is_gal and flux[i] < GALAXY_FFT_FLUX_MIN
         if is_gal:
             gal = galsim.Sersic(
                 n=float(sersic_n[i]), half_light_radius=float(hlr[i]), gsparams=GSPARAMS
             ).shear(e1=float(e1[i]), e2=float(e2[i]))
-            prof = galsim.Convolve(gal, psf, gsparams=GSPARAMS).withFlux(float(flux[i]))
+        if shot:
+            # The galaxy's photons, each moved by a draw from the PSF (PsfPhotons:
+            # the same convolution as shooting through galsim.Convolve, faster).
+            prof = gal.withFlux(float(flux[i]))
+        elif is_gal:
+            prof = galsim.Convolve(gal, make_psf(params), gsparams=GSPARAMS)
+            prof = prof.withFlux(float(flux[i]))
         else:
-            prof = psf.withFlux(float(flux[i]))
+            prof = make_psf(params).withFlux(float(flux[i]))
         jac = wcs.local_jacobian(float(x[i]), float(y[i]))
         local = galsim.JacobianWCS(jac[0, 0], jac[0, 1], jac[1, 0], jac[1, 1])
         center = galsim.PositionD(float(x[i]) + 1.0, float(y[i]) + 1.0)
@@ -184,7 +214,7 @@ def _draw_objects(
         else:
             half = star_half + int(wing_px * max(0.0, np.log10(max(flux[i], 1.0) / 1e5)) ** 1.5)
         half = min(half, max_half)
-        if not is_gal or flux[i] >= GALAXY_FFT_FLUX_MIN:
+        if not shot:
             target = smooth
             method: dict[str, Any] = {"method": "auto"}
         else:
@@ -194,6 +224,7 @@ def _draw_objects(
                 "rng": galsim.BaseDeviate(
                     int_seed_for(plan.seed, "phot", exposure, detector, int(ids[i]))
                 ),
+                "photon_ops": [PsfPhotons(params)],
             }
         ix, iy = int(np.floor(center.x + 0.5)), int(np.floor(center.y + 0.5))
         bounds = galsim.BoundsI(ix - half, ix + half, iy - half, iy + half)
